@@ -1,0 +1,89 @@
+"""Per-step LoRA batch metadata, built once per step and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoRAMeta:
+    """How the T tokens of one step map to adapter slots.
+
+    Tensors live on the device of ``token_slots``:
+      - ``token_slots``      int64 [T]  slot of each token, -1 = no adapter
+      - ``sorted_token_ids`` int64 [T]  token indices grouped by slot (ascending slot, stable);
+                                        the ``num_lora_tokens`` adapter tokens come first
+      - ``slot_counts``      int32 [S]  tokens per slot
+      - ``slot_starts``      int32 [S]  offset of each slot's group in ``sorted_token_ids``
+      - ``active_slots``     int32 [A]  slots with at least one token, ascending
+      - ``slot_ranks``       int32 [S]  effective rank per slot (kernels skip rank tiles past
+                                        it); ``None`` means every slot uses the full R
+    Host ints (``num_active``, ``max_slot_tokens``, ``num_lora_tokens``) size kernel grids
+    without a device sync per layer. ``groups`` holds (slot, token index tensor) pairs for
+    the torch reference path.
+    """
+
+    token_slots: torch.Tensor
+    num_slots: int
+    sorted_token_ids: torch.Tensor
+    slot_counts: torch.Tensor
+    slot_starts: torch.Tensor
+    active_slots: torch.Tensor
+    slot_ranks: torch.Tensor | None
+    num_tokens: int
+    num_active: int
+    num_lora_tokens: int
+    max_slot_tokens: int
+    groups: tuple[tuple[int, torch.Tensor], ...]
+
+    @classmethod
+    def from_token_slots(
+        cls,
+        token_slots: torch.Tensor,
+        num_slots: int,
+        slot_ranks: torch.Tensor | None = None,
+    ) -> LoRAMeta:
+        """Build the metadata. ``token_slots`` values must be in [-1, num_slots)."""
+        if token_slots.dim() != 1:
+            raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        slots = token_slots.to(torch.int64)
+        device = slots.device
+        if slots.numel():
+            lo, hi = int(slots.min()), int(slots.max())
+            if lo < -1 or hi >= num_slots:
+                raise ValueError(f"token_slots values must be in [-1, {num_slots}), got [{lo}, {hi}]")
+        # Sort key puts -1 tokens last while keeping slot order for the rest.
+        key = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)
+        sorted_token_ids = torch.sort(key, stable=True).indices
+        counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+        starts = torch.cumsum(counts, 0) - counts
+        active = torch.nonzero(counts, as_tuple=False).flatten()
+        counts_host = counts.tolist()
+        starts_host = starts.tolist()
+        active_host = active.tolist()
+        groups = tuple(
+            (s, sorted_token_ids[starts_host[s] : starts_host[s] + counts_host[s]])
+            for s in active_host
+        )
+        if slot_ranks is not None:
+            if slot_ranks.shape != (num_slots,):
+                raise ValueError(f"slot_ranks must have shape ({num_slots},)")
+            slot_ranks = slot_ranks.to(device=device, dtype=torch.int32)
+        return cls(
+            token_slots=slots,
+            num_slots=num_slots,
+            sorted_token_ids=sorted_token_ids,
+            slot_counts=counts.to(torch.int32),
+            slot_starts=starts.to(torch.int32),
+            active_slots=active.to(torch.int32),
+            slot_ranks=slot_ranks,
+            num_tokens=int(slots.numel()),
+            num_active=len(active_host),
+            num_lora_tokens=int(sum(counts_host)),
+            max_slot_tokens=max(counts_host, default=0),
+            groups=groups,
+        )

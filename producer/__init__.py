@@ -1,0 +1,1 @@
+"""Wire types, codec and clients. Never imports torch."""

@@ -1,0 +1,124 @@
+"""Typed request errors with stable codes.
+
+A request that fails for a request-level reason travels back as an ``ErrorInfo`` value (code +
+message) and the client re-raises it as the matching ``LoraFleetError`` subclass. Codes are a
+public contract: clients and dashboards key on them, so never rename one.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """An error on the wire: a stable ``code`` and a human message."""
+
+    code: str
+    message: str
+
+
+class LoraFleetError(Exception):
+    """Base of all request errors. ``code`` is stable; ``message`` is for humans."""
+
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_info(self) -> ErrorInfo:
+        return ErrorInfo(self.code, self.message)
+
+    def __reduce__(self):  # keep subclasses picklable for multiprocessing users
+        return (type(self), (self.message,))
+
+
+class InvalidRequestError(LoraFleetError, ValueError):
+    """Bad sampling parameters, a malformed job or an invalid ``LoRARequest``."""
+
+    code = "invalid_request"
+
+
+class PromptTooLongError(LoraFleetError, ValueError):
+    code = "prompt_too_long"
+
+
+class AdapterNotFoundError(LoraFleetError, ValueError):
+    code = "adapter_not_found"
+
+
+class AdapterInvalidError(LoraFleetError, ValueError):
+    """The adapter exists but cannot be served: bad config, corrupt or pickled weights,
+    shapes of another model, a target module the model lacks, or a base model mismatch."""
+
+    code = "adapter_invalid"
+
+
+class AdapterRankTooLargeError(AdapterInvalidError):
+    code = "adapter_rank_too_large"
+
+
+class AdapterConflictError(LoraFleetError, ValueError):
+    """The same ``lora_int_id`` was used with another name or path."""
+
+    code = "adapter_conflict"
+
+
+class AdapterPathForbiddenError(LoraFleetError, ValueError):
+    code = "adapter_path_forbidden"
+
+
+class LoRADisabledError(LoraFleetError, ValueError):
+    code = "lora_disabled"
+
+
+class DeadlineExceededError(LoraFleetError, TimeoutError):
+    code = "deadline_exceeded"
+
+
+class AbortedError(LoraFleetError):
+    code = "aborted"
+
+
+class UnsupportedVersionError(LoraFleetError, ValueError):
+    code = "unsupported_version"
+
+
+class InternalError(LoraFleetError):
+    code = "internal_error"
+
+
+class QueueUnavailableError(LoraFleetError, ConnectionError):
+    """Redis could not be reached within the client's timeout."""
+
+    code = "queue_unavailable"
+
+
+ERROR_TYPES: dict[str, type[LoraFleetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequestError,
+        PromptTooLongError,
+        AdapterNotFoundError,
+        AdapterInvalidError,
+        AdapterRankTooLargeError,
+        AdapterConflictError,
+        AdapterPathForbiddenError,
+        LoRADisabledError,
+        DeadlineExceededError,
+        AbortedError,
+        UnsupportedVersionError,
+        InternalError,
+        QueueUnavailableError,
+    )
+}
+
+
+def error_from_info(info: ErrorInfo) -> LoraFleetError:
+    """The typed exception for a wire error; unknown codes become ``LoraFleetError``."""
+    cls = ERROR_TYPES.get(info.code)
+    if cls is None:
+        err = LoraFleetError(info.message)
+        err.code = info.code
+        return err
+    return cls(info.message)
