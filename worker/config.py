@@ -1,0 +1,60 @@
+"""Engine configuration: one dataclass, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine (one process, one device).
+
+    ``kv_cache_bytes`` is the memory budget of the paged KV cache; the number of blocks is
+    derived from it and the model shape. ``adapter_roots`` empty means any local path may be
+    loaded (the in-process ``LLM`` default); workers set it to confine adapters.
+    ``max_cpu_loras`` defaults to ``max(max_loras, 32)``.
+    """
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    enable_lora: bool = True
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_bytes: int = 256 * 2**20
+    adapter_roots: tuple[str, ...] = ()
+    max_adapter_bytes: int = 2 * 2**30
+    starvation_steps: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a Hugging Face model folder")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}"
+            )
+        for name in ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(self.max_loras, 32)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
+            )
+        if self.kv_cache_bytes < 1:
+            raise ValueError("kv_cache_bytes must be positive")
+        if self.starvation_steps < 1:
+            raise ValueError("starvation_steps must be >= 1")
+        self.adapter_roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)
