@@ -1,13 +1,39 @@
 """LoRA ops over mixed-adapter batches.
 
-``lora_shrink`` / ``lora_expand`` dispatch to the Triton kernels on CUDA (or on CPU when
-``TRITON_INTERPRET=1``) and to the torch reference otherwise.
+``lora_shrink`` / ``lora_expand`` (and the ``*_slices`` forms for fused projections) run the
+Triton kernels on CUDA tensors, the torch reference on CPU tensors, and the real kernels in
+Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` (read per call). Importing this
+package does not import ``triton``; without it every op runs the reference.
 """
 
+from lorafleet.kernels.dispatch import (
+    interpret_requested,
+    lora_expand,
+    lora_expand_slices,
+    lora_shrink,
+    lora_shrink_slices,
+    triton_available,
+    use_triton,
+)
 from lorafleet.kernels.meta import LoRAMeta
-from lorafleet.kernels.reference import lora_expand_ref, lora_shrink_ref
+from lorafleet.kernels.reference import (
+    lora_expand_ref,
+    lora_expand_slices_ref,
+    lora_shrink_ref,
+    lora_shrink_slices_ref,
+)
 
-lora_shrink = lora_shrink_ref
-lora_expand = lora_expand_ref
-
-__all__ = ["LoRAMeta", "lora_expand", "lora_expand_ref", "lora_shrink", "lora_shrink_ref"]
+__all__ = [
+    "LoRAMeta",
+    "interpret_requested",
+    "lora_expand",
+    "lora_expand_ref",
+    "lora_expand_slices",
+    "lora_expand_slices_ref",
+    "lora_shrink",
+    "lora_shrink_ref",
+    "lora_shrink_slices",
+    "lora_shrink_slices_ref",
+    "triton_available",
+    "use_triton",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,11 @@ class LoRAMeta:
       - ``slot_counts``      int32 [S]  tokens per slot
       - ``slot_starts``      int32 [S]  offset of each slot's group in ``sorted_token_ids``
       - ``active_slots``     int32 [A]  slots with at least one token, ascending
-      - ``slot_ranks``       int32 [S]  effective rank per slot (kernels skip rank tiles past
-                                        it); ``None`` means every slot uses the full R
+      - ``slot_ranks``       int32 [S]  effective rank per slot: rank columns past it are
+                                        neither read nor computed (S-LoRA style, so a rank-8
+                                        adapter in a rank-64 stack costs rank-8 work); ``None``
+                                        means every slot uses the full R
+    ``slot_ranks_host`` is the same per-slot rank as a host tuple (for the torch path).
     Host ints (``num_active``, ``max_slot_tokens``, ``num_lora_tokens``) size kernel grids
     without a device sync per layer. ``groups`` holds (slot, token index tensor) pairs for
     the torch reference path.
@@ -37,15 +41,26 @@ class LoRAMeta:
     num_lora_tokens: int
     max_slot_tokens: int
     groups: tuple[tuple[int, torch.Tensor], ...]
+    slot_ranks_host: tuple[int, ...] | None = None
+
+    def rank_of(self, slot: int, max_rank: int) -> int:
+        """Effective rank of ``slot`` in a stack of rank ``max_rank`` (host side, no sync)."""
+        if self.slot_ranks_host is None:
+            return max_rank
+        return min(self.slot_ranks_host[slot], max_rank)
 
     @classmethod
     def from_token_slots(
         cls,
         token_slots: torch.Tensor,
         num_slots: int,
-        slot_ranks: torch.Tensor | None = None,
+        slot_ranks: torch.Tensor | Sequence[int] | None = None,
     ) -> LoRAMeta:
-        """Build the metadata. ``token_slots`` values must be in [-1, num_slots)."""
+        """Build the metadata. ``token_slots`` values must be in [-1, num_slots).
+
+        ``slot_ranks`` (int tensor or sequence, [num_slots]) is each slot's true adapter rank;
+        pass it when slots hold adapters of different ranks in one padded stack.
+        """
         if token_slots.dim() != 1:
             raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
         if num_slots < 1:
@@ -55,7 +70,9 @@ class LoRAMeta:
         if slots.numel():
             lo, hi = int(slots.min()), int(slots.max())
             if lo < -1 or hi >= num_slots:
-                raise ValueError(f"token_slots values must be in [-1, {num_slots}), got [{lo}, {hi}]")
+                raise ValueError(
+                    f"token_slots values must be in [-1, {num_slots}), got [{lo}, {hi}]"
+                )
         # Sort key puts -1 tokens last while keeping slot order for the rest.
         key = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)
         sorted_token_ids = torch.sort(key, stable=True).indices
@@ -69,9 +86,14 @@ class LoRAMeta:
             (s, sorted_token_ids[starts_host[s] : starts_host[s] + counts_host[s]])
             for s in active_host
         )
+        ranks_host = None
         if slot_ranks is not None:
+            slot_ranks = torch.as_tensor(slot_ranks)
             if slot_ranks.shape != (num_slots,):
                 raise ValueError(f"slot_ranks must have shape ({num_slots},)")
+            ranks_host = tuple(int(r) for r in slot_ranks.tolist())
+            if min(ranks_host) < 0:
+                raise ValueError(f"slot_ranks must be >= 0, got {ranks_host}")
             slot_ranks = slot_ranks.to(device=device, dtype=torch.int32)
         return cls(
             token_slots=slots,
@@ -86,4 +108,5 @@ class LoRAMeta:
             num_lora_tokens=int(sum(counts_host)),
             max_slot_tokens=max(counts_host, default=0),
             groups=groups,
+            slot_ranks_host=ranks_host,
         )

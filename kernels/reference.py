@@ -1,10 +1,14 @@
 """Torch reference for the LoRA ops: the CPU path and the ground truth for the kernels.
 
 One matmul per active slot over that slot's token group (no gather of per-token weights),
-accumulating in float32.
+accumulating in float32. Per-slot ranks (``meta.slot_ranks_host``) are honoured the same
+way the Triton kernels honour them: rank columns past a slot's rank are ignored, so the
+two paths agree even when a slot's padding is not zero.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -16,22 +20,21 @@ def lora_shrink_ref(
 ) -> torch.Tensor:
     """``buf[t] = scale * x[t] @ lora_a[slot[t]].T``; x [T, H], lora_a [S, R, H] -> [T, R] fp32.
 
-    Rows whose slot is -1 are zero.
+    Rows whose slot is -1, and rank columns past a slot's rank, are zero.
     """
-    num_tokens, rank = x.shape[0], lora_a.shape[1]
-    buf = torch.zeros(num_tokens, rank, dtype=torch.float32, device=x.device)
+    num_tokens, max_rank = x.shape[0], lora_a.shape[1]
+    buf = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
     for slot, idx in meta.groups:
-        if len(meta.groups) == 1 and idx.numel() == num_tokens:
-            rows = x.float()
-        else:
-            rows = x.index_select(0, idx).float()
-        part = rows @ lora_a[slot].float().T
+        rank = meta.rank_of(slot, max_rank)
+        whole = idx.numel() == num_tokens
+        rows = x if whole else x.index_select(0, idx)
+        part = rows.float() @ lora_a[slot, :rank].float().T
         if scale != 1.0:
             part = part * scale
-        if idx.numel() == num_tokens:
-            buf = part
+        if whole:
+            buf[:, :rank] = part
         else:
-            buf.index_copy_(0, idx, part)
+            buf[idx, :rank] = part
     return buf
 
 
@@ -44,23 +47,59 @@ def lora_expand_ref(
 ) -> torch.Tensor:
     """``out[t] (+)= buf[t] @ lora_b[slot[t]].T`` for rows with a slot; others untouched.
 
-    buf [T, R], lora_b [S, N, R], out [T, N] (any float dtype; accumulation in fp32).
+    buf [T, R], lora_b [S, N, R], out [T, N] (any float dtype; accumulation in fp32, one
+    cast on write). ``add=False`` overwrites the adapter rows instead. Returns ``out``.
     """
-    num_tokens = out.shape[0]
+    num_tokens, max_rank = out.shape[0], lora_b.shape[2]
     for slot, idx in meta.groups:
+        rank = meta.rank_of(slot, max_rank)
         whole = idx.numel() == num_tokens
         rows = buf if whole else buf.index_select(0, idx)
-        part = rows.float() @ lora_b[slot].float().T
+        part = rows[:, :rank].float() @ lora_b[slot, :, :rank].float().T
+        if add:
+            cur = out if whole else out.index_select(0, idx)
+            part = cur.float() + part
         if whole:
-            if add:
-                out.add_(part.to(out.dtype)) if out.dtype == torch.float32 else out.copy_(
-                    (out.float() + part).to(out.dtype)
-                )
-            else:
-                out.copy_(part.to(out.dtype))
-        elif add:
-            cur = out.index_select(0, idx).float()
-            out.index_copy_(0, idx, (cur + part).to(out.dtype))
+            out.copy_(part)  # copy_ casts fp32 -> out.dtype
         else:
             out.index_copy_(0, idx, part.to(out.dtype))
+    return out
+
+
+def default_slice_offsets(lora_bs: Sequence[torch.Tensor]) -> list[int]:
+    """Column offsets of back-to-back slices: ``[0, N_0, N_0 + N_1, ...]`` (one per slice)."""
+    offsets, col = [], 0
+    for b in lora_bs:
+        offsets.append(col)
+        col += b.shape[1]
+    return offsets
+
+
+def lora_shrink_slices_ref(
+    x: torch.Tensor, lora_as: Sequence[torch.Tensor], meta: LoRAMeta, scale: float = 1.0
+) -> torch.Tensor:
+    """Shrink against several A stacks at once (fused q/k/v or gate/up projections).
+
+    x [T, H], each ``lora_as[i]`` [S, R, H] (same shape) -> fp32 [n_slices, T, R].
+    """
+    return torch.stack([lora_shrink_ref(x, a, meta, scale) for a in lora_as])
+
+
+def lora_expand_slices_ref(
+    buf: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    add: bool = True,
+) -> torch.Tensor:
+    """Expand each slice into its own column range of a fused output.
+
+    buf [n_slices, T, R]; ``lora_bs[i]`` [S, N_i, R]; out [T, N_total]. Slice i writes
+    ``out[:, slice_offsets[i] : slice_offsets[i] + N_i]`` (offsets default to back to back).
+    Rows whose slot is -1, and columns outside every slice, are untouched. Returns ``out``.
+    """
+    offsets = default_slice_offsets(lora_bs) if slice_offsets is None else list(slice_offsets)
+    for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
+        lora_expand_ref(buf[i], b, meta, out[:, col : col + b.shape[1]], add=add)
     return out

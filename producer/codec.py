@@ -8,10 +8,13 @@ Decoding never executes code (msgpack, no pickle) and turns every malformed payl
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from lorafleet.producer.errors import (
     ErrorInfo,
+    InternalError,
     InvalidRequestError,
     UnsupportedVersionError,
 )
@@ -91,3 +94,45 @@ def decode_result(data: bytes) -> JobResult:
         return _result_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise InvalidRequestError(f"invalid result: {e}") from None
+
+
+# arq's envelope (job and result dicts) is serialized with msgpack too, never pickle. arq puts
+# an exception object in the result of a job that failed inside arq itself (max retries
+# exceeded, job expired, cancelled); it becomes a plain map so the envelope stays encodable.
+
+
+def _encode_exception(obj: Any) -> Any:
+    if isinstance(obj, BaseException):
+        return {"exception": type(obj).__name__, "message": str(obj)}
+    raise NotImplementedError(f"cannot serialize {type(obj).__name__} in an arq envelope")
+
+
+_arq_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_exception)
+_arq_decoder = msgspec.msgpack.Decoder()
+
+
+def arq_serialize(envelope: dict[str, Any]) -> bytes:
+    """arq ``job_serializer``: producers and workers must use this same pair."""
+    return _arq_encoder.encode(envelope)
+
+
+def arq_deserialize(data: bytes) -> dict[str, Any]:
+    """arq ``job_deserializer`` (tuples come back as lists, which arq accepts)."""
+    return _arq_decoder.decode(data)
+
+
+def result_from_arq(request_id: str, envelope: dict[str, Any]) -> JobResult:
+    """The ``JobResult`` inside an arq result envelope.
+
+    A job that our job function answered carries its encoded ``JobResult``; one that arq
+    failed by itself (its function never returned) becomes an ``internal_error`` result.
+    """
+    value = envelope.get("r")
+    if envelope.get("s") and isinstance(value, bytes):
+        return decode_result(value)
+    if isinstance(value, dict) and "exception" in value:
+        reason = f"{value['exception']}: {value.get('message', '')}"
+    else:
+        reason = repr(value)
+    message = f"job {request_id} failed in the queue before producing a result ({reason})"
+    return JobResult(request_id=request_id, error=InternalError(message).to_info())

@@ -94,6 +94,19 @@ class QueueUnavailableError(LoraFleetError, ConnectionError):
     code = "queue_unavailable"
 
 
+class JobNotFoundError(LoraFleetError, LookupError):
+    """The queue holds neither the job nor its result: never enqueued, or expired."""
+
+    code = "job_not_found"
+
+
+class StreamRestartedError(LoraFleetError):
+    """The job was re-run (at-least-once delivery) and the new attempt's text differs from
+    what the stream already yielded; ``result()`` still returns the authoritative output."""
+
+    code = "stream_restarted"
+
+
 ERROR_TYPES: dict[str, type[LoraFleetError]] = {
     cls.code: cls
     for cls in (
@@ -110,6 +123,8 @@ ERROR_TYPES: dict[str, type[LoraFleetError]] = {
         UnsupportedVersionError,
         InternalError,
         QueueUnavailableError,
+        JobNotFoundError,
+        StreamRestartedError,
     )
 }
 

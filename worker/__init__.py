@@ -1,1 +1,22 @@
-"""Inference worker."""
+"""Inference worker: engine, scheduler, adapters, model, arq worker settings.
+
+Names resolve lazily so ``import lorafleet.worker`` stays light (no torch) until used.
+"""
+
+from importlib import import_module
+
+_LAZY = {
+    "LLM": "lorafleet.worker.llm",
+    "LLMEngine": "lorafleet.worker.engine",
+    "EngineConfig": "lorafleet.worker.config",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorafleet.worker' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+__all__ = sorted(_LAZY)

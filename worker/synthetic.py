@@ -72,7 +72,9 @@ def _config(arch: Arch, vocab_size: int, **overrides: object):
     common.update(overrides)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
     if arch == "mistral":
-        common.setdefault("head_dim", int(common["hidden_size"]) // int(common["num_attention_heads"]))
+        common.setdefault(
+            "head_dim", int(common["hidden_size"]) // int(common["num_attention_heads"])
+        )
     return cls(**common)
 
 

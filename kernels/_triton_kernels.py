@@ -1,0 +1,227 @@
+"""Triton kernel bodies for segmented (SGMV-style) LoRA shrink and expand.
+
+The functions here are deliberately *not* decorated with ``@triton.jit``: the decorator
+decides between compiled and interpreted execution from ``TRITON_INTERPRET`` once, at import
+time, while lorafleet decides per call. ``triton_ops`` wraps them in a ``JITFunction`` or an
+``InterpretedFunction`` on demand. For the same reason the kernels call no jitted helper,
+ours or triton's own (``tl.cdiv``, ``tl.zeros`` are jitted in ``triton.language.standard``
+and were wrapped in whichever flavour was current when triton was imported); they use
+builtins only (``tl.full``, integer arithmetic).
+
+Layout shared by both kernels (see ``LoRAMeta``): tokens are grouped by adapter slot in
+``sorted_ids``; slot ``s`` owns ``sorted_ids[starts[s] : starts[s] + counts[s]]``. The grid
+is (token tile x output tile [x K split], slice, active slot): one program multiplies one
+tile of one slot's tokens by that slot's weights, so a batch mixing 64 adapters is one
+launch and no Python loop. Programs past their slot's token count or rank exit at once.
+
+Up to three slices (fused q/k/v, gate/up) share one launch; their base pointers arrive as
+separate arguments and are picked by ``program_id(1)`` (no device pointer table to build or
+cache per call).
+"""
+
+import triton.language as tl
+
+
+def lora_shrink_kernel(
+    x_ptr,
+    a0_ptr,
+    a1_ptr,
+    a2_ptr,
+    out_ptr,
+    sorted_ids_ptr,
+    slot_counts_ptr,
+    slot_starts_ptr,
+    active_slots_ptr,
+    slot_ranks_ptr,
+    hidden,
+    max_rank,
+    scale,
+    stride_xt,
+    stride_xh,
+    stride_as,
+    stride_ar,
+    stride_ah,
+    stride_os,
+    stride_ot,
+    stride_or,
+    HAS_RANKS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[slice, t, r] (+)= scale * sum_h x[t, h] * A_slice[slot(t), r, h].
+
+    x [T, H] fp16/bf16/fp32; A [S, R, H] per slice; out fp32 [n_slices, T, R], zeroed by the
+    caller (split-K programs accumulate with atomics, and skipped rank tiles stay zero).
+    Grid: (m_tiles * r_tiles * SPLIT_K, n_slices, num_active).
+    """
+    pid = tl.program_id(0)
+    slice_id = tl.program_id(1)
+    slot = tl.load(active_slots_ptr + tl.program_id(2)).to(tl.int64)
+    num_r_tiles = (max_rank + BLOCK_R - 1) // BLOCK_R
+    pid_k = pid % SPLIT_K
+    pid_r = (pid // SPLIT_K) % num_r_tiles
+    pid_m = pid // (SPLIT_K * num_r_tiles)
+
+    count = tl.load(slot_counts_ptr + slot)
+    if pid_m * BLOCK_M >= count:
+        return
+    rank = max_rank
+    if HAS_RANKS:
+        rank = tl.minimum(tl.load(slot_ranks_ptr + slot), max_rank)
+    # S-LoRA: rank tiles past this adapter's rank cost nothing (output already zero).
+    if pid_r * BLOCK_R >= rank:
+        return
+
+    a_ptr = a0_ptr
+    if slice_id == 1:
+        a_ptr = a1_ptr
+    if slice_id == 2:
+        a_ptr = a2_ptr
+
+    start = tl.load(slot_starts_ptr + slot)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_mask, other=0)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    # Masked rows past the rank are never fetched: a rank-8 adapter reads 8 rows of A.
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_rows = x_ptr + tok[:, None] * stride_xt
+    a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(pid_k * BLOCK_K, hidden, SPLIT_K * BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < hidden
+        xt = tl.load(
+            x_rows + kk[None, :] * stride_xh, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        at = tl.load(
+            a_cols + kk[:, None] * stride_ah, mask=k_mask[:, None] & r_mask[None, :], other=0.0
+        )
+        if UPCAST:
+            # The interpreter's bf16 dot is wrong, and mixed dtypes need a common one.
+            xt = xt.to(tl.float32)
+            at = at.to(tl.float32)
+        acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+    acc = acc * scale
+
+    out_tile = (
+        out_ptr + slice_id * stride_os + tok[:, None] * stride_ot + offs_r[None, :] * stride_or
+    )
+    mask = m_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_tile, acc, mask=mask)
+    else:
+        tl.atomic_add(out_tile, acc, mask=mask, sem="relaxed")
+
+
+def lora_expand_kernel(
+    buf_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    out_ptr,
+    sorted_ids_ptr,
+    slot_counts_ptr,
+    slot_starts_ptr,
+    active_slots_ptr,
+    slot_ranks_ptr,
+    max_rank,
+    num_n_tiles,
+    n0,
+    n1,
+    n2,
+    col0,
+    col1,
+    col2,
+    stride_bs0,
+    stride_bs1,
+    stride_bs2,
+    stride_bn,
+    stride_br,
+    stride_ws,
+    stride_wt,
+    stride_wr,
+    stride_ot,
+    stride_on,
+    HAS_RANKS: tl.constexpr,
+    ADD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[t, col_i + n] (+)= sum_r buf[i, t, r] * B_i[slot(t), n, r] for each slice i.
+
+    buf [n_slices, T, R] (fp32 from the shrink, or the weights' dtype); B_i [S, N_i, R];
+    out [T, N_total] any float dtype, fp32 accumulation, one cast on write. Only rows of
+    adapter tokens are touched. Grid: (m_tiles * num_n_tiles, n_slices, num_active).
+    """
+    pid = tl.program_id(0)
+    slice_id = tl.program_id(1)
+    slot = tl.load(active_slots_ptr + tl.program_id(2)).to(tl.int64)
+    pid_n = pid % num_n_tiles
+    pid_m = pid // num_n_tiles
+
+    count = tl.load(slot_counts_ptr + slot)
+    if pid_m * BLOCK_M >= count:
+        return
+
+    b_ptr = b0_ptr
+    n_cols = n0
+    col = col0
+    stride_bs = stride_bs0
+    if slice_id == 1:
+        b_ptr = b1_ptr
+        n_cols = n1
+        col = col1
+        stride_bs = stride_bs1
+    if slice_id == 2:
+        b_ptr = b2_ptr
+        n_cols = n2
+        col = col2
+        stride_bs = stride_bs2
+    # The grid covers the widest slice; narrower slices (k/v next to q) stop early.
+    if pid_n * BLOCK_N >= n_cols:
+        return
+    rank = max_rank
+    if HAS_RANKS:
+        rank = tl.minimum(tl.load(slot_ranks_ptr + slot), max_rank)
+
+    start = tl.load(slot_starts_ptr + slot)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_mask, other=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_cols
+    offs_r = tl.arange(0, BLOCK_R)
+
+    buf_rows = buf_ptr + slice_id * stride_ws + tok[:, None] * stride_wt
+    b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # Runtime trip count: a rank-8 adapter in a rank-64 stack runs one rank tile, not four.
+    for r0 in range(0, rank, BLOCK_R):
+        rr = r0 + offs_r
+        r_mask = rr < rank
+        bt = tl.load(
+            buf_rows + rr[None, :] * stride_wr, mask=m_mask[:, None] & r_mask[None, :], other=0.0
+        )
+        wt = tl.load(
+            b_cols + rr[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        if UPCAST:
+            bt = bt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(bt, wt, acc, input_precision=PRECISION)
+
+    out_tile = out_ptr + tok[:, None] * stride_ot + (col + offs_n)[None, :] * stride_on
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ADD:
+        acc += tl.load(out_tile, mask=mask).to(tl.float32)
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask)

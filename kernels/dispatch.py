@@ -1,0 +1,112 @@
+"""Pick the implementation of each LoRA op per call: Triton kernels or the torch reference.
+
+Rules (read at call time, so a test may flip ``TRITON_INTERPRET`` after import):
+  - CUDA tensors run the compiled Triton kernels;
+  - CPU tensors run the torch reference, unless ``TRITON_INTERPRET=1``, in which case the
+    real kernels run in Triton's interpreter (slow; for tests);
+  - without an importable ``triton`` everything runs the torch reference.
+``triton`` is imported lazily, so ``import lorafleet.kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from lorafleet.kernels.meta import LoRAMeta
+from lorafleet.kernels.reference import (
+    lora_expand_ref,
+    lora_expand_slices_ref,
+    lora_shrink_ref,
+    lora_shrink_slices_ref,
+)
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def interpret_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read on every call)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` imports. Probed once; a broken install counts as absent."""
+    try:
+        importlib.import_module("triton")
+    except Exception:  # optional dependency: any import failure means "use the reference"
+        return False
+    return True
+
+
+def _triton_ops() -> ModuleType:
+    # Imported only once triton is known to import, and not guarded: a bug in our own
+    # launcher module must surface, not silently fall back to the reference.
+    return importlib.import_module("lorafleet.kernels.triton_ops")
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on tensors living on ``device`` runs the Triton kernels."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or interpret_requested()
+
+
+def lora_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, scale: float = 1.0
+) -> torch.Tensor:
+    """``scale * x[t] @ lora_a[slot[t]].T``: x [T, H], lora_a [S, R, H] -> fp32 [T, R].
+
+    Rows whose slot is -1, and rank columns past a slot's rank, are zero.
+    """
+    if use_triton(x.device):
+        return _triton_ops().lora_shrink_triton(x, lora_a, meta, scale)
+    return lora_shrink_ref(x, lora_a, meta, scale)
+
+
+def lora_expand(
+    buf: torch.Tensor,
+    lora_b: torch.Tensor,
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    add: bool = True,
+) -> torch.Tensor:
+    """``out[t] (+)= buf[t] @ lora_b[slot[t]].T``: buf [T, R], lora_b [S, N, R], out [T, N].
+
+    Rows whose slot is -1 are untouched; fp32 accumulation, one cast on write. Returns out.
+    """
+    if use_triton(out.device):
+        return _triton_ops().lora_expand_triton(buf, lora_b, meta, out, add)
+    return lora_expand_ref(buf, lora_b, meta, out, add)
+
+
+def lora_shrink_slices(
+    x: torch.Tensor, lora_as: Sequence[torch.Tensor], meta: LoRAMeta, scale: float = 1.0
+) -> torch.Tensor:
+    """Shrink for fused projections: x [T, H], ``lora_as[i]`` [S, R, H] -> fp32 [n, T, R]."""
+    if use_triton(x.device):
+        return _triton_ops().lora_shrink_slices_triton(x, lora_as, meta, scale)
+    return lora_shrink_slices_ref(x, lora_as, meta, scale)
+
+
+def lora_expand_slices(
+    buf: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    add: bool = True,
+) -> torch.Tensor:
+    """Expand for fused projections: buf [n, T, R], ``lora_bs[i]`` [S, N_i, R], out [T, N].
+
+    Slice i writes columns ``[slice_offsets[i], slice_offsets[i] + N_i)`` of ``out``
+    (offsets default to back to back). Returns ``out``.
+    """
+    if use_triton(out.device):
+        return _triton_ops().lora_expand_slices_triton(buf, lora_bs, meta, out, slice_offsets, add)
+    return lora_expand_slices_ref(buf, lora_bs, meta, out, slice_offsets, add)

@@ -1,0 +1,418 @@
+"""Launchers for the Triton LoRA kernels (imports ``triton``; load through ``dispatch``).
+
+The ``*_triton`` functions always run the Triton kernels: compiled on CUDA tensors,
+interpreted on CPU tensors (or anywhere when ``TRITON_INTERPRET=1``). Tests call them
+directly to force the kernel path; the engine goes through ``lorafleet.kernels``.
+
+Tile sizes come from ``default_shrink_config`` / ``default_expand_config`` unless a config
+is passed. Every tile dimension is a power of two and at least 16, the smallest ``tl.dot``
+shape a GPU compile accepts; ranks 1 or 8 and hidden sizes like 2049 are handled by masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+
+from lorafleet.kernels import _triton_kernels as _k
+from lorafleet.kernels.dispatch import interpret_requested
+from lorafleet.kernels.meta import LoRAMeta
+from lorafleet.kernels.reference import default_slice_offsets
+
+MIN_TILE = 16
+MAX_SLICES_PER_LAUNCH = 3  # the kernels take up to three base pointers (q/k/v)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _check_tile(name: str, value: int) -> None:
+    if value < MIN_TILE or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value}")
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    """Tiles of the shrink kernel: tokens x rank x hidden, and the hidden-dim split."""
+
+    block_m: int
+    block_r: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_r", "block_k"):
+            _check_tile(name, getattr(self, name))
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Tiles of the expand kernel: tokens x output columns x rank."""
+
+    block_m: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_r"):
+            _check_tile(name, getattr(self, name))
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    """Smallest power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _prev_pow2(n: int) -> int:
+    """Largest power of two <= n (1 for n < 1)."""
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_shrink_config(
+    *,
+    max_slot_tokens: int,
+    num_active: int,
+    num_slices: int,
+    hidden: int,
+    rank: int,
+    elem_size: int,
+    device: torch.device,
+    interpret: bool,
+) -> ShrinkConfig:
+    """Heuristic shrink tiles.
+
+    Interpreted: as few, as large programs as possible (each tile op costs milliseconds).
+    Compiled: an activation tile [block_m x block_k] plus a weight tile [block_k x block_r]
+    of about 32 KiB per pipeline stage, and a hidden-dim split so that decode batches (one
+    small token tile per adapter) still put about two programs on every SM: decode shrink
+    is a stream over the adapters' A rows and needs the parallelism to reach bandwidth.
+    """
+    if interpret:
+        return ShrinkConfig(
+            block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 128),
+            block_r=_pow2_clamp(rank, MIN_TILE, 128),
+            block_k=_pow2_clamp(hidden, MIN_TILE, 4096),
+        )
+    block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
+    block_r = _pow2_clamp(rank, MIN_TILE, 128)
+    k_budget = (32 * 1024 // elem_size) // (block_m + block_r)
+    block_k = max(32, min(256, _prev_pow2(k_budget), triton.next_power_of_2(hidden)))
+    programs = (
+        triton.cdiv(max_slot_tokens, block_m) * triton.cdiv(rank, block_r) * num_slices * num_active
+    )
+    target = 2 * _sm_count(device.index if device.index is not None else 0)
+    split_k = max(1, min(triton.cdiv(hidden, block_k), 64, triton.cdiv(target, programs)))
+    return ShrinkConfig(block_m, block_r, block_k, split_k)
+
+
+def default_expand_config(
+    *, max_slot_tokens: int, max_cols: int, rank: int, interpret: bool
+) -> ExpandConfig:
+    """Heuristic expand tiles.
+
+    Interpreted: as few, as large programs as possible. Compiled: [block_m x 128] output
+    tiles (the output read-modify-write dominates the traffic) and rank tiles of at most 32
+    because the weights are upcast to fp32 registers for the tf32 dot.
+    """
+    if interpret:
+        return ExpandConfig(
+            block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 128),
+            block_n=_pow2_clamp(max_cols, MIN_TILE, 4096),
+            block_r=_pow2_clamp(rank, MIN_TILE, 128),
+        )
+    return ExpandConfig(
+        block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 64),
+        block_n=_pow2_clamp(max_cols, MIN_TILE, 128),
+        block_r=_pow2_clamp(rank, MIN_TILE, 32),
+    )
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@functools.cache
+def kernels(interpret: bool) -> tuple[Any, Any]:
+    """(shrink, expand) kernels wrapped for the interpreter or for compilation."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction as wrap
+    else:
+        from triton.runtime.jit import JITFunction as wrap
+    return wrap(_k.lora_shrink_kernel), wrap(_k.lora_expand_kernel)
+
+
+def _run_interpreted(device: torch.device) -> bool:
+    # CPU tensors can only run interpreted; CUDA tensors compile unless asked otherwise.
+    return device.type != "cuda" or interpret_requested()
+
+
+def _dot_mode(lhs: torch.dtype, rhs: torch.dtype, interpret: bool) -> tuple[bool, str]:
+    """(upcast operands to fp32, tl.dot input precision) for operand dtypes lhs, rhs.
+
+    Same 16-bit dtype on both sides: native tensor-core dot, fp32 accumulation. Anything
+    involving fp32 weights: exact fp32 ("ieee"), so fp32 stays within 1e-4. A fp32
+    activation against 16-bit weights: tf32, exact for the 16-bit side. The interpreter
+    always upcasts: its bf16 dot is wrong.
+    """
+    if interpret:
+        return True, "ieee"
+    if lhs == rhs != torch.float32:
+        return False, "tf32"  # precision is ignored for 16-bit operands
+    if rhs == torch.float32:
+        return True, "ieee"
+    return True, "tf32"
+
+
+def _check_meta(meta: LoRAMeta, num_tokens: int, num_slots: int, device: torch.device) -> None:
+    if meta.num_tokens != num_tokens:
+        raise ValueError(f"meta covers {meta.num_tokens} tokens, tensors have {num_tokens}")
+    if meta.num_slots != num_slots:
+        raise ValueError(f"meta has {meta.num_slots} slots, weight stacks have {num_slots}")
+    if meta.sorted_token_ids.device != device:
+        raise ValueError(
+            f"LoRAMeta lives on {meta.sorted_token_ids.device} but the tensors on {device}: "
+            "build it from token_slots on the compute device"
+        )
+
+
+def _meta_args(meta: LoRAMeta) -> tuple[torch.Tensor, ...]:
+    ranks = meta.slot_ranks if meta.slot_ranks is not None else meta.slot_counts
+    return meta.sorted_token_ids, meta.slot_counts, meta.slot_starts, meta.active_slots, ranks
+
+
+def _same_layout(stacks: list[torch.Tensor], dims: slice) -> list[torch.Tensor]:
+    """Stacks whose strides over ``dims`` agree (made contiguous when they do not)."""
+    if len({t.stride()[dims] for t in stacks}) == 1:
+        return stacks
+    return [t.contiguous() for t in stacks]
+
+
+def _chunks(n: int) -> list[range]:
+    return [range(i, min(i + MAX_SLICES_PER_LAUNCH, n)) for i in range(0, n, MAX_SLICES_PER_LAUNCH)]
+
+
+def _pad3(items: list[Any]) -> list[Any]:
+    # Unused slice arguments repeat slice 0 (never read: the grid has len(items) slices).
+    return items + [items[0]] * (MAX_SLICES_PER_LAUNCH - len(items))
+
+
+def _as_stacks(stacks: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
+    stacks = list(stacks.unbind(0)) if isinstance(stacks, torch.Tensor) else list(stacks)
+    if not stacks:
+        raise ValueError(f"{name} needs at least one slice")
+    for t in stacks:
+        if t.dim() != 3 or t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected 3-D fp16/bf16/fp32 stacks, got {t.shape} {t.dtype}")
+    return stacks
+
+
+# --------------------------------------------------------------------------- shrink
+
+
+def lora_shrink_slices_triton(
+    x: torch.Tensor,
+    lora_as: Sequence[torch.Tensor] | torch.Tensor,
+    meta: LoRAMeta,
+    scale: float = 1.0,
+    *,
+    config: ShrinkConfig | None = None,
+) -> torch.Tensor:
+    """``out[i, t] = scale * x[t] @ lora_as[i][slot[t]].T`` with the Triton kernel.
+
+    x [T, H] fp16/bf16/fp32 (any strides; unit stride along H is fastest); ``lora_as`` is a
+    list of n same-shaped [S, R, H] stacks (or one [n, S, R, H] tensor). Returns fp32
+    [n, T, R]; rows with slot -1 and rank columns past a slot's rank are zero.
+    """
+    stacks = _as_stacks(lora_as, "lora_as")
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
+    num_tokens, hidden = x.shape
+    num_slots, max_rank, a_hidden = stacks[0].shape
+    if any(a.shape != stacks[0].shape or a.dtype != stacks[0].dtype for a in stacks):
+        raise ValueError("all lora_as slices must share shape and dtype")
+    if a_hidden != hidden:
+        raise ValueError(f"x has H={hidden} but lora_a has H={a_hidden}")
+    _check_meta(meta, num_tokens, num_slots, x.device)
+
+    out = torch.zeros(len(stacks), num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    if meta.num_lora_tokens == 0 or max_rank == 0 or hidden == 0:
+        return out
+    stacks = _same_layout(stacks, slice(0, 3))
+    interpret = _run_interpreted(x.device)
+    upcast, precision = _dot_mode(x.dtype, stacks[0].dtype, interpret)
+    cfg = config or default_shrink_config(
+        max_slot_tokens=meta.max_slot_tokens,
+        num_active=meta.num_active,
+        num_slices=min(len(stacks), MAX_SLICES_PER_LAUNCH),
+        hidden=hidden,
+        rank=max_rank,
+        elem_size=x.element_size(),
+        device=x.device,
+        interpret=interpret,
+    )
+    m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
+    r_tiles = triton.cdiv(max_rank, cfg.block_r)
+    shrink_kernel, _ = kernels(interpret)
+    a_strides = stacks[0].stride()
+    for part in _chunks(len(stacks)):
+        grid = (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_active)
+        dst = out[part.start : part.stop]
+        shrink_kernel[grid](
+            x,
+            *_pad3([stacks[i] for i in part]),
+            dst,
+            *_meta_args(meta),
+            hidden,
+            max_rank,
+            float(scale),
+            *x.stride(),
+            *a_strides,
+            *dst.stride(),
+            HAS_RANKS=meta.slot_ranks is not None,
+            SPLIT_K=cfg.split_k,
+            BLOCK_M=cfg.block_m,
+            BLOCK_R=cfg.block_r,
+            BLOCK_K=cfg.block_k,
+            UPCAST=upcast,
+            PRECISION=precision,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return out
+
+
+def lora_shrink_triton(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    meta: LoRAMeta,
+    scale: float = 1.0,
+    *,
+    config: ShrinkConfig | None = None,
+) -> torch.Tensor:
+    """Single-slice shrink: x [T, H], lora_a [S, R, H] -> fp32 [T, R] (see the slices form)."""
+    return lora_shrink_slices_triton(x, [lora_a], meta, scale, config=config)[0]
+
+
+# --------------------------------------------------------------------------- expand
+
+
+def lora_expand_slices_triton(
+    buf: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor] | torch.Tensor,
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    add: bool = True,
+    *,
+    config: ExpandConfig | None = None,
+) -> torch.Tensor:
+    """``out[t, off_i:off_i+N_i] (+)= buf[i, t] @ lora_bs[i][slot[t]].T`` with the Triton kernel.
+
+    buf [n, T, R] (fp32 as the shrink returns it, or the weights' dtype); ``lora_bs[i]``
+    [S, N_i, R], same dtype and R; out [T, N_total] fp16/bf16/fp32, written in place.
+    Slices may differ in width (q/k/v); offsets default to back to back. Rows with slot -1
+    and columns outside every slice are untouched. Returns ``out``.
+    """
+    stacks = _as_stacks(lora_bs, "lora_bs")
+    offsets = default_slice_offsets(stacks) if slice_offsets is None else list(slice_offsets)
+    num_slots, _, max_rank = stacks[0].shape
+    if any(
+        b.shape[0] != num_slots or b.shape[2] != max_rank or b.dtype != stacks[0].dtype
+        for b in stacks
+    ):
+        raise ValueError("all lora_bs slices must share S, R and dtype")
+    if len(offsets) != len(stacks):
+        raise ValueError(f"{len(stacks)} slices but {len(offsets)} slice_offsets")
+    if out.dim() != 2 or out.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out must be 2-D fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
+    num_tokens = out.shape[0]
+    if buf.shape != (len(stacks), num_tokens, max_rank):
+        raise ValueError(
+            f"buf must be [{len(stacks)}, {num_tokens}, {max_rank}], got {tuple(buf.shape)}"
+        )
+    for b, col in zip(stacks, offsets, strict=True):
+        if col < 0 or col + b.shape[1] > out.shape[1]:
+            raise ValueError(
+                f"slice at column {col} of width {b.shape[1]} overflows out [.., {out.shape[1]}]"
+            )
+    _check_meta(meta, num_tokens, num_slots, out.device)
+    if meta.num_lora_tokens == 0:
+        return out
+
+    stacks = _same_layout(stacks, slice(1, 3))
+    interpret = _run_interpreted(out.device)
+    upcast, precision = _dot_mode(buf.dtype, stacks[0].dtype, interpret)
+    expand_kernel = kernels(interpret)[1]
+    for part in _chunks(len(stacks)):
+        chunk = [stacks[i] for i in part]
+        max_cols = max(b.shape[1] for b in chunk)
+        cfg = config or default_expand_config(
+            max_slot_tokens=meta.max_slot_tokens,
+            max_cols=max_cols,
+            rank=max_rank,
+            interpret=interpret,
+        )
+        n_tiles = triton.cdiv(max_cols, cfg.block_n)
+        grid = (
+            triton.cdiv(meta.max_slot_tokens, cfg.block_m) * n_tiles,
+            len(part),
+            meta.num_active,
+        )
+        src = buf[part.start : part.stop]
+        expand_kernel[grid](
+            src,
+            *_pad3(chunk),
+            out,
+            *_meta_args(meta),
+            max_rank,
+            n_tiles,
+            *_pad3([b.shape[1] for b in chunk]),
+            *_pad3([offsets[i] for i in part]),
+            *_pad3([b.stride(0) for b in chunk]),
+            *chunk[0].stride()[1:],
+            *src.stride(),
+            *out.stride(),
+            HAS_RANKS=meta.slot_ranks is not None,
+            ADD=add,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_R=cfg.block_r,
+            UPCAST=upcast,
+            PRECISION=precision,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    return out
+
+
+def lora_expand_triton(
+    buf: torch.Tensor,
+    lora_b: torch.Tensor,
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    add: bool = True,
+    *,
+    config: ExpandConfig | None = None,
+) -> torch.Tensor:
+    """Single-slice expand: buf [T, R], lora_b [S, N, R], out [T, N] (see the slices form)."""
+    if lora_b.dim() != 3 or out.dim() != 2 or lora_b.shape[1] != out.shape[1]:
+        raise ValueError(
+            f"lora_b [S, N, R] and out [T, N] disagree: {tuple(lora_b.shape)}, {tuple(out.shape)}"
+        )
+    return lora_expand_slices_triton(buf.unsqueeze(0), [lora_b], meta, out, [0], add, config=config)

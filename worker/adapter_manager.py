@@ -1,0 +1,203 @@
+"""Adapter tiers: disk (PEFT folders) -> CPU cache (LRU) -> device slots (LRU over idle slots).
+
+A slot is a row of the slot stacks inside every ``LoRALinear``. A slot holding an adapter
+that a running sequence uses is pinned (reference count > 0); only idle slots are evicted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.producer.errors import (
+    AdapterConflictError,
+    AdapterInvalidError,
+    AdapterNotFoundError,
+    AdapterPathForbiddenError,
+    LoRADisabledError,
+)
+from lorafleet.producer.types import LoRARequest
+from lorafleet.worker.config import EngineConfig
+from lorafleet.worker.model import CausalLM, LoRALinear
+from lorafleet.worker.peft_adapter import AdapterWeights, load_peft_adapter
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class AdapterStats:
+    """Monotonic counters, read by metrics."""
+
+    disk_loads: int = 0
+    disk_load_seconds: float = 0.0
+    cpu_hits: int = 0
+    slot_hits: int = 0
+    slot_loads: int = 0
+    cpu_evictions: int = 0
+    slot_evictions: int = 0
+
+
+class AdapterManager:
+    def __init__(self, model: CausalLM, config: EngineConfig, served_model_name: str) -> None:
+        self.args = model.args
+        self.config = config
+        self.served_model_name = served_model_name
+        self.dtype = next(model.parameters()).dtype
+        self.num_slots = config.max_loras
+        self.linears: dict[tuple[int, str], LoRALinear] = model.lora_linears()
+        if config.enable_lora:
+            for linear in self.linears.values():
+                linear.allocate_slots(self.num_slots, config.max_lora_rank)
+        device = next(model.parameters()).device
+        self.slot_ranks = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
+        self.slot_owner: list[int | None] = [None] * self.num_slots
+        self.slot_refs = [0] * self.num_slots
+        self.slot_used_at = [0] * self.num_slots
+        self._clock = 0
+        self.cpu: OrderedDict[int, AdapterWeights] = OrderedDict()
+        self.identities: dict[int, tuple[str, str]] = {}
+        self.stats = AdapterStats()
+
+    # -- identity and location -------------------------------------------------------------
+
+    def check(self, req: LoRARequest) -> None:
+        """Reject requests that can never be served: LoRA off, id reuse, wrong base model."""
+        if not self.config.enable_lora:
+            raise LoRADisabledError(
+                f"adapter {req.lora_name!r} requested but LoRA is disabled (enable_lora=False)"
+            )
+        known = self.identities.get(req.lora_int_id)
+        if known is not None and known != (req.lora_name, req.lora_path):
+            raise AdapterConflictError(
+                f"lora_int_id {req.lora_int_id} is already bound to adapter {known[0]!r} at "
+                f"{known[1]!r}; got {req.lora_name!r} at {req.lora_path!r}. "
+                f"Use a new id for a different adapter."
+            )
+        if req.base_model_name and req.base_model_name not in self._model_names():
+            raise AdapterInvalidError(
+                f"adapter {req.lora_name!r} is for base model {req.base_model_name!r}, "
+                f"but this worker serves {self.served_model_name!r}"
+            )
+
+    def _model_names(self) -> set[str]:
+        return {self.served_model_name, Path(self.served_model_name).name, self.config.model}
+
+    def _folder(self, req: LoRARequest) -> Path:
+        path = Path(req.lora_path).expanduser()
+        if not path.exists():
+            if _HUB_ID.match(req.lora_path) and not req.lora_path.startswith("."):
+                raise AdapterNotFoundError(
+                    f"adapter {req.lora_name!r}: {req.lora_path!r} is not a local folder and "
+                    f"downloading adapters from a hub is disabled"
+                )
+            raise AdapterNotFoundError(f"adapter {req.lora_name!r}: no folder at {req.lora_path!r}")
+        if not path.is_dir():
+            raise AdapterNotFoundError(
+                f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder"
+            )
+        roots = self.config.adapter_roots
+        if roots:
+            real = path.resolve()
+            files = [real, *(p.resolve() for p in real.iterdir())]
+            if not all(any(f.is_relative_to(r) for r in roots) for f in files):
+                raise AdapterPathForbiddenError(
+                    f"adapter {req.lora_name!r}: {req.lora_path!r} resolves outside the allowed "
+                    f"adapter roots {list(roots)}"
+                )
+        return path
+
+    # -- CPU tier --------------------------------------------------------------------------
+
+    def load(self, req: LoRARequest) -> AdapterWeights:
+        """The adapter's validated weights, from the CPU cache or from disk."""
+        self.check(req)
+        cached = self.cpu.get(req.lora_int_id)
+        if cached is not None:
+            self.cpu.move_to_end(req.lora_int_id)
+            self.stats.cpu_hits += 1
+            return cached
+        start = time.perf_counter()
+        weights = load_peft_adapter(
+            self._folder(req),
+            req.lora_name,
+            self.args,
+            self.config.max_lora_rank,
+            self.dtype,
+            self.config.max_adapter_bytes,
+        )
+        self.stats.disk_loads += 1
+        self.stats.disk_load_seconds += time.perf_counter() - start
+        self.identities[req.lora_int_id] = (req.lora_name, req.lora_path)
+        self.cpu[req.lora_int_id] = weights
+        while len(self.cpu) > self.config.max_cpu_loras:
+            self.cpu.popitem(last=False)  # a slot keeps its own device copy
+            self.stats.cpu_evictions += 1
+        return weights
+
+    # -- device slots ----------------------------------------------------------------------
+
+    def slot_of(self, lora_id: int) -> int | None:
+        try:
+            return self.slot_owner.index(lora_id)
+        except ValueError:
+            return None
+
+    def has_room_for(self, lora_id: int) -> bool:
+        """True if ``lora_id`` holds a slot or an idle slot could be taken for it."""
+        return lora_id in self.slot_owner or 0 in self.slot_refs
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(1 for r in self.slot_refs if r > 0)
+
+    def acquire(self, req: LoRARequest) -> int:
+        """Pin ``req``'s adapter in a slot (loading it if needed) and return the slot."""
+        self._clock += 1
+        slot = self.slot_of(req.lora_int_id)
+        if slot is not None:
+            self.stats.slot_hits += 1
+        else:
+            weights = self.load(req)
+            slot = self._victim()
+            self._write_slot(slot, req.lora_int_id, weights)
+        self.slot_refs[slot] += 1
+        self.slot_used_at[slot] = self._clock
+        return slot
+
+    def release(self, lora_id: int) -> None:
+        slot = self.slot_of(lora_id)
+        if slot is None or self.slot_refs[slot] == 0:
+            raise RuntimeError(f"release of adapter {lora_id} that holds no pinned slot")
+        self.slot_refs[slot] -= 1
+
+    def _victim(self) -> int:
+        idle = [s for s in range(self.num_slots) if self.slot_refs[s] == 0]
+        if not idle:
+            raise RuntimeError("no idle adapter slot (scheduler must check has_room_for)")
+        empty = [s for s in idle if self.slot_owner[s] is None]
+        if empty:
+            return empty[0]
+        self.stats.slot_evictions += 1
+        return min(idle, key=lambda s: self.slot_used_at[s])
+
+    def _write_slot(self, slot: int, lora_id: int, adapter: AdapterWeights) -> None:
+        for key, linear in self.linears.items():
+            pair = adapter.weights.get(key)
+            if pair is None:
+                linear.lora_a[slot].zero_()
+                linear.lora_b[slot].zero_()
+                continue
+            a, b = pair
+            r = a.shape[0]
+            linear.lora_a[slot, :r].copy_(a, non_blocking=True)
+            linear.lora_a[slot, r:].zero_()
+            linear.lora_b[slot, :, :r].copy_(b, non_blocking=True)
+            linear.lora_b[slot, :, r:].zero_()
+        self.slot_ranks[slot] = adapter.rank
+        self.slot_owner[slot] = lora_id
+        self.stats.slot_loads += 1

@@ -1,0 +1,33 @@
+"""Per-step batch layout, built once by the model runner and read by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.kernels import LoRAMeta
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where the T tokens of a step sit, in the cache and in the padded attention batch.
+
+    - ``positions``       int64 [T]   position of each token in its sequence
+    - ``slot_mapping``    int64 [T]   flat KV-cache slot each token's K/V is written to
+    - ``query_pad_index`` int64 [T]   row of each token in the padded [B * max_query_len] queries
+    - ``kv_gather_index`` int64 [B, C] flat cache slot of key j of sequence b (C = max context)
+    - ``attn_mask``       bool  [B, 1, max_query_len, C]  causal + length (+ sliding window) mask
+    - ``logits_indices``  int64 [N]   tokens whose next-token logits are needed this step
+    - ``lora``            LoRAMeta over the tokens, or None when no token uses an adapter
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_pad_index: torch.Tensor
+    kv_gather_index: torch.Tensor
+    attn_mask: torch.Tensor
+    logits_indices: torch.Tensor
+    num_seqs: int
+    max_query_len: int
+    lora: LoRAMeta | None

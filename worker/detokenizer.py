@@ -1,0 +1,63 @@
+"""Incremental detokenization with stop strings.
+
+Decoding the whole output every step is quadratic; instead decode a short window around
+the newest tokens and emit the text that became stable (a window ending in U+FFFD is an
+incomplete UTF-8 sequence and waits for the next token). Text that could still turn into a
+stop string is held back, so streamed deltas always concatenate to the final text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Detokenizer:
+    """Turns appended token ids into text deltas for one sequence."""
+
+    tokenizer: object
+    stop: tuple[str, ...] = ()
+    text: str = ""
+    emitted: int = 0  # chars of ``text`` already handed out as deltas
+    _ids: list[int] = field(default_factory=list)
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def append(self, token_id: int) -> str | None:
+        """Add a token; return the matched stop string if the text now contains one
+        (the text is then cut before it)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        new = full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += new
+        hits = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
+        if not hits:
+            return None
+        at, matched = min(hits)
+        self.text = self.text[:at]
+        return matched
+
+    def flush(self) -> None:
+        """At the end of a sequence, add text still pending (e.g. a trailing incomplete
+        UTF-8 sequence, which then decodes to U+FFFD as a full decode would)."""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix):
+            self.text += full[len(prefix) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+
+    def delta(self, final: bool) -> str:
+        """Text not yet emitted that can no longer become part of a stop string."""
+        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
+        end = max(self.emitted, len(self.text) - hold)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

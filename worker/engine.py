@@ -1,0 +1,222 @@
+"""The engine: requests in, one scheduled forward pass per ``step()``, token deltas out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.producer.errors import InvalidRequestError, LoraFleetError, PromptTooLongError
+from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
+from lorafleet.worker.adapter_manager import AdapterManager
+from lorafleet.worker.block_manager import BlockManager
+from lorafleet.worker.config import EngineConfig
+from lorafleet.worker.detokenizer import Detokenizer
+from lorafleet.worker.loader import load_model, read_model_args, resolve_dtype
+from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
+from lorafleet.worker.sampler import Sampler
+from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
+from lorafleet.worker.sequence import SeqStatus, Sequence
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request: new text and tokens, and on finish the
+    final ``RequestOutput`` (or the error that ended it)."""
+
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+    error: LoraFleetError | None = None
+
+
+@dataclass
+class StepStats:
+    """Facts about the last step, for metrics."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_adapters: int = 0
+    seconds: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        model_dir = Path(config.model)
+        self.args, raw = read_model_args(model_dir)
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, raw)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = load_model(model_dir, self.dtype, self.device)
+        limit = self.args.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        block_bytes = kv_block_bytes(self.model, config.block_size, self.dtype)
+        num_blocks = config.kv_cache_bytes // block_bytes
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_bytes={config.kv_cache_bytes} holds {num_blocks} blocks "
+                f"({num_blocks * config.block_size} tokens), fewer than max_model_len="
+                f"{self.max_model_len}; raise kv_cache_bytes or lower max_model_len"
+            )
+        name = raw.get("_name_or_path") or model_dir.name
+        self.adapters = AdapterManager(self.model, config, served_model_name=name)
+        self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.blocks, self.adapters)
+        eos = self.args.eos_token_ids or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+        self.eos_token_ids = frozenset(eos)
+        self.sampler = Sampler(tuple(eos), config.seed)
+        self.last_step = StepStats()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True).input_ids
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                f"(prompt plus at least one generated token must fit)"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str,
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+        arrival_time: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Queue a request. Raises a ``LoraFleetError`` if it can never be served; loads the
+        adapter into the CPU cache so file errors surface here."""
+        if self.scheduler.find(request_id) is not None:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params must be a SamplingParams")
+        ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt)
+        self.check_prompt(ids)
+        if lora_request is not None:
+            self.adapters.load(lora_request)
+        seq = Sequence(
+            request_id=request_id,
+            prompt=prompt,
+            token_ids=list(ids),
+            num_prompt_tokens=len(ids),
+            params=params,
+            lora_request=lora_request,
+            detokenizer=Detokenizer(self.tokenizer, tuple(params.stop or ())),
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+        )
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> StepOutput | None:
+        """Stop a request now, freeing its blocks and slot. None if it is not known."""
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self.scheduler.finish(seq)
+        return self._output(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        outputs = [self._failed(seq, err) for seq, err in batch.failed]
+        if batch.seqs:
+            logits = self.runner.execute(batch)
+            sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+            tokens = self.sampler(logits, sampling) if sampling else []
+            outputs.extend(self._advance(batch, dict(zip(map(id, sampling), tokens, strict=True))))
+        self.last_step = StepStats(
+            num_seqs=len(batch),
+            num_tokens=batch.num_tokens,
+            num_adapters=len({s.lora_id for s in batch.seqs if s.lora_request}),
+            seconds=time.perf_counter() - start,
+        )
+        return outputs
+
+    def _advance(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[StepOutput]:
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            token = sampled.get(id(seq))
+            if token is None:  # prefill chunk not finished yet
+                continue
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = time.monotonic()
+            self._check_stop(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            outputs.append(self._output(seq, [token]))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and params.stop_token_ids and token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            seq.detokenizer.flush()
+            return
+        if may_stop and not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+            seq.detokenizer.flush()
+            return
+        matched = seq.detokenizer.append(token)
+        if matched is not None and may_stop:
+            seq.finish_reason, seq.stop_reason = "stop", matched
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+            seq.detokenizer.flush()
+
+    def _output(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
+        finished = seq.status is SeqStatus.FINISHED
+        return StepOutput(
+            request_id=seq.request_id,
+            delta_text=seq.detokenizer.delta(final=finished),
+            delta_token_ids=new_tokens,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            output=self.request_output(seq) if finished else None,
+        )
+
+    def _failed(self, seq: Sequence, err: LoraFleetError) -> StepOutput:
+        return StepOutput(seq.request_id, "", [], True, finish_reason="error", error=err)
+
+    def request_output(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=seq.detokenizer.text,
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[completion],
+            finished=seq.finished,
+            lora_request=seq.lora_request,
+        )

@@ -1,0 +1,113 @@
+"""Owns the model and its paged KV cache; turns a scheduled batch into next-token logits."""
+
+from __future__ import annotations
+
+import torch
+
+from lorafleet.kernels import LoRAMeta
+from lorafleet.worker.adapter_manager import AdapterManager
+from lorafleet.worker.context import StepContext
+from lorafleet.worker.model import CausalLM
+from lorafleet.worker.scheduler import ScheduledBatch
+
+
+def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across all layers."""
+    a = model.args
+    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        adapters: AdapterManager,
+        num_blocks: int,
+        block_size: int,
+    ) -> None:
+        self.model = model
+        self.adapters = adapters
+        self.block_size = block_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        a = model.args
+        shape = (num_blocks * block_size, a.num_kv_heads, a.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(a.num_layers)
+        ]
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext]:
+        """Flatten the batch into input ids and the step's ``StepContext``."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        logits_indices: list[int] = []
+        query_pad_index: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        max_q = max(batch.num_new_tokens)
+        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_computed_tokens
+            slot = -1 if seq.lora_request is None else self.adapters.slot_of(seq.lora_id)
+            table = seq.block_table
+            ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            token_slots.extend([slot] * n)
+            query_pad_index.extend(range(b * max_q, b * max_q + n))
+            if batch.samples(b):
+                logits_indices.append(len(ids) - 1)
+            starts.append(start)
+            query_lens.append(n)
+            context_lens.append(start + n)
+        max_ctx = max(context_lens)
+        max_blocks = -(-max_ctx // bs)
+        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int64)
+        for b, seq in enumerate(batch.seqs):
+            used = -(-context_lens[b] // bs)
+            tables[b, :used] = torch.tensor(seq.block_table[:used])
+        key_pos = torch.arange(max_ctx)
+        kv_gather_index = tables[:, key_pos // bs] * bs + key_pos % bs
+        q_pos = torch.tensor(starts)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
+        ctx_len = torch.tensor(context_lens)[:, None, None]
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx_len)
+        window = self.model.args.sliding_window
+        if window is not None:
+            mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
+        pad_rows = torch.arange(max_q)[None, :] >= torch.tensor(query_lens)[:, None]
+        mask[:, :, 0] |= pad_rows  # padded query rows attend to one key: no NaN rows
+        lora = None
+        if any(s >= 0 for s in token_slots):
+            lora = LoRAMeta.from_token_slots(
+                self._tensor(token_slots), self.adapters.num_slots, self.adapters.slot_ranks
+            )
+        ctx = StepContext(
+            positions=self._tensor(positions),
+            slot_mapping=self._tensor(slot_mapping),
+            query_pad_index=self._tensor(query_pad_index),
+            kv_gather_index=kv_gather_index.to(self.device, non_blocking=True),
+            attn_mask=mask[:, None].to(self.device, non_blocking=True),
+            logits_indices=self._tensor(logits_indices),
+            num_seqs=len(batch),
+            max_query_len=max_q,
+            lora=lora,
+        )
+        return self._tensor(ids), ctx
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, vocab] for the sampling sequences, in
+        batch order."""
+        input_ids, ctx = self.prepare(batch)
+        hidden = self.model(input_ids, self.kv_caches, ctx)
+        return self.model.compute_logits(hidden)
