@@ -81,8 +81,14 @@ def _prev_pow2(n: int) -> int:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def default_shrink_config(
@@ -93,16 +99,17 @@ def default_shrink_config(
     hidden: int,
     rank: int,
     elem_size: int,
-    device: torch.device,
+    sm_count: int,
     interpret: bool,
 ) -> ShrinkConfig:
     """Heuristic shrink tiles.
 
     Interpreted: as few, as large programs as possible (each tile op costs milliseconds).
-    Compiled: an activation tile [block_m x block_k] plus a weight tile [block_k x block_r]
-    of about 32 KiB per pipeline stage, and a hidden-dim split so that decode batches (one
-    small token tile per adapter) still put about two programs on every SM: decode shrink
-    is a stream over the adapters' A rows and needs the parallelism to reach bandwidth.
+    Compiled: about 8K elements of activation plus weight tile per K step (4K for fp32),
+    which ahead-of-time compiles for sm_80/sm_90 show to be spill-free, 8 warps once the
+    token tile is 64 wide; and a hidden-dim split so that decode batches (one small token
+    tile per adapter) still put about two programs on each of ``sm_count`` SMs: decode
+    shrink is a stream over the adapters' A rows and needs that parallelism.
     """
     if interpret:
         return ShrinkConfig(
@@ -112,14 +119,15 @@ def default_shrink_config(
         )
     block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
     block_r = _pow2_clamp(rank, MIN_TILE, 128)
-    k_budget = (32 * 1024 // elem_size) // (block_m + block_r)
-    block_k = max(32, min(256, _prev_pow2(k_budget), triton.next_power_of_2(hidden)))
+    elements = 8192 if elem_size <= 2 else 4096
+    block_k = min(_prev_pow2(elements // (block_m + block_r)), 256, triton.next_power_of_2(hidden))
+    block_k = max(block_k, 32)
     programs = (
         triton.cdiv(max_slot_tokens, block_m) * triton.cdiv(rank, block_r) * num_slices * num_active
     )
-    target = 2 * _sm_count(device.index if device.index is not None else 0)
-    split_k = max(1, min(triton.cdiv(hidden, block_k), 64, triton.cdiv(target, programs)))
-    return ShrinkConfig(block_m, block_r, block_k, split_k)
+    split_k = max(1, min(triton.cdiv(hidden, block_k), 64, triton.cdiv(2 * sm_count, programs)))
+    num_warps = 8 if block_m >= 64 or block_m * block_r >= 4096 else 4
+    return ShrinkConfig(block_m, block_r, block_k, split_k, num_warps=num_warps)
 
 
 def default_expand_config(
@@ -128,8 +136,9 @@ def default_expand_config(
     """Heuristic expand tiles.
 
     Interpreted: as few, as large programs as possible. Compiled: [block_m x 128] output
-    tiles (the output read-modify-write dominates the traffic) and rank tiles of at most 32
-    because the weights are upcast to fp32 registers for the tf32 dot.
+    tiles (the output read-modify-write dominates the traffic), rank tiles of at most 32
+    (the weights are upcast to fp32 registers for the tf32 dot) and 8 warps for the larger
+    output tiles, which keeps the sm_80/sm_90 compiles spill-free.
     """
     if interpret:
         return ExpandConfig(
@@ -137,11 +146,10 @@ def default_expand_config(
             block_n=_pow2_clamp(max_cols, MIN_TILE, 4096),
             block_r=_pow2_clamp(rank, MIN_TILE, 128),
         )
-    return ExpandConfig(
-        block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 64),
-        block_n=_pow2_clamp(max_cols, MIN_TILE, 128),
-        block_r=_pow2_clamp(rank, MIN_TILE, 32),
-    )
+    block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
+    block_n = _pow2_clamp(max_cols, MIN_TILE, 128)
+    num_warps = 8 if block_m * block_n >= 4096 else 4
+    return ExpandConfig(block_m, block_n, _pow2_clamp(rank, MIN_TILE, 32), num_warps=num_warps)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -177,6 +185,53 @@ def _dot_mode(lhs: torch.dtype, rhs: torch.dtype, interpret: bool) -> tuple[bool
     if rhs == torch.float32:
         return True, "ieee"
     return True, "tf32"
+
+
+def shrink_constexprs(
+    cfg: ShrinkConfig,
+    x_dtype: torch.dtype,
+    a_dtype: torch.dtype,
+    *,
+    has_ranks: bool,
+    interpret: bool,
+) -> dict[str, Any]:
+    """Compile-time arguments (and launch options) of one shrink launch."""
+    upcast, precision = _dot_mode(x_dtype, a_dtype, interpret)
+    return dict(
+        HAS_RANKS=has_ranks,
+        SPLIT_K=cfg.split_k,
+        BLOCK_M=cfg.block_m,
+        BLOCK_R=cfg.block_r,
+        BLOCK_K=cfg.block_k,
+        UPCAST=upcast,
+        PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def expand_constexprs(
+    cfg: ExpandConfig,
+    buf_dtype: torch.dtype,
+    b_dtype: torch.dtype,
+    *,
+    has_ranks: bool,
+    add: bool,
+    interpret: bool,
+) -> dict[str, Any]:
+    """Compile-time arguments (and launch options) of one expand launch."""
+    upcast, precision = _dot_mode(buf_dtype, b_dtype, interpret)
+    return dict(
+        HAS_RANKS=has_ranks,
+        ADD=add,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_R=cfg.block_r,
+        UPCAST=upcast,
+        PRECISION=precision,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def _check_meta(meta: LoRAMeta, num_tokens: int, num_slots: int, device: torch.device) -> None:
@@ -255,7 +310,6 @@ def lora_shrink_slices_triton(
         return out
     stacks = _same_layout(stacks, slice(0, 3))
     interpret = _run_interpreted(x.device)
-    upcast, precision = _dot_mode(x.dtype, stacks[0].dtype, interpret)
     cfg = config or default_shrink_config(
         max_slot_tokens=meta.max_slot_tokens,
         num_active=meta.num_active,
@@ -263,11 +317,14 @@ def lora_shrink_slices_triton(
         hidden=hidden,
         rank=max_rank,
         elem_size=x.element_size(),
-        device=x.device,
+        sm_count=0 if interpret else _sm_count(x.device),
         interpret=interpret,
     )
     m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
     r_tiles = triton.cdiv(max_rank, cfg.block_r)
+    consts = shrink_constexprs(
+        cfg, x.dtype, stacks[0].dtype, has_ranks=meta.slot_ranks is not None, interpret=interpret
+    )
     shrink_kernel, _ = kernels(interpret)
     a_strides = stacks[0].stride()
     for part in _chunks(len(stacks)):
@@ -284,15 +341,7 @@ def lora_shrink_slices_triton(
             *x.stride(),
             *a_strides,
             *dst.stride(),
-            HAS_RANKS=meta.slot_ranks is not None,
-            SPLIT_K=cfg.split_k,
-            BLOCK_M=cfg.block_m,
-            BLOCK_R=cfg.block_r,
-            BLOCK_K=cfg.block_k,
-            UPCAST=upcast,
-            PRECISION=precision,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **consts,
         )
     return out
 
@@ -357,7 +406,6 @@ def lora_expand_slices_triton(
 
     stacks = _same_layout(stacks, slice(1, 3))
     interpret = _run_interpreted(out.device)
-    upcast, precision = _dot_mode(buf.dtype, stacks[0].dtype, interpret)
     expand_kernel = kernels(interpret)[1]
     for part in _chunks(len(stacks)):
         chunk = [stacks[i] for i in part]
@@ -388,15 +436,14 @@ def lora_expand_slices_triton(
             *chunk[0].stride()[1:],
             *src.stride(),
             *out.stride(),
-            HAS_RANKS=meta.slot_ranks is not None,
-            ADD=add,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_R=cfg.block_r,
-            UPCAST=upcast,
-            PRECISION=precision,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            **expand_constexprs(
+                cfg,
+                buf.dtype,
+                chunk[0].dtype,
+                has_ranks=meta.slot_ranks is not None,
+                add=add,
+                interpret=interpret,
+            ),
         )
     return out
 

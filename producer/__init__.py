@@ -1,12 +1,18 @@
 """Producer side of lorafleet: wire types, codec and clients. Never imports torch."""
 
+from lorafleet.producer.client import Client, JobHandle
 from lorafleet.producer.errors import LoraFleetError
+from lorafleet.producer.sync_client import SyncClient, SyncJobHandle
 from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
 
 __all__ = [
+    "Client",
     "CompletionOutput",
+    "JobHandle",
     "LoRARequest",
     "LoraFleetError",
     "RequestOutput",
     "SamplingParams",
+    "SyncClient",
+    "SyncJobHandle",
 ]

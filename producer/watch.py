@@ -231,7 +231,9 @@ class StreamWatcher:
         due = [w for w in self._watches.values() if now - w.since >= self._sweep_s]
         if not due:
             return
-        async with self._pool.pipeline(transaction=False) as pipe:
+        # MULTI: arq swaps the job key for the result key atomically, so reading both in
+        # one transaction can never see a finishing job as missing.
+        async with self._pool.pipeline(transaction=True) as pipe:
             for w in due:
                 pipe.get(arq_result_key(w.job_id))
                 pipe.exists(arq_job_key(w.job_id))

@@ -82,7 +82,7 @@ ADAPTERS = (
     AdapterPlan("reverse", rank=8, alpha=16, steps=900, lr=3e-3, seed=11),
     AdapterPlan("rot13", rank=8, alpha=16, steps=900, lr=3e-3, seed=12),
     AdapterPlan("sort", rank=16, alpha=32, steps=1200, lr=3e-3, seed=13),
-    AdapterPlan("dedupe", rank=16, alpha=32, steps=900, lr=3e-3, seed=14),
+    AdapterPlan("dedupe", rank=16, alpha=32, steps=2000, lr=3e-3, seed=14),
 )
 
 
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="*", default=[a.task for a in ADAPTERS],
                     help="adapters to train (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="base model seed")
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="keep the base already in --out and train adapters only (iterating)")
     args = ap.parse_args(argv)
 
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -252,10 +254,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out: Path = args.out
     base_dir, adapters_dir = out / "base", out / "adapters"
-    for d in (base_dir, adapters_dir):
+    for d in (adapters_dir,) if args.reuse_base else (base_dir, adapters_dir):
         if d.exists():
             shutil.rmtree(d)
-    base_dir.mkdir(parents=True)
+    base_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     # ---- base model: copy -------------------------------------------------------------
@@ -275,24 +277,27 @@ def main(argv: list[str] | None = None) -> None:
         pad_token_id=PAD_ID,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-        do_sample=False,
-        max_new_tokens=2 * MAX_LEN,
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"base: {n_params:,} parameters, vocab {len(vocab)}", flush=True)
-    secs = train(
-        model, BASE_TASK, vocab,
-        steps=args.base_steps, lr=3e-3, batch_size=args.batch_size, seed=args.seed + 1,
-        exclude=exclude, label="copy",
-    )  # fmt: skip
-    model.config._name_or_path = BASE_MODEL_NAME
-    model.save_pretrained(str(base_dir))
+    if args.reuse_base:
+        model, secs = LlamaForCausalLM.from_pretrained(str(base_dir)).eval(), 0.0
+    else:
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config = GenerationConfig(
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+            do_sample=False,
+            max_new_tokens=2 * MAX_LEN,
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"base: {n_params:,} parameters, vocab {len(vocab)}", flush=True)
+        secs = train(
+            model, BASE_TASK, vocab,
+            steps=args.base_steps, lr=3e-3, batch_size=args.batch_size, seed=args.seed + 1,
+            exclude=exclude, label="copy",
+        )  # fmt: skip
+        model.config._name_or_path = BASE_MODEL_NAME
+        model.save_pretrained(str(base_dir))
     report: dict[str, dict[str, float]] = {}
     acc_words, wrong = greedy_accuracy(model, tokenizer, BASE_TASK, HELD_OUT)
     acc_rand, _ = greedy_accuracy(model, tokenizer, BASE_TASK, random_eval)

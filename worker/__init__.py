@@ -9,6 +9,8 @@ _LAZY = {
     "LLM": "lorafleet.worker.llm",
     "LLMEngine": "lorafleet.worker.engine",
     "EngineConfig": "lorafleet.worker.config",
+    # Built from LORAFLEET_* on each lookup: `arq lorafleet.worker.WorkerSettings`.
+    "WorkerSettings": "lorafleet.worker.settings",
 }
 
 

@@ -89,6 +89,13 @@ class AdapterManager:
 
     def _folder(self, req: LoRARequest) -> Path:
         path = Path(req.lora_path).expanduser()
+        roots = self.config.adapter_roots
+        # Confinement is checked before existence: nothing is revealed about other paths.
+        if roots and not self._inside_roots(path.resolve()):
+            raise AdapterPathForbiddenError(
+                f"adapter {req.lora_name!r}: {req.lora_path!r} resolves outside the allowed "
+                f"adapter roots {list(roots)}"
+            )
         if not path.exists():
             if _HUB_ID.match(req.lora_path) and not req.lora_path.startswith("."):
                 raise AdapterNotFoundError(
@@ -97,19 +104,16 @@ class AdapterManager:
                 )
             raise AdapterNotFoundError(f"adapter {req.lora_name!r}: no folder at {req.lora_path!r}")
         if not path.is_dir():
-            raise AdapterNotFoundError(
-                f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder"
+            raise AdapterNotFoundError(f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder")
+        if roots and not all(self._inside_roots(f.resolve()) for f in path.iterdir()):
+            raise AdapterPathForbiddenError(
+                f"adapter {req.lora_name!r}: a file in {req.lora_path!r} links outside the "
+                f"allowed adapter roots {list(roots)}"
             )
-        roots = self.config.adapter_roots
-        if roots:
-            real = path.resolve()
-            files = [real, *(p.resolve() for p in real.iterdir())]
-            if not all(any(f.is_relative_to(r) for r in roots) for f in files):
-                raise AdapterPathForbiddenError(
-                    f"adapter {req.lora_name!r}: {req.lora_path!r} resolves outside the allowed "
-                    f"adapter roots {list(roots)}"
-                )
         return path
+
+    def _inside_roots(self, real: Path) -> bool:
+        return any(real.is_relative_to(root) for root in self.config.adapter_roots)
 
     # -- CPU tier --------------------------------------------------------------------------
 

@@ -90,6 +90,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     with torch.device("meta"):
         model = CausalLM(args)
     model = model.to_empty(device=device).to(dtype)
+    if args.tie_word_embeddings:  # to_empty gives each module its own storage
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)
     params = dict(model.named_parameters())
     missing = set(params)

@@ -1,0 +1,483 @@
+"""LoRA shrink / expand: Triton kernels and torch reference against a float64 computation.
+
+On CPU the kernels run in Triton's interpreter. The tests call the ``*_triton`` launchers
+directly (CPU tensors always run interpreted there), so they force the kernel path without
+setting ``TRITON_INTERPRET`` for the whole pytest process, which would slow every other
+suite down. The interpreter costs milliseconds per tile op, so most cases use the
+interpreter's default config (few, large programs); ``SMALL_TILES`` cases force 16-wide
+tiles to exercise the K, rank and token-tile loops. ``gpu`` tests rerun the same cases
+compiled on CUDA with the production tile heuristics.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from lorafleet.kernels import (
+    LoRAMeta,
+    lora_expand,
+    lora_expand_ref,
+    lora_expand_slices,
+    lora_expand_slices_ref,
+    lora_shrink,
+    lora_shrink_ref,
+    lora_shrink_slices,
+    lora_shrink_slices_ref,
+    triton_available,
+)
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mixed-adapter batch: ``seq_lens`` tokens per sequence, sequence i on slot
+    ``seq_slots[i]`` (-1 = base model), ``widths`` output columns per slice."""
+
+    name: str
+    dtype: str
+    rank: int
+    hidden: int
+    num_slots: int
+    seq_slots: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    widths: tuple[int, ...] = (48,)
+    slot_ranks: tuple[int, ...] | None = None
+    gap: int = 0  # spare columns between slices and around them, which must stay untouched
+    scale: float = 1.0
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _decode(n: int, num_slots: int, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """n one-token sequences on random slots, about a quarter without adapter."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randint(-1, num_slots, (n,), generator=gen)
+    slots[::4] = -1
+    return tuple(slots.tolist()), (1,) * n
+
+
+CASES = [
+    Case("r1-fp32-1slot", "fp32", 1, 64, 1, (0, -1, 0), (3, 2, 1)),
+    Case("r1-bf16-decode", "bf16", 1, 2049, 4, *_decode(12, 4, 1), widths=(40,)),
+    Case("r1-fp16-2slices", "fp16", 1, 256, 2, (1, -1, 0), (2, 1, 5), widths=(32, 32)),
+    Case("r8-fp16-qkv", "fp16", 8, 2049, 3, (0, 2, -1, 1), (5, 3, 2, 4), widths=(64, 32, 32)),
+    Case("r8-fp32-decode", "fp32", 8, 512, 16, *_decode(24, 16, 2), widths=(24, 24), gap=8),
+    Case("r8-bf16-prefill", "bf16", 8, 128, 2, (0, 1, -1), (37, 21, 9), scale=0.5),
+    Case("r16-bf16-16slots", "bf16", 16, 256, 16, *_decode(32, 16, 3), widths=(32, 16, 16)),
+    Case("r16-fp32-h2049", "fp32", 16, 2049, 5, (4, -1, 2, 0), (3, 2, 6, 1), scale=2.0),
+    Case("r16-fp16-gateup", "fp16", 16, 384, 4, (3, 1, -1, 3), (9, 8, 3, 2), widths=(80, 80)),
+    Case(
+        "r64-bf16-mixed",
+        "bf16",
+        64,
+        2049,
+        4,
+        (0, 1, 2, 3, -1),
+        (2, 3, 1, 2, 2),
+        widths=(48, 24),
+        slot_ranks=(64, 8, 1, 0),
+    ),
+    Case("r64-fp32-3slices", "fp32", 64, 320, 3, (2, 0, -1), (4, 7, 3), widths=(32, 16, 16)),
+    Case("r64-fp16-decode", "fp16", 64, 192, 8, *_decode(16, 8, 4), slot_ranks=(64, 16, 8, 1) * 2),
+    Case("r128-fp16-h2049", "fp16", 128, 2049, 2, (1, -1, 0), (2, 1, 3), widths=(64,)),
+    Case(
+        "r128-bf16-mixed-qkv",
+        "bf16",
+        128,
+        512,
+        6,
+        (5, 0, -1, 3),
+        (2, 4, 2, 3),
+        widths=(64, 32, 32),
+        slot_ranks=(128, 8, 16, 33, 1, 64),
+        gap=16,
+    ),
+    Case("r128-fp32-mixed", "fp32", 128, 2049, 3, (0, 2, 1), (2, 2, 3), slot_ranks=(16, 128, 70)),
+]
+
+# Small tiles: every loop (K, rank, token tiles, column tiles) runs more than once.
+SMALL_TILES = ["r8-bf16-prefill", "r64-fp32-3slices", "r128-fp16-h2049", "r64-bf16-mixed"]
+CASE_BY_NAME = {c.name: c for c in CASES}
+
+
+@dataclass
+class Batch:
+    """Tensors of one case, plus a float64 ground truth computed token by token."""
+
+    case: Case
+    x: torch.Tensor  # [T, H]
+    lora_as: list[torch.Tensor]  # n x [S, R, H]
+    lora_bs: list[torch.Tensor]  # n x [S, N_i, R]
+    token_slots: torch.Tensor  # [T] int64
+    meta: LoRAMeta
+    offsets: list[int]
+    out_cols: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.case.dtype]
+
+    def ranks(self) -> list[int]:
+        full = [self.case.rank] * self.case.num_slots
+        return full if self.case.slot_ranks is None else list(self.case.slot_ranks)
+
+    def shrink_truth(self) -> torch.Tensor:
+        """float64 [n, T, R]; zero for slot -1 rows and past each slot's rank."""
+        num_tokens, ranks = self.x.shape[0], self.ranks()
+        truth = torch.zeros(len(self.lora_as), num_tokens, self.case.rank, dtype=torch.float64)
+        for t, s in enumerate(self.token_slots.tolist()):
+            if s < 0:
+                continue
+            r = ranks[s]
+            for i, a in enumerate(self.lora_as):
+                truth[i, t, :r] = self.case.scale * (a[s, :r].double().cpu() @ self.x[t].double().cpu())
+        return truth
+
+    def expand_truth(self, buf: torch.Tensor, out0: torch.Tensor, add: bool) -> torch.Tensor:
+        """float64 [T, out_cols] of ``out0`` after the expand of fp32/16-bit ``buf``."""
+        truth, ranks = out0.double().cpu().clone(), self.ranks()
+        for t, s in enumerate(self.token_slots.tolist()):
+            if s < 0:
+                continue
+            r = ranks[s]
+            for i, (b, col) in enumerate(zip(self.lora_bs, self.offsets, strict=True)):
+                delta = b[s, :, :r].double().cpu() @ buf[i, t, :r].double().cpu()
+                cols = slice(col, col + b.shape[1])
+                truth[t, cols] = truth[t, cols] + delta if add else delta
+        return truth
+
+
+def make_batch(case: Case, device: str = "cpu", seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    slots = [s for s, n in zip(case.seq_slots, case.seq_lens, strict=True) for _ in range(n)]
+    token_slots = torch.tensor(slots, dtype=torch.int64)
+    num_tokens, num_slices = len(slots), len(case.widths)
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(dtype).to(device)
+
+    x = randn(num_tokens, case.hidden, std=1.0)
+    lora_as = [randn(case.num_slots, case.rank, case.hidden, std=case.hidden**-0.5) for _ in case.widths]
+    lora_bs = [randn(case.num_slots, n, case.rank, std=case.rank**-0.5) for n in case.widths]
+    offsets, col = [], case.gap
+    for n in case.widths:
+        offsets.append(col)
+        col += n + case.gap
+    ranks = None if case.slot_ranks is None else torch.tensor(case.slot_ranks)
+    meta = LoRAMeta.from_token_slots(token_slots.to(device), case.num_slots, slot_ranks=ranks)
+    assert num_slices == len(lora_as)
+    return Batch(case, x, lora_as, lora_bs, token_slots, meta, offsets, col)
+
+
+def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |got - truth| / max |truth| (norm-wise, so near-zero entries do not blow up)."""
+    got64 = got.double().cpu()
+    assert torch.isfinite(got64).all(), "non-finite values (unwritten poison?)"
+    return float((got64 - truth).abs().max() / truth.abs().max().clamp_min(1e-30))
+
+
+def poisoned_out(batch: Batch, add: bool, device: str) -> torch.Tensor:
+    """Output prefilled so that missed or stray writes show: adapter rows NaN when
+    overwriting (any unwritten element stays NaN), random where the kernel must add or
+    must not touch at all."""
+    gen = torch.Generator().manual_seed(123)
+    out = torch.randn(batch.x.shape[0], batch.out_cols, generator=gen).to(batch.dtype)
+    if not add:
+        lora_rows = batch.token_slots >= 0
+        for b, col in zip(batch.lora_bs, batch.offsets, strict=True):
+            out[lora_rows, col : col + b.shape[1]] = float("nan")
+    return out.to(device)
+
+
+def untouched_mask(batch: Batch) -> torch.Tensor:
+    """[T, out_cols] bool: elements no expand may write (slot -1 rows, gap columns)."""
+    mask = (batch.token_slots < 0)[:, None].expand(-1, batch.out_cols).clone()
+    covered = torch.zeros(batch.out_cols, dtype=torch.bool)
+    for b, col in zip(batch.lora_bs, batch.offsets, strict=True):
+        covered[col : col + b.shape[1]] = True
+    return mask | ~covered[None, :]
+
+
+def check_shrink(batch: Batch, buf: torch.Tensor) -> None:
+    truth = batch.shrink_truth()
+    assert buf.dtype == torch.float32 and buf.shape == truth.shape
+    assert rel_err(buf, truth) <= TOLERANCE[batch.dtype], batch.case.name
+    zero_rows = buf.cpu()[:, batch.token_slots < 0]
+    assert torch.count_nonzero(zero_rows) == 0, "slot -1 rows must be zero"
+    for s, r in enumerate(batch.ranks()):
+        rows = buf.cpu()[:, batch.token_slots == s, r:]
+        assert torch.count_nonzero(rows) == 0, f"slot {s}: columns past rank {r} must be zero"
+
+
+def check_expand(batch: Batch, buf: torch.Tensor, out0: torch.Tensor, out: torch.Tensor, add: bool) -> None:
+    truth = batch.expand_truth(buf, out0.cpu(), add)
+    keep = untouched_mask(batch)
+    assert torch.equal(out.cpu()[keep], out0.cpu()[keep]), "wrote rows/columns it must not touch"
+    written = ~keep
+    assert rel_err(out.cpu()[written], truth[written]) <= TOLERANCE[batch.dtype], batch.case.name
+
+
+def run_slices(batch: Batch, device: str, shrink_fn, expand_fn, add: bool, **cfg) -> None:
+    """Shrink then expand (on a fp32 copy of the true buffer, so each op is judged alone)."""
+    x = batch.x.to(device)
+    lora_as = [a.to(device) for a in batch.lora_as]
+    lora_bs = [b.to(device) for b in batch.lora_bs]
+    buf = shrink_fn(x, lora_as, batch.meta, batch.case.scale, **cfg.get("shrink", {}))
+    check_shrink(batch, buf)
+    exact_buf = batch.shrink_truth().float().to(device)
+    out0 = poisoned_out(batch, add, device)
+    out = out0.clone()
+    ret = expand_fn(exact_buf, lora_bs, batch.meta, out, batch.offsets, add, **cfg.get("expand", {}))
+    assert ret is out
+    check_expand(batch, exact_buf, out0, out, add)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_matches_float64(case: Case) -> None:
+    batch = make_batch(case)
+    for add in (True, False):
+        run_slices(batch, "cpu", lora_shrink_slices_ref, lora_expand_slices_ref, add)
+
+
+def test_reference_single_slice_and_whole_batch() -> None:
+    """Whole-batch fast path (one slot owns every token) agrees with the grouped path."""
+    case = Case("whole", "bf16", 8, 96, 2, (1,), (7,), widths=(40,))
+    batch = make_batch(case)
+    buf = lora_shrink_ref(batch.x, batch.lora_as[0], batch.meta)
+    assert rel_err(buf, batch.shrink_truth()[0]) <= 1e-2
+    for add in (True, False):
+        out0 = poisoned_out(batch, add, "cpu")
+        out = out0.clone()
+        assert lora_expand_ref(buf, batch.lora_bs[0], batch.meta, out, add=add) is out
+        check_expand(batch, buf[None], out0, out, add)
+
+
+# --------------------------------------------------------------------------- triton (interpreted)
+
+
+def _triton_ops():
+    from lorafleet.kernels import triton_ops
+
+    return triton_ops
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_interpreted(case: Case) -> None:
+    ops = _triton_ops()
+    add = CASES.index(case) % 2 == 0
+    run_slices(make_batch(case), "cpu", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, add)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", SMALL_TILES)
+def test_triton_interpreted_small_tiles(name: str) -> None:
+    """16-wide tiles: multi-iteration K and rank loops, several token and column tiles."""
+    ops = _triton_ops()
+    case = CASE_BY_NAME[name]
+    shrink_cfg = ops.ShrinkConfig(block_m=16, block_r=16, block_k=256 if case.hidden > 1024 else 32)
+    expand_cfg = ops.ExpandConfig(block_m=16, block_n=16, block_r=16)
+    cfg = {"shrink": {"config": shrink_cfg}, "expand": {"config": expand_cfg}}
+    run_slices(make_batch(case), "cpu", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, False, **cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_triton_split_k_atomics(dtype: str) -> None:
+    """The GPU decode config splits H across programs that accumulate with atomics."""
+    ops = _triton_ops()
+    case = Case(f"splitk-{dtype}", dtype, 16, 2049, 3, (0, -1, 2, 1), (2, 1, 3, 1))
+    batch = make_batch(case)
+    cfg = ops.ShrinkConfig(block_m=16, block_r=16, block_k=512, split_k=3)
+    buf = ops.lora_shrink_slices_triton(batch.x, batch.lora_as, batch.meta, config=cfg)
+    check_shrink(batch, buf)
+
+
+@needs_triton
+def test_triton_single_slice_16bit_buffer_and_views() -> None:
+    """Single-slice API, a bf16 buffer (native dot on GPU), strided x and a column view of out."""
+    ops = _triton_ops()
+    case = Case("views", "bf16", 16, 200, 3, (2, -1, 0), (3, 2, 4), widths=(64,))
+    batch = make_batch(case)
+    wide = torch.zeros(batch.x.shape[0], 2 * case.hidden, dtype=batch.dtype)
+    wide[:, ::2] = batch.x
+    buf = ops.lora_shrink_triton(wide[:, ::2], batch.lora_as[0], batch.meta)
+    check_shrink(batch, buf[None])
+    buf16 = batch.shrink_truth()[0].to(torch.bfloat16)
+    big0 = torch.randn(batch.x.shape[0], 100).to(batch.dtype)
+    big = big0.clone()
+    out = big[:, 20:84]
+    ops.lora_expand_triton(buf16, batch.lora_bs[0], batch.meta, out, add=True)
+    check_expand(batch, buf16[None], big0[:, 20:84], out, add=True)
+    assert torch.equal(big[:, :20], big0[:, :20]) and torch.equal(big[:, 84:], big0[:, 84:])
+
+
+@needs_triton
+def test_triton_more_slices_than_one_launch() -> None:
+    """Four slices run as two launches (the kernels take three base pointers)."""
+    ops = _triton_ops()
+    case = Case("4slices", "fp32", 8, 64, 2, (1, 0, -1), (2, 3, 1), widths=(16, 32, 16, 24), gap=4)
+    run_slices(make_batch(case), "cpu", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, True)
+
+
+@needs_triton
+def test_triton_no_adapter_tokens_is_a_no_op() -> None:
+    ops = _triton_ops()
+    case = Case("none", "fp16", 8, 64, 2, (-1,), (5,))
+    batch = make_batch(case)
+    buf = ops.lora_shrink_triton(batch.x, batch.lora_as[0], batch.meta)
+    assert buf.shape == (5, 8) and torch.count_nonzero(buf) == 0
+    out = torch.randn(5, 48).half()
+    before = out.clone()
+    ops.lora_expand_triton(buf, batch.lora_bs[0], batch.meta, out)
+    assert torch.equal(out, before)
+
+
+@needs_triton
+def test_triton_rejects_bad_shapes_and_tiles() -> None:
+    ops = _triton_ops()
+    batch = make_batch(CASES[0])
+    with pytest.raises(ValueError, match="H="):
+        ops.lora_shrink_triton(batch.x[:, :10], batch.lora_as[0], batch.meta)
+    with pytest.raises(ValueError, match="overflows"):
+        out = torch.zeros(batch.x.shape[0], 48)
+        ops.lora_expand_slices_triton(torch.zeros(1, 6, 1), batch.lora_bs, batch.meta, out, [10])
+    with pytest.raises(ValueError, match="tokens"):
+        ops.lora_shrink_triton(batch.x[:2], batch.lora_as[0], batch.meta)
+    with pytest.raises(ValueError, match="power of two"):
+        ops.ShrinkConfig(block_m=8, block_r=16, block_k=32)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, calls: list[str]) -> None:
+    ops = _triton_ops()
+    for name in ("lora_shrink_triton", "lora_expand_triton", "lora_shrink_slices_triton", "lora_expand_slices_triton"):
+        real = getattr(ops, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, wrapper)
+
+
+@needs_triton
+@pytest.mark.parametrize("interpret", [False, True])
+def test_dispatch_on_cpu(monkeypatch: pytest.MonkeyPatch, interpret: bool) -> None:
+    """CPU runs the reference unless TRITON_INTERPRET=1 (read per call) asks for the kernels."""
+    calls: list[str] = []
+    _spy(monkeypatch, calls)
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    case = CASE_BY_NAME["r8-fp16-qkv"]
+    batch = make_batch(case)
+    buf = lora_shrink(batch.x, batch.lora_as[0], batch.meta)
+    check_shrink(batch, torch.stack([buf, *lora_shrink_slices(batch.x, batch.lora_as[1:], batch.meta)]))
+    out0 = poisoned_out(batch, True, "cpu")
+    out = out0.clone()
+    narrow = out[:, : case.widths[0]]
+    lora_expand(buf, batch.lora_bs[0], batch.meta, narrow)
+    lora_expand_slices(buf[None].expand(2, -1, -1), batch.lora_bs[1:], batch.meta, out, batch.offsets[1:])
+    check_expand(batch, buf[None].expand(3, -1, -1), out0, out, True)
+    expected = ["lora_shrink_triton", "lora_shrink_slices_triton", "lora_expand_triton", "lora_expand_slices_triton"]
+    assert calls == (expected if interpret else [])
+
+
+def test_import_and_dispatch_without_triton() -> None:
+    """``import lorafleet.kernels`` works without triton; every op falls back to the reference."""
+    code = """
+import os, sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from lorafleet.kernels import LoRAMeta, lora_shrink, lora_expand, triton_available, use_triton
+assert not triton_available() and not use_triton(torch.device("cpu"))
+meta = LoRAMeta.from_token_slots(torch.tensor([0, -1, 1]), 2)
+buf = lora_shrink(torch.ones(3, 4), torch.ones(2, 2, 4), meta)
+out = lora_expand(buf, torch.ones(2, 3, 2), meta, torch.zeros(3, 3))
+assert out.tolist() == [[8.0] * 3, [0.0] * 3, [8.0] * 3], out
+assert "triton" not in sys.modules or sys.modules["triton"] is None
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_meta_slot_ranks() -> None:
+    meta = LoRAMeta.from_token_slots(torch.tensor([1, -1, 0]), 3, slot_ranks=[4, 8, 2])
+    assert meta.slot_ranks_host == (4, 8, 2) and meta.slot_ranks.dtype == torch.int32
+    assert meta.rank_of(1, 6) == 6 and meta.rank_of(2, 6) == 2
+    assert LoRAMeta.from_token_slots(torch.tensor([0]), 1).rank_of(0, 16) == 16
+    with pytest.raises(ValueError, match=">= 0"):
+        LoRAMeta.from_token_slots(torch.tensor([0]), 1, slot_ranks=[-1])
+
+
+# --------------------------------------------------------------------------- GPU compile
+
+
+@needs_triton
+def test_kernels_compile_for_cuda_without_a_gpu() -> None:
+    """Lower the compiled flavour to cubin for sm_80 / sm_90 (ptxas ships with triton).
+
+    The interpreter accepts things a GPU compile rejects (dot tiles under 16, dtype mixes
+    in ``tl.dot``); this catches them on a machine without a GPU.
+    """
+    from lorafleet.kernels.triton_compile_check import compile_variants
+
+    compiled = compile_variants(archs=(80, 90))
+    assert len(compiled) >= 8
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("add", [True, False])
+def test_triton_compiled_cuda(case: Case, add: bool) -> None:
+    ops = _triton_ops()
+    run_slices(make_batch(case, "cuda"), "cuda", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, add)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_triton_compiled_cuda_decode_shape(dtype: str) -> None:
+    """The benchmark's decode shape: 256 one-token sequences over 64 adapters, H=4096, r=16."""
+    ops = _triton_ops()
+    case = Case(f"decode-{dtype}", dtype, 16, 4096, 64, *_decode(256, 64, 7), widths=(4096,))
+    run_slices(make_batch(case, "cuda"), "cuda", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    _spy(monkeypatch, calls)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    batch = make_batch(CASE_BY_NAME["r16-fp16-gateup"], "cuda")
+    buf = lora_shrink(batch.x.cuda(), batch.lora_as[0].cuda(), batch.meta)
+    out = torch.zeros(batch.x.shape[0], batch.lora_bs[0].shape[1], dtype=batch.dtype, device="cuda")
+    lora_expand(buf, batch.lora_bs[0].cuda(), batch.meta, out)
+    assert calls == ["lora_shrink_triton", "lora_expand_triton"]

@@ -1,0 +1,208 @@
+"""What a worker process runs under arq: start-up, the ``generate`` job, shut-down.
+
+``startup`` loads the engine (in a thread: loading blocks) and starts the stream publisher
+and the abort listener; ``generate`` runs one job on the engine and returns the encoded
+``JobResult``. Request-level failures are returned as error values, never raised: arq's
+custom serializers cannot encode exceptions, and a raise would make arq retry a job that
+can never succeed. Only cancellation (shutdown, arq's job timeout) propagates, after the
+engine request has been aborted, so arq can re-queue the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.producer.codec import GenerateJob, JobResult, decode_job, encode
+from lorafleet.producer.errors import (
+    AbortedError,
+    DeadlineExceededError,
+    InternalError,
+    LoraFleetError,
+)
+from lorafleet.producer.keys import WORKERS_KEY
+from lorafleet.worker.aborts import AbortWatcher
+from lorafleet.worker.publisher import StreamPublisher
+
+if TYPE_CHECKING:
+    from lorafleet.worker.async_engine import AsyncEngine
+    from lorafleet.worker.settings import WorkerConfig
+
+logger = logging.getLogger("lorafleet.worker")
+
+
+@dataclass
+class WorkerState:
+    """Per-process state shared by all jobs (kept in arq's ``ctx``)."""
+
+    config: WorkerConfig
+    engine: AsyncEngine
+    publisher: StreamPublisher
+    aborts: AbortWatcher
+
+
+def _load_engine(config: WorkerConfig) -> AsyncEngine:
+    import torch
+
+    from lorafleet.worker.async_engine import AsyncEngine
+
+    device = None
+    if config.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AsyncEngine(config.engine_config(device))
+
+
+def _start_metrics(port: int) -> None:
+    from prometheus_client import start_http_server
+
+    start_http_server(port)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup``: load and start the engine, then announce the worker."""
+    config: WorkerConfig = ctx["config"]
+    redis = ctx["redis"]
+    started = time.monotonic()
+    engine = await asyncio.to_thread(_load_engine, config)
+    await engine.start()
+    publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
+    await publisher.start()
+    aborts = AbortWatcher(redis)
+    await aborts.start()
+    if config.metrics_port:
+        _start_metrics(config.metrics_port)
+    ctx["lorafleet"] = WorkerState(config, engine, publisher, aborts)
+    info = {"pid": os.getpid(), "model": config.model, "queue": config.queue, "since": time.time()}
+    await redis.hset(WORKERS_KEY, config.name, json.dumps(info))
+    logger.info(
+        "lorafleet worker %s ready: model %s, queue %s, engine loaded in %.1fs",
+        config.name,
+        config.model,
+        config.queue,
+        time.monotonic() - started,
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """arq ``on_shutdown``: withdraw the worker and stop the engine."""
+    state: WorkerState | None = ctx.get("lorafleet")
+    if state is None:
+        return
+    try:
+        await ctx["redis"].hdel(WORKERS_KEY, state.config.name)
+    finally:
+        await state.aborts.close()
+        await state.publisher.close()
+        await state.engine.stop()
+
+
+class _Stopper:
+    """Stops one engine request on abort or deadline, whether or not it was added yet."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.added = False
+        self.reason: type[LoraFleetError] | None = None
+
+    def stop(self, reason: type[LoraFleetError]) -> None:
+        if self.reason is None:
+            self.reason = reason
+            if self.added:
+                self.engine.abort(self.request_id)
+
+    def mark_added(self) -> None:
+        self.added = True
+        if self.reason is not None:  # the abort came before the request existed
+            self.engine.abort(self.request_id)
+
+
+async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
+    """arq job: run one encoded ``GenerateJob``; return the encoded ``JobResult``.
+
+    Deltas go to the job's stream as they come; the final stream event carries the same
+    ``JobResult`` as the return value (arq stores that one as the durable record).
+    """
+    state: WorkerState = ctx["lorafleet"]
+    job_id: str = ctx["job_id"]
+    attempt: int = ctx["job_try"]
+    try:
+        result = await _run(state, job_id, attempt, payload)
+    except asyncio.CancelledError:
+        state.publisher.forget(job_id)
+        raise
+    result = JobResult(
+        request_id=job_id,
+        output=result.output,
+        error=result.error,
+        worker=state.config.name,
+        attempt=attempt,
+    )
+    await state.publisher.finish(job_id, attempt, result)
+    return encode(result)
+
+
+def _error(job_id: str, error: LoraFleetError) -> JobResult:
+    return JobResult(request_id=job_id, error=error.to_info())
+
+
+async def _run(state: WorkerState, job_id: str, attempt: int, payload: bytes) -> JobResult:
+    try:
+        job = decode_job(payload)
+    except LoraFleetError as e:
+        return _error(job_id, e)
+    if job.deadline is not None and time.time() >= job.deadline:
+        return _error(job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue"))
+    # The attempt in the engine id keeps a re-run clear of a cancelled run still draining.
+    stopper = _Stopper(state.engine, f"{job_id}.{attempt}")
+    if await state.aborts.register(job_id, lambda: stopper.stop(AbortedError)):
+        return _error(job_id, AbortedError(f"job {job_id} was aborted before it started"))
+    timer = None
+    if job.deadline is not None:
+        delay = job.deadline - time.time()
+        timer = asyncio.get_running_loop().call_later(delay, stopper.stop, DeadlineExceededError)
+    try:
+        return await _generate(state, job_id, attempt, job, stopper)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        state.aborts.unregister(job_id)
+
+
+async def _generate(
+    state: WorkerState, job_id: str, attempt: int, job: GenerateJob, stopper: _Stopper
+) -> JobResult:
+    engine = state.engine
+    finished = False
+    try:
+        stream = engine.add_request(
+            stopper.request_id, job.prompt, job.sampling_params, job.lora_request
+        )
+        stopper.mark_added()
+        async for delta in stream:
+            if delta.text or delta.token_ids:
+                state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids))
+        output = await stream.result()
+        finished = True
+    except LoraFleetError as e:
+        finished = True
+        return _error(job_id, e)
+    except Exception as e:  # an engine bug must not take the worker down with it
+        logger.exception("job %s failed inside the engine", job_id)
+        finished = True
+        return _error(job_id, InternalError(f"{type(e).__name__}: {e}"))
+    finally:
+        if not finished and stopper.added:  # cancelled: free the engine's KV blocks now
+            engine.abort(stopper.request_id)
+    # A request that completed before the abort took effect keeps its full output.
+    if any(o.finish_reason == "abort" for o in output.outputs):
+        if stopper.reason is DeadlineExceededError:
+            return _error(job_id, DeadlineExceededError(f"job {job_id} reached its deadline"))
+        return _error(job_id, AbortedError(f"job {job_id} was aborted"))
+    output.request_id = job_id
+    return JobResult(request_id=job_id, output=output)

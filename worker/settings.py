@@ -1,0 +1,279 @@
+"""Worker configuration from ``LORAFLEET_*`` environment variables, and arq's settings.
+
+``arq lorafleet.worker.WorkerSettings`` reads the environment when it looks the name up, so
+a bad value stops the worker at start with a message naming every bad variable; nothing
+here imports torch (the engine loads in arq's ``on_startup``). ``VARIABLES`` is the single
+list of settings: the environment parser, the ``lorafleet worker`` flags and the
+documentation table all come from it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from arq.connections import RedisSettings
+from arq.worker import func
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lorafleet.producer.client import DEFAULT_URL
+from lorafleet.producer.codec import arq_deserialize, arq_serialize
+from lorafleet.producer.keys import DEFAULT_QUEUE, GENERATE_FUNCTION
+from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S
+from lorafleet.worker import jobs
+from lorafleet.worker.config import EngineConfig
+
+
+class ConfigError(ValueError):
+    """The worker configuration is invalid; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One setting: its environment variable, ``WorkerConfig`` field and description."""
+
+    env: str
+    field: str
+    kind: str  # "str" | "int" | "float" | "paths"
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("LORAFLEET_MODEL", "model", "str", "Hugging Face model folder (required)."),
+    Variable("LORAFLEET_DEVICE", "device", "str", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`."),
+    Variable("LORAFLEET_DTYPE", "dtype", "str", "`auto` (the model's), `float32`, `float16`, `bfloat16`."),
+    Variable("LORAFLEET_MAX_LORAS", "max_loras", "int", "Adapters resident on the device at once (GPU slots)."),
+    Variable("LORAFLEET_MAX_CPU_LORAS", "max_cpu_loras", "int", "Adapters cached in host memory (default max(max_loras, 32))."),
+    Variable("LORAFLEET_MAX_LORA_RANK", "max_lora_rank", "int", "Largest adapter rank accepted."),
+    Variable("LORAFLEET_MAX_NUM_SEQS", "max_num_seqs", "int", "Requests in one engine batch."),
+    Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
+    Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
+    Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (empty: any path)."),
+    Variable("LORAFLEET_REDIS_URL", "redis_url", "str", "Redis to take jobs from (`redis://`, `rediss://`, `unix://`)."),
+    Variable("LORAFLEET_QUEUE", "queue", "str", "arq queue name; producers must use the same."),
+    Variable("LORAFLEET_METRICS_PORT", "metrics_port", "int", "Port of the Prometheus `/metrics` endpoint (0: off)."),
+    Variable("LORAFLEET_JOB_TIMEOUT", "job_timeout", "float", "Seconds one job may run before arq cancels it."),
+    Variable("LORAFLEET_MAX_JOBS", "max_jobs", "int", "Jobs taken from the queue at once (default 2 x max_num_seqs, at least max_num_seqs)."),
+    Variable("LORAFLEET_POLL_DELAY", "poll_delay", "float", "Seconds between queue polls when idle."),
+    Variable("LORAFLEET_KEEP_RESULT", "keep_result", "float", "Seconds arq keeps a job's result."),
+    Variable("LORAFLEET_MAX_TRIES", "max_tries", "int", "Runs of one job before arq gives up (re-runs follow worker crashes)."),
+    Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
+    Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
+    Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A validated worker configuration (build it with ``from_env`` or ``create``)."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 64
+    max_num_seqs: int = 128
+    max_model_len: int | None = None
+    kv_cache_mb: int | None = None
+    adapter_roots: tuple[str, ...] = ()
+    redis_url: str = DEFAULT_URL
+    queue: str = DEFAULT_QUEUE
+    metrics_port: int = 0
+    job_timeout: float = 600.0
+    max_jobs: int | None = None
+    poll_delay: float = 0.01
+    keep_result: float = 3600.0
+    max_tries: int = 5
+    stream_maxlen: int = DEFAULT_MAXLEN
+    stream_ttl: int = DEFAULT_TTL_S
+    name: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerConfig:
+        """Read ``LORAFLEET_*`` variables (unset or empty = default). Raises ``ConfigError``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for var in VARIABLES:
+            raw = environ.get(var.env, "").strip()
+            if raw:
+                try:
+                    values[var.field] = _PARSERS[var.kind](raw)
+                except ValueError:
+                    problems.append(f"{var.env} must be {_KIND_NAMES[var.kind]}, got {raw!r}")
+        if "model" not in values and not problems:
+            problems.append("LORAFLEET_MODEL is not set: name the Hugging Face model folder to serve")
+        if problems:
+            raise ConfigError(_format(problems))
+        return cls.create(**values)
+
+    @classmethod
+    def create(cls, **values: Any) -> WorkerConfig:
+        """Build and validate. Raises ``ConfigError`` listing every problem."""
+        config = cls(**values)
+        problems = config._problems()
+        if problems:
+            raise ConfigError(_format(problems))
+        return config
+
+    def _problems(self) -> list[str]:
+        env = {v.field: v.env for v in VARIABLES}
+        problems = []
+
+        def need(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                problems.append(f"{env[field]} {message}, got {getattr(self, field)!r}")
+
+        model = Path(self.model)
+        need(model.is_dir(), "model", "must be an existing model folder")
+        if model.is_dir():
+            need((model / "config.json").is_file(), "model", "has no config.json")
+        need(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        for field in ("max_loras", "max_lora_rank", "max_num_seqs", "max_tries", "stream_maxlen"):
+            need(getattr(self, field) >= 1, field, "must be >= 1")
+        for field in ("max_cpu_loras", "max_model_len", "kv_cache_mb", "max_jobs"):
+            need(getattr(self, field) is None or getattr(self, field) >= 1, field, "must be >= 1")
+        need(0 <= self.metrics_port < 65536, "metrics_port", "must be a port number (0: off)")
+        need(self.job_timeout > 0, "job_timeout", "must be > 0")
+        need(0 < self.poll_delay <= 5, "poll_delay", "must be in (0, 5] seconds")
+        need(self.keep_result > 0, "keep_result", "must be > 0")
+        need(self.stream_ttl >= 1, "stream_ttl", "must be >= 1")
+        need(
+            self.redis_url.split("://", 1)[0] in ("redis", "rediss", "unix"),
+            "redis_url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        need(bool(self.queue), "queue", "cannot be empty")
+        for root in self.adapter_roots:
+            if not Path(root).is_dir():
+                problems.append(f"LORAFLEET_ADAPTER_ROOTS names {root!r}, which is not a folder")
+        if self.max_jobs is not None and self.max_jobs < self.max_num_seqs:
+            problems.append(
+                f"LORAFLEET_MAX_JOBS ({self.max_jobs}) must be >= LORAFLEET_MAX_NUM_SEQS "
+                f"({self.max_num_seqs}), or the engine never sees a full batch"
+            )
+        if not problems:
+            try:
+                self.engine_config()
+            except ValueError as e:
+                problems.append(str(e))
+        return problems
+
+    @property
+    def worker_name(self) -> str:
+        return self.name or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def jobs_at_once(self) -> int:
+        return self.max_jobs or 2 * self.max_num_seqs
+
+    def engine_config(self, device: str | None = None) -> EngineConfig:
+        """The engine's settings (``device`` overrides ``auto`` once torch is loaded)."""
+        extra: dict[str, Any] = {}
+        if self.kv_cache_mb is not None:
+            extra["kv_cache_bytes"] = self.kv_cache_mb * 2**20
+        return EngineConfig(
+            model=self.model,
+            device=device or ("cpu" if self.device == "auto" else self.device),
+            dtype=self.dtype,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            adapter_roots=self.adapter_roots,
+            **extra,
+        )
+
+    def redis_settings(self) -> RedisSettings:
+        """arq connection settings that ride out a Redis outage instead of exiting.
+
+        Commands retry forever with a capped backoff, so a restart of Redis stalls the
+        worker (and its jobs' stream writes) until Redis is back, then it carries on. At
+        start-up the worker waits for Redis the same way.
+        """
+        settings = RedisSettings.from_dsn(self.redis_url)
+        settings.conn_timeout = 5
+        settings.conn_retries = 2**31
+        settings.conn_retry_delay = 1
+        settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=-1)
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The ``LORAFLEET_*`` variables that reproduce this configuration (non-defaults)."""
+        env: dict[str, str] = {}
+        defaults = {f.name: f.default for f in fields(self)}
+        for var in VARIABLES:
+            value = getattr(self, var.field)
+            if value != defaults.get(var.field):
+                env[var.env] = os.pathsep.join(value) if var.kind == "paths" else str(value)
+        return env
+
+
+def _paths(raw: str) -> tuple[str, ...]:
+    return tuple(str(Path(p).expanduser().resolve()) for p in raw.split(os.pathsep) if p.strip())
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "paths": _paths}
+_KIND_NAMES = {"str": "text", "int": "an integer", "float": "a number", "paths": "a list of folders"}
+
+
+def _format(problems: list[str]) -> str:
+    return "invalid lorafleet worker configuration:\n  - " + "\n  - ".join(problems)
+
+
+def build_worker_settings(config: WorkerConfig) -> type:
+    """arq worker settings (a class, as arq expects) for ``config``."""
+    name = config.worker_name
+    if not config.name:
+        config = replace(config, name=name)
+    return type(
+        "WorkerSettings",
+        (),
+        {
+            "__doc__": f"arq settings of lorafleet worker {name}.",
+            "functions": [
+                func(jobs.generate, name=GENERATE_FUNCTION, timeout=config.job_timeout)
+            ],
+            "queue_name": config.queue,
+            "redis_settings": config.redis_settings(),
+            "job_serializer": arq_serialize,
+            "job_deserializer": arq_deserialize,
+            "on_startup": jobs.startup,
+            "on_shutdown": jobs.shutdown,
+            "ctx": {"config": config},
+            "max_jobs": config.jobs_at_once,
+            "poll_delay": config.poll_delay,
+            "job_timeout": config.job_timeout,
+            "keep_result": config.keep_result,
+            "max_tries": config.max_tries,
+            "health_check_interval": 10,
+            # arq logs job arguments and results by repr: binary payloads, not useful.
+            "log_results": False,
+        },
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # Built on lookup, so `arq lorafleet.worker.WorkerSettings` reads the environment of
+    # the process that runs it, and a bad variable fails right there with ConfigError.
+    if name == "WorkerSettings":
+        return build_worker_settings(WorkerConfig.from_env())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
