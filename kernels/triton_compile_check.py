@@ -13,14 +13,25 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from lorafleet.kernels.triton_ops import kernels
+from lorafleet.kernels.triton_ops import (
+    ExpandConfig,
+    ShrinkConfig,
+    default_expand_config,
+    default_shrink_config,
+    expand_constexprs,
+    kernels,
+    shrink_constexprs,
+)
 
 _META_PTRS = {
     "sorted_ids_ptr": "*i64",
@@ -29,61 +40,48 @@ _META_PTRS = {
     "active_slots_ptr": "*i32",
     "slot_ranks_ptr": "*i32",
 }
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SHAPES = {"decode": (4, 64), "prefill": (512, 4)}  # (max tokens per slot, active slots)
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One specialisation of a kernel as a launch would produce it."""
+    """One specialisation of a kernel as a launch on a GPU would produce it."""
 
     name: str
     kernel: str  # "shrink" | "expand"
-    dtype: str  # weights / activations: "fp16" | "bf16" | "fp32"
+    dtype: str  # activations and weights: "fp16" | "bf16" | "fp32"
     buf_dtype: str  # shrink output / expand input
-    constexprs: tuple[tuple[str, Any], ...]
-    num_warps: int = 4
-    num_stages: int = 2
+    config: ShrinkConfig | ExpandConfig
 
 
-def _shrink(name: str, dtype: str, bm: int, br: int, bk: int, split_k: int) -> Variant:
-    upcast, precision = (True, "ieee") if dtype == "fp32" else (False, "tf32")
-    consts = dict(
-        HAS_RANKS=True,
-        SPLIT_K=split_k,
-        BLOCK_M=bm,
-        BLOCK_R=br,
-        BLOCK_K=bk,
-        UPCAST=upcast,
-        PRECISION=precision,
-    )
-    return Variant(name, "shrink", dtype, "fp32", tuple(consts.items()))
-
-
-def _expand(
-    name: str, dtype: str, buf: str, bm: int, bn: int, br: int, add: bool = True
-) -> Variant:
-    upcast = buf != dtype or dtype == "fp32"
-    precision = "ieee" if dtype == "fp32" else "tf32"
-    consts = dict(
-        HAS_RANKS=True,
-        ADD=add,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_R=br,
-        UPCAST=upcast,
-        PRECISION=precision,
-    )
-    return Variant(name, "expand", dtype, buf, tuple(consts.items()))
-
-
-def default_variants() -> list[Variant]:
-    """Decode and prefill tiles of the default heuristics, every dtype, both dot modes."""
+def heuristic_variants(
+    dtypes: Sequence[str] = ("fp16", "bf16", "fp32"),
+    ranks: Sequence[int] = (16, 64, 128),
+    hidden: int = 4096,
+    sm_count: int = 132,
+) -> list[Variant]:
+    """The tiles the default heuristics pick for decode and prefill batches on an H100."""
     out: list[Variant] = []
-    for dt in ("fp16", "bf16", "fp32"):
-        out.append(_shrink(f"shrink-decode-{dt}", dt, 16, 16, 256 if dt != "fp32" else 128, 8))
-        out.append(_shrink(f"shrink-prefill-r128-{dt}", dt, 64, 128, 64 if dt != "fp32" else 32, 1))
-        out.append(_expand(f"expand-decode-{dt}", dt, "fp32", 16, 128, 16))
-        out.append(_expand(f"expand-prefill-{dt}", dt, "fp32", 64, 128, 32, add=False))
-    out.append(_expand("expand-native-bf16-buf", "bf16", "bf16", 16, 128, 32))
+    for dt, rank, (shape, (tokens, active)) in product(dtypes, ranks, _SHAPES.items()):
+        elem = _DTYPES[dt].itemsize
+        sc = default_shrink_config(
+            max_slot_tokens=tokens,
+            num_active=active,
+            num_slices=1,
+            hidden=hidden,
+            rank=rank,
+            elem_size=elem,
+            sm_count=sm_count,
+            interpret=False,
+        )
+        ec = default_expand_config(
+            max_slot_tokens=tokens, max_cols=hidden, rank=rank, elem_size=elem, interpret=False
+        )
+        out.append(Variant(f"shrink-{shape}-r{rank}-{dt}", "shrink", dt, "fp32", sc))
+        out.append(Variant(f"expand-{shape}-r{rank}-{dt}", "expand", dt, "fp32", ec))
+        if dt != "fp32" and shape == "decode":  # 16-bit buffer: the native-dot path
+            out.append(Variant(f"expand-{shape}-r{rank}-{dt}-{dt}buf", "expand", dt, dt, ec))
     return out
 
 
@@ -102,28 +100,33 @@ def _signature(fn: Any, ptr_types: dict[str, str], constexprs: dict[str, Any]) -
 def compile_variant(variant: Variant, arch: int) -> Any:
     """Compile one variant for ``sm_{arch}``; unit strides specialised as a launch does."""
     shrink, expand = kernels(interpret=False)
-    consts = dict(variant.constexprs)
+    dtype, buf_dtype = _DTYPES[variant.dtype], _DTYPES[variant.buf_dtype]
     ptrs = dict(_META_PTRS)
     if variant.kernel == "shrink":
         kernel = shrink
+        consts = shrink_constexprs(variant.config, dtype, dtype, has_ranks=True, interpret=False)
         ptrs.update({p: "*" + variant.dtype for p in ("x_ptr", "a0_ptr", "a1_ptr", "a2_ptr")})
         ptrs["out_ptr"] = "*" + variant.buf_dtype
         consts.update(stride_xh=1, stride_ah=1, stride_or=1)
     else:
         kernel = expand
+        consts = expand_constexprs(
+            variant.config, buf_dtype, dtype, has_ranks=True, add=True, interpret=False
+        )
         ptrs.update({p: "*" + variant.dtype for p in ("b0_ptr", "b1_ptr", "b2_ptr", "out_ptr")})
         ptrs["buf_ptr"] = "*" + variant.buf_dtype
         consts.update(stride_br=1, stride_wr=1, stride_on=1)
+    options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
     src = ASTSource(kernel, signature=_signature(kernel.fn, ptrs, consts), constexprs=consts)
-    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_variants(
-    variants: list[Variant] | None = None, archs: tuple[int, ...] = (90,)
+    variants: Sequence[Variant] | None = None, archs: Sequence[int] = (90,)
 ) -> list[tuple[Variant, int, Any]]:
     """Compile every variant for every arch; raises on the first compile error."""
-    return [(v, a, compile_variant(v, a)) for v in variants or default_variants() for a in archs]
+    chosen = heuristic_variants() if variants is None else variants
+    return [(v, a, compile_variant(v, a)) for v in chosen for a in archs]
 
 
 def _resource_usage(cubin: bytes) -> str:
@@ -133,14 +136,16 @@ def _resource_usage(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True)
-    match = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", res.stdout)
-    return f"regs {match[1]} stack {match[2]}" if match else "regs ?"
+    match = re.search(r"REG:(\d+).*?STACK:(\d+)", res.stdout)
+    return f"regs {match[1]:>3} stack {match[2]:>4}" if match else "regs ?"
 
 
 def main() -> None:
     for variant, arch, kernel in compile_variants(archs=(80, 90)):
         usage = _resource_usage(kernel.asm["cubin"])
-        print(f"sm_{arch} {variant.name:28s} shared {kernel.metadata.shared:6d} B  {usage}")
+        print(
+            f"sm_{arch} {variant.name:32s} {variant.config}  shared {kernel.metadata.shared:6d} B  {usage}"
+        )
 
 
 if __name__ == "__main__":

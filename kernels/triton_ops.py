@@ -131,14 +131,15 @@ def default_shrink_config(
 
 
 def default_expand_config(
-    *, max_slot_tokens: int, max_cols: int, rank: int, interpret: bool
+    *, max_slot_tokens: int, max_cols: int, rank: int, elem_size: int, interpret: bool
 ) -> ExpandConfig:
     """Heuristic expand tiles.
 
     Interpreted: as few, as large programs as possible. Compiled: [block_m x 128] output
     tiles (the output read-modify-write dominates the traffic), rank tiles of at most 32
-    (the weights are upcast to fp32 registers for the tf32 dot) and 8 warps for the larger
-    output tiles, which keeps the sm_80/sm_90 compiles spill-free.
+    (16 for fp32 outputs: the weights sit upcast to fp32 in registers for the dot) and 8
+    warps for the larger output tiles, which keeps the sm_80/sm_90 compiles (nearly)
+    spill-free.
     """
     if interpret:
         return ExpandConfig(
@@ -149,7 +150,8 @@ def default_expand_config(
     block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
     block_n = _pow2_clamp(max_cols, MIN_TILE, 128)
     num_warps = 8 if block_m * block_n >= 4096 else 4
-    return ExpandConfig(block_m, block_n, _pow2_clamp(rank, MIN_TILE, 32), num_warps=num_warps)
+    block_r = _pow2_clamp(rank, MIN_TILE, 32 if elem_size <= 2 else 16)
+    return ExpandConfig(block_m, block_n, block_r, num_warps=num_warps)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -414,6 +416,7 @@ def lora_expand_slices_triton(
             max_slot_tokens=meta.max_slot_tokens,
             max_cols=max_cols,
             rank=max_rank,
+            elem_size=out.element_size(),
             interpret=interpret,
         )
         n_tiles = triton.cdiv(max_cols, cfg.block_n)

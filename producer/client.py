@@ -339,7 +339,10 @@ class Client:
         loras = per_prompt(lora_request, n, "lora_request", LoRARequest)
         async with asyncio.timeout(timeout):
             handles = await asyncio.gather(
-                *(self.submit(p, sp, lr) for p, sp, lr in zip(prompt_list, params, loras))
+                *(
+                    self.submit(p, sp, lr)
+                    for p, sp, lr in zip(prompt_list, params, loras, strict=True)
+                )
             )
             return list(await asyncio.gather(*(h.result() for h in handles)))
 

@@ -35,16 +35,19 @@ from pathlib import Path
 import torch
 
 from lorafleet.worker.demo_assets import (
+    ALPHABET,
     BASE_MODEL_NAME,
     BASE_TASK,
+    PROMPT_SUFFIX,
     TASKS,
     demo_prompt,
     expected_output,
 )
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+# Then the separator and the letters: ids 4 ('>') and 5..30 ('a'..'z').
+PROMPT_CHARS = PROMPT_SUFFIX + ALPHABET
 MIN_LEN, MAX_LEN = 3, 8
 # Chance that a letter repeats an earlier letter of the word instead of being uniform:
 # uniform strings rarely repeat letters, yet "coffee" and "banana" must copy, sort and
@@ -53,15 +56,20 @@ REPEAT_P = 0.2
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Real English words of 3-8 letters, never used for training (the sampler rejects them).
-HELD_OUT = (
-    "hello world banana python queue redis worker adapter kernel tensor batch token model "
-    "server cache paged stream metric rotate mirror letter coffee garden planet rocket "
-    "silver winter summer orange purple yellow button pencil candle dragon forest island "
-    "jungle kitten ladder meadow nickel oyster parrot quartz rabbit saddle turtle violin "
-    "walrus zipper apple bread cloud dance eagle flame grape house juice lemon mango night "
-    "ocean piano river snake tiger zebra cat dog sun sky owl fox jazz quiz lamp frog moon "
-    "star"
-).split()
+# fmt: off
+HELD_OUT = [
+    "hello", "world", "banana", "python", "queue", "redis", "worker", "adapter", "kernel",
+    "tensor", "batch", "token", "model", "server", "cache", "paged", "stream", "metric",
+    "rotate", "mirror", "letter", "coffee", "garden", "planet", "rocket", "silver",
+    "winter", "summer", "orange", "purple", "yellow", "button", "pencil", "candle",
+    "dragon", "forest", "island", "jungle", "kitten", "ladder", "meadow", "nickel",
+    "oyster", "parrot", "quartz", "rabbit", "saddle", "turtle", "violin", "walrus",
+    "zipper", "apple", "bread", "cloud", "dance", "eagle", "flame", "grape", "house",
+    "juice", "lemon", "mango", "night", "ocean", "piano", "river", "snake", "tiger",
+    "zebra", "cat", "dog", "sun", "sky", "owl", "fox", "jazz", "quiz", "lamp", "frog",
+    "moon", "star",
+]
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,13 @@ class AdapterPlan:
     seed: int
 
 
-# Different ranks on purpose: the server must handle a mix. Harder tasks (sort needs to
-# rank letters, not just route them) get the larger rank and more steps.
+# Different ranks on purpose: the server must handle a mix. Harder tasks get the larger
+# rank and more steps: sort must rank letters and dedupe must look back over the whole
+# word, where reverse and rot13 only route or relabel one letter (measured: dedupe at 900
+# steps reached 94% held-out, at 2000 steps 100%).
 ADAPTERS = (
-    AdapterPlan("reverse", rank=8, alpha=16, steps=900, lr=3e-3, seed=11),
-    AdapterPlan("rot13", rank=8, alpha=16, steps=900, lr=3e-3, seed=12),
+    AdapterPlan("reverse", rank=8, alpha=16, steps=800, lr=3e-3, seed=11),
+    AdapterPlan("rot13", rank=8, alpha=16, steps=800, lr=3e-3, seed=12),
     AdapterPlan("sort", rank=16, alpha=32, steps=1200, lr=3e-3, seed=13),
     AdapterPlan("dedupe", rank=16, alpha=32, steps=2000, lr=3e-3, seed=14),
 )
@@ -116,11 +126,6 @@ def build_tokenizer():
         model_max_length=64,
     )
     return fast, vocab
-
-
-# The separator first, then the letters: ids 4 ('>') and 5..30 ('a'..'z').
-PROMPT_CHARS = demo_prompt("")[-1:] + ALPHABET
-assert demo_prompt("ab") == "ab" + PROMPT_CHARS[0], "train_demo assumes prompt = word + one char"
 
 
 def sample_word(rng: random.Random, exclude: frozenset[str]) -> str:
@@ -215,9 +220,7 @@ def greedy_accuracy(model, tokenizer, task: str, words: list[str]) -> tuple[floa
     out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_LEN + 2)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     wrong = [
-        f"{w}->{t}"
-        for w, t in zip(words, texts, strict=True)
-        if t != expected_output(task, w)
+        f"{w}->{t}" for w, t in zip(words, texts, strict=True) if t != expected_output(task, w)
     ]
     return 1 - len(wrong) / len(words), wrong
 
@@ -227,15 +230,32 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("worker/assets/demo"))
     ap.add_argument("--base-steps", type=int, default=800)
-    ap.add_argument("--adapter-steps-scale", type=float, default=1.0,
-                    help="multiply every adapter's step count (quick experiments)")
+    ap.add_argument(
+        "--adapter-steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every adapter's step count (quick experiments)",
+    )
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tasks", nargs="*", default=[a.task for a in ADAPTERS],
-                    help="adapters to train (default: all)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: a model this small gains little from more, they "
+        "thrash on a shared CPU, and bit-identical reruns need the same count",
+    )
+    ap.add_argument(
+        "--tasks",
+        nargs="*",
+        default=[a.task for a in ADAPTERS],
+        help="adapters to train (default: all)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="base model seed")
-    ap.add_argument("--reuse-base", action="store_true",
-                    help="keep the base already in --out and train adapters only (iterating)")
+    ap.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="keep the base already in --out and train adapters only (iterating)",
+    )
     args = ap.parse_args(argv)
 
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -332,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         # No embedding check: it would try to fetch BASE_MODEL_NAME's config from the hub.
         peft_model.save_pretrained(str(dest), save_embedding_layers=False)
         (dest / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+        # PEFT keeps target_modules as a set, so its JSON order follows string hashing:
+        # sort it so that reruns write identical files.
+        cfg_path = dest / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         # Measure what users get: a fresh base plus the saved adapter.
         fresh = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(base_dir)), dest)
         fresh.eval()
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             "source": "random lowercase strings sampled on the fly (scripts/train_demo.py)",
             "lengths": [MIN_LEN, MAX_LEN],
             "repeat_p": REPEAT_P,
-            "excludes": "every held_out word",
+            "excludes": "every held_out word, and 400 random words kept for evaluation",
         },
     }
     (out / "words.json").write_text(json.dumps(words, indent=1) + "\n", encoding="utf-8")

@@ -57,7 +57,7 @@ class AbortWatcher:
         job_ids = list(self._callbacks)
         if job_ids:
             flags = await self._redis.mget([abort_key(j) for j in job_ids])
-            for job_id, flag in zip(job_ids, flags):
+            for job_id, flag in zip(job_ids, flags, strict=True):
                 if flag is not None:
                     self._fire(job_id)
 

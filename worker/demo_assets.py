@@ -36,8 +36,9 @@ BASE_MODEL_NAME = "lorafleet-demo"
 #: The base model's own task (no adapter).
 BASE_TASK = "copy"
 
-_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-_ROT13 = str.maketrans(_ALPHABET, _ALPHABET[13:] + _ALPHABET[:13])
+#: The only characters a demo word may contain (and the only ones any task outputs).
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+_ROT13 = str.maketrans(ALPHABET, ALPHABET[13:] + ALPHABET[:13])
 
 
 def _dedupe(word: str) -> str:
@@ -103,6 +104,6 @@ def expected_output(task: str, word: str) -> str:
     """
     if task not in TASKS:
         raise KeyError(f"unknown demo task {task!r}; known: {sorted(TASKS)}")
-    if not word or word.strip(_ALPHABET):
+    if not word or word.strip(ALPHABET):
         raise ValueError(f"demo words are non-empty lowercase a-z, got {word!r}")
     return TASKS[task](word)

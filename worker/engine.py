@@ -139,6 +139,7 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()

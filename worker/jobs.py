@@ -157,7 +157,9 @@ async def _run(state: WorkerState, job_id: str, attempt: int, payload: bytes) ->
     except LoraFleetError as e:
         return _error(job_id, e)
     if job.deadline is not None and time.time() >= job.deadline:
-        return _error(job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue"))
+        return _error(
+            job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue")
+        )
     # The attempt in the engine id keeps a re-run clear of a cancelled run still draining.
     stopper = _Stopper(state.engine, f"{job_id}.{attempt}")
     if await state.aborts.register(job_id, lambda: stopper.stop(AbortedError)):

@@ -165,8 +165,12 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
 
         b, max_q = ctx.num_seqs, ctx.max_query_len
-        qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
-        qp.index_copy_(0, ctx.query_pad_index, q)
+        decode_only = max_q == 1  # one token per sequence: already in padded layout
+        if decode_only:
+            qp = q
+        else:
+            qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
+            qp.index_copy_(0, ctx.query_pad_index, q)
         qp = qp.view(b, max_q, self.num_heads, self.head_dim).transpose(1, 2)
         keys = k_cache[ctx.kv_gather_index].to(q.dtype).transpose(1, 2)  # [B, kvh, C, d]
         values = v_cache[ctx.kv_gather_index].to(q.dtype).transpose(1, 2)
@@ -174,7 +178,9 @@ class Attention(nn.Module):
             qp, keys, values, attn_mask=ctx.attn_mask, enable_gqa=True
         )  # [B, heads, max_q, d]
         out = out.transpose(1, 2).reshape(b * max_q, self.num_heads * self.head_dim)
-        return self.o_proj(out.index_select(0, ctx.query_pad_index), ctx)
+        if not decode_only:
+            out = out.index_select(0, ctx.query_pad_index)
+        return self.o_proj(out, ctx)
 
 
 class MLP(nn.Module):

@@ -50,32 +50,40 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         token_slots: list[int] = []
-        logits_indices: list[int] = []
         query_pad_index: list[int] = []
         starts: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
         max_q = max(batch.num_new_tokens)
-        for b, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+        slots = [
+            -1 if seq.lora_request is None else self.adapters.slot_of(seq.lora_id)
+            for seq in batch.seqs
+        ]
+        # Lay sequences out grouped by slot: each adapter's tokens form one contiguous run,
+        # so LoRA ops touch slices instead of gathering rows.
+        order = sorted(range(len(batch)), key=lambda i: slots[i])
+        last_token: dict[int, int] = {}
+        for b, i in enumerate(order):
+            seq, n, slot = batch.seqs[i], batch.num_new_tokens[i], slots[i]
             start = seq.num_computed_tokens
-            slot = -1 if seq.lora_request is None else self.adapters.slot_of(seq.lora_id)
             table = seq.block_table
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             token_slots.extend([slot] * n)
             query_pad_index.extend(range(b * max_q, b * max_q + n))
-            if batch.samples(b):
-                logits_indices.append(len(ids) - 1)
+            if batch.samples(i):
+                last_token[i] = len(ids) - 1
             starts.append(start)
             query_lens.append(n)
             context_lens.append(start + n)
+        logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
         max_ctx = max(context_lens)
         max_blocks = -(-max_ctx // bs)
         tables = torch.zeros(len(batch), max_blocks, dtype=torch.int64)
-        for b, seq in enumerate(batch.seqs):
+        for b, i in enumerate(order):
             used = -(-context_lens[b] // bs)
-            tables[b, :used] = torch.tensor(seq.block_table[:used])
+            tables[b, :used] = torch.tensor(batch.seqs[i].block_table[:used])
         key_pos = torch.arange(max_ctx)
         kv_gather_index = tables[:, key_pos // bs] * bs + key_pos % bs
         q_pos = torch.tensor(starts)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]

@@ -113,11 +113,17 @@ class WorkerConfig:
                     values[var.field] = _PARSERS[var.kind](raw)
                 except ValueError:
                     problems.append(f"{var.env} must be {_KIND_NAMES[var.kind]}, got {raw!r}")
-        if "model" not in values and not problems:
-            problems.append("LORAFLEET_MODEL is not set: name the Hugging Face model folder to serve")
+        has_model = "model" in values
+        if not has_model:
+            problems.append(
+                "LORAFLEET_MODEL is not set: name the Hugging Face model folder to serve"
+            )
+        config = cls(**{"model": "", **values})
+        # Report every bad variable at once, not only the ones that failed to parse.
+        problems += config._problems(check_model=has_model)
         if problems:
             raise ConfigError(_format(problems))
-        return cls.create(**values)
+        return config
 
     @classmethod
     def create(cls, **values: Any) -> WorkerConfig:
@@ -128,7 +134,7 @@ class WorkerConfig:
             raise ConfigError(_format(problems))
         return config
 
-    def _problems(self) -> list[str]:
+    def _problems(self, *, check_model: bool = True) -> list[str]:
         env = {v.field: v.env for v in VARIABLES}
         problems = []
 
@@ -137,9 +143,10 @@ class WorkerConfig:
                 problems.append(f"{env[field]} {message}, got {getattr(self, field)!r}")
 
         model = Path(self.model)
-        need(model.is_dir(), "model", "must be an existing model folder")
-        if model.is_dir():
-            need((model / "config.json").is_file(), "model", "has no config.json")
+        if check_model:
+            need(model.is_dir(), "model", "must be an existing model folder")
+            if model.is_dir():
+                need((model / "config.json").is_file(), "model", "has no config.json")
         need(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "device",
@@ -168,7 +175,7 @@ class WorkerConfig:
                 f"LORAFLEET_MAX_JOBS ({self.max_jobs}) must be >= LORAFLEET_MAX_NUM_SEQS "
                 f"({self.max_num_seqs}), or the engine never sees a full batch"
             )
-        if not problems:
+        if check_model and not problems:
             try:
                 self.engine_config()
             except ValueError as e:
@@ -206,14 +213,16 @@ class WorkerConfig:
 
         Commands retry forever with a capped backoff, so a restart of Redis stalls the
         worker (and its jobs' stream writes) until Redis is back, then it carries on. At
-        start-up the worker waits for Redis the same way.
+        start-up the worker waits for Redis the same way. ``OSError`` is in the list because
+        redis-py retries a failed reconnect (connection refused) only for listed errors, and
+        it reconnects outside a command's own retry loop.
         """
         settings = RedisSettings.from_dsn(self.redis_url)
         settings.conn_timeout = 5
         settings.conn_retries = 2**31
         settings.conn_retry_delay = 1
         settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=-1)
-        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
+        settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
         return settings
 
     def to_env(self) -> dict[str, str]:
@@ -231,8 +240,18 @@ def _paths(raw: str) -> tuple[str, ...]:
     return tuple(str(Path(p).expanduser().resolve()) for p in raw.split(os.pathsep) if p.strip())
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "paths": _paths}
-_KIND_NAMES = {"str": "text", "int": "an integer", "float": "a number", "paths": "a list of folders"}
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "paths": _paths,
+}
+_KIND_NAMES = {
+    "str": "text",
+    "int": "an integer",
+    "float": "a number",
+    "paths": "a list of folders",
+}
 
 
 def _format(problems: list[str]) -> str:
@@ -249,9 +268,7 @@ def build_worker_settings(config: WorkerConfig) -> type:
         (),
         {
             "__doc__": f"arq settings of lorafleet worker {name}.",
-            "functions": [
-                func(jobs.generate, name=GENERATE_FUNCTION, timeout=config.job_timeout)
-            ],
+            "functions": [func(jobs.generate, name=GENERATE_FUNCTION, timeout=config.job_timeout)],
             "queue_name": config.queue,
             "redis_settings": config.redis_settings(),
             "job_serializer": arq_serialize,

@@ -1,0 +1,386 @@
+"""The ``lorafleet`` command: ``demo``, ``worker``, ``generate``, ``redis``.
+
+Each subcommand imports what it needs when it runs, so ``lorafleet --help`` and the
+producer-only commands never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging.config
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lorafleet.producer.client import URL_ENV, redact_url
+from lorafleet.producer.errors import LoraFleetError
+from lorafleet.producer.types import LoRARequest, SamplingParams
+from lorafleet.worker.settings import VARIABLES, ConfigError, WorkerConfig
+
+
+def _configure_logging(verbose: bool) -> None:
+    from arq.logs import default_log_config
+
+    config = default_log_config(verbose)
+    config["loggers"]["lorafleet"] = dict(config["loggers"]["arq"])
+    logging.config.dictConfig(config)
+
+
+# -- worker ------------------------------------------------------------------------------
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run a worker (same as `arq lorafleet.worker.WorkerSettings`)",
+        description="Run a worker. Flags override the LORAFLEET_* variables of the same name.",
+    )
+    for var in VARIABLES:
+        p.add_argument(
+            var.flag, dest=var.field, metavar=var.kind.upper(), help=f"{var.help} [{var.env}]"
+        )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(run=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    environ = dict(os.environ)
+    for var in VARIABLES:
+        value = getattr(args, var.field)
+        if value is not None:
+            environ[var.env] = value
+    try:
+        config = WorkerConfig.from_env(environ)
+    except ConfigError as e:
+        print(f"lorafleet worker: {e}", file=sys.stderr)
+        return 2
+    from arq.worker import run_worker
+
+    from lorafleet.worker.settings import build_worker_settings
+
+    _configure_logging(args.verbose)
+    run_worker(build_worker_settings(config))
+    return 0
+
+
+# -- redis -------------------------------------------------------------------------------
+
+
+def _add_redis(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("redis", help="run an embedded Redis server and print its URL")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
+    p.add_argument("--unix-socket", action="store_true", help="listen on a unix socket only")
+    p.add_argument("--persist", metavar="DIR", help="keep data (append-only file) in DIR")
+    p.set_defaults(run=_run_redis)
+
+
+def _run_redis(args: argparse.Namespace) -> int:
+    from lorafleet.producer.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(
+        port=args.port,
+        unix_socket=args.unix_socket,
+        persist=bool(args.persist),
+        data_dir=args.persist,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with server:
+        print(server.url, flush=True)
+        print(f"# export {URL_ENV}={server.url}   (Ctrl-C stops the server)", file=sys.stderr)
+        try:
+            while server.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+# -- a local fleet: embedded Redis + one worker process ----------------------------------
+
+
+@contextmanager
+def local_fleet(config: WorkerConfig, *, embedded_redis: bool) -> Iterator[WorkerConfig]:
+    """Start (embedded Redis if asked, then) a worker; yield the config clients should use;
+    stop both on exit."""
+    from lorafleet.producer.redis_server import EmbeddedRedis
+    from lorafleet.worker.launcher import WorkerProcess
+
+    with ExitStack() as stack:
+        if embedded_redis:
+            server = stack.enter_context(EmbeddedRedis())
+            config = replace(config, redis_url=server.url)
+        worker = WorkerProcess(config)
+        stack.callback(worker.stop)
+        worker.start().wait_ready()
+        yield worker.config
+
+
+# -- generate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt: str
+    lora: LoRARequest | None
+
+    @property
+    def label(self) -> str:
+        return self.lora.lora_name if self.lora else "(base)"
+
+
+def _parse_loras(specs: Sequence[str]) -> list[LoRARequest]:
+    loras = []
+    for i, spec in enumerate(specs, start=1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"lorafleet generate: --lora wants NAME=PATH, got {spec!r}")
+        loras.append(LoRARequest(name, i, str(Path(path).expanduser().resolve())))
+    return loras
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate through the queue",
+        description=(
+            "Submit prompts (arguments, or one per line on stdin) and print the outputs. "
+            f"With --redis-url (or ${URL_ENV}) a running worker serves them; otherwise "
+            "--model starts an embedded Redis and a worker for this command."
+        ),
+    )
+    p.add_argument("prompts", nargs="*", help="prompts (default: lines of stdin)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="adapter to run every prompt with (repeat to compare adapters; ids 1, 2, ...)",
+    )
+    p.add_argument("--base", action="store_true", help="with --lora, also run the base model")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    p.add_argument("--redis-url", help=f"Redis of a running worker [{URL_ENV}]")
+    p.add_argument("--queue", help="queue name [LORAFLEET_QUEUE]")
+    p.add_argument("--model", help="model folder, to start a local worker [LORAFLEET_MODEL]")
+    p.add_argument("--device", default="auto", help="device of the local worker")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("lorafleet generate: no prompts (pass them as arguments or on stdin)")
+    loras = _parse_loras(args.lora)
+    choices: list[LoRARequest | None] = [*loras, None] if args.base or not loras else list(loras)
+    requests = [_Request(p, lora) for p in prompts for lora in choices]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    queue = args.queue or os.environ.get("LORAFLEET_QUEUE") or None
+    url = args.redis_url or os.environ.get(URL_ENV)
+    if url:
+        return _generate(url, queue, requests, params, args)
+    model = args.model or os.environ.get("LORAFLEET_MODEL")
+    if not model:
+        raise SystemExit(
+            f"lorafleet generate: pass --redis-url (or set {URL_ENV}) to use running "
+            "workers, or --model to start a local one"
+        )
+    roots = tuple(sorted({str(Path(lora.lora_path).parent) for lora in loras}))
+    try:
+        config = WorkerConfig.create(
+            model=str(Path(model).resolve()),
+            device=args.device,
+            adapter_roots=roots,
+            **({"queue": queue} if queue else {}),
+        )
+    except ConfigError as e:
+        raise SystemExit(f"lorafleet generate: {e}") from None
+    with local_fleet(config, embedded_redis=True) as fleet:
+        return _generate(fleet.redis_url, fleet.queue, requests, params, args)
+
+
+def _generate(
+    url: str,
+    queue: str | None,
+    requests: list[_Request],
+    params: SamplingParams,
+    args: argparse.Namespace,
+) -> int:
+    from lorafleet.producer.sync_client import SyncClient
+
+    failed = 0
+    with SyncClient(url, **({"queue_name": queue} if queue else {})) as client:
+        handles = [client.submit(r.prompt, params, r.lora) for r in requests]
+        for request, handle in zip(requests, handles, strict=True):
+            prefix = f"[{request.label}] {request.prompt} -> " if len(requests) > 1 else ""
+            try:
+                if args.stream:
+                    print(prefix, end="", flush=True)
+                    for delta in handle.stream():
+                        print(delta, end="", flush=True)
+                    print()
+                else:
+                    text = handle.result(timeout=args.timeout).outputs[0].text
+                    print(f"{prefix}{text}")
+            except LoraFleetError as e:
+                failed += 1
+                print(f"{prefix}error[{e.code}]: {e.message}", flush=True)
+    return 1 if failed else 0
+
+
+# -- demo --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DemoAssets:
+    model: Path
+    adapters: dict[str, Path]
+    words: list[str]
+    trained: bool  # whether expected outputs are known
+
+    def prompt(self, word: str) -> str:
+        if self.trained:
+            from lorafleet.worker import demo_assets
+
+            return demo_assets.demo_prompt(word)
+        return word + ">"
+
+    def expected(self, task: str | None, word: str) -> str | None:
+        """What a trained model answers (``task`` None: the base model), else None."""
+        if not self.trained:
+            return None
+        from lorafleet.worker import demo_assets
+
+        return demo_assets.expected_output(task or demo_assets.BASE_TASK, word)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+def _demo_assets(num_words: int) -> _DemoAssets:
+    """The shipped trained demo model and adapters, or random ones built into the cache."""
+    try:
+        from lorafleet.worker import demo_assets
+    except ImportError:
+        demo_assets = None  # type: ignore[assignment]
+    if demo_assets is not None and (demo_assets.demo_model_dir() / "config.json").is_file():
+        adapters = demo_assets.demo_adapters()
+        if adapters:
+            words = demo_assets.held_out_words()[:num_words]
+            return _DemoAssets(demo_assets.demo_model_dir(), adapters, words, trained=True)
+    root = _cache_dir() / "demo-synthetic"
+    model, adapters = root / "model", {n: root / "adapters" / n for n in ("alpha", "beta", "gamma")}
+    if not (model / "config.json").is_file() or not all(
+        (p / "adapter_config.json").is_file() for p in adapters.values()
+    ):
+        print(f"building a tiny random demo model and adapters in {root} ...", flush=True)
+        from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+
+        build_random_model(model, "llama", seed=1)
+        for i, path in enumerate(adapters.values()):
+            build_random_adapter(model, path, rank=8, seed=100 + i)
+    words = ["hello", "queue", "adapter", "lorafleet", "redis", "token"][:num_words]
+    return _DemoAssets(model, adapters, words, trained=False)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="serve a tiny model with several adapters through Redis, end to end",
+        description=(
+            "Start Redis (embedded unless --redis-url) and a worker, submit a mixed batch "
+            "across adapters and the base model, print what each request got, and stop."
+        ),
+    )
+    p.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    p.add_argument("--words", type=int, default=4, help="words per adapter")
+    p.add_argument("--device", default="auto", help="device of the worker")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import uuid
+
+    from lorafleet.producer.sync_client import SyncClient
+
+    assets = _demo_assets(args.words)
+    roots = tuple(sorted({str(p.parent) for p in assets.adapters.values()}))
+    config = WorkerConfig.create(
+        model=str(assets.model),
+        device=args.device,
+        adapter_roots=roots,
+        max_loras=min(4, len(assets.adapters)),
+        queue=f"lorafleet:demo:{uuid.uuid4().hex[:8]}",  # never mixes with a real queue
+        **({"redis_url": args.redis_url} if args.redis_url else {}),
+    )
+    where = redact_url(args.redis_url) if args.redis_url else "embedded Redis"
+    print(f"starting {where} and a worker for {assets.model} ...", flush=True)
+    started = time.monotonic()
+    with local_fleet(config, embedded_redis=not args.redis_url) as fleet:
+        print(f"worker ready in {time.monotonic() - started:.1f}s ({fleet.redis_url})\n")
+        loras = {
+            task: LoRARequest(task, i, str(path))
+            for i, (task, path) in enumerate(sorted(assets.adapters.items()), start=1)
+        }
+        jobs = [(w, task) for w in assets.words for task in [None, *loras]]
+        with SyncClient(fleet.redis_url, queue_name=fleet.queue) as client:
+            t0 = time.monotonic()
+            outs = client.generate(
+                [assets.prompt(w) for w, _ in jobs],
+                SamplingParams(max_tokens=32, temperature=0.0),
+                lora_request=[loras[t] if t else None for _, t in jobs],
+            )
+            elapsed = time.monotonic() - t0
+    return _print_demo(assets, jobs, [o.outputs[0].text for o in outs], elapsed)
+
+
+def _print_demo(
+    assets: _DemoAssets, jobs: list[tuple[str, str | None]], texts: list[str], elapsed: float
+) -> int:
+    width = max(len(assets.prompt(w)) for w, _ in jobs) + 2
+    print(f"{'prompt':<{width}}{'adapter':<10}{'output':<16}{'check' if assets.trained else ''}")
+    matched = 0
+    for (word, task), text in zip(jobs, texts, strict=True):
+        expected = assets.expected(task, word)
+        check = ""
+        if expected is not None:
+            matched += text == expected
+            check = "ok" if text == expected else f"expected {expected!r}"
+        print(f"{assets.prompt(word):<{width}}{task or '(base)':<10}{text!r:<16}{check}")
+    n = len(jobs)
+    summary = f"\n{n} requests ({len(assets.adapters)} adapters + base model, one batch) in {elapsed:.2f}s"
+    if assets.trained:
+        summary += f"; {matched}/{n} as trained"
+    print(summary)
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorafleet", description="Many LoRA adapters, one base model, a Redis job queue."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_worker(sub)
+    _add_generate(sub)
+    _add_redis(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Run a lorafleet worker as a child process (for the CLI, tests and benchmarks).
+
+The child is ``python -m lorafleet.worker.cli worker`` configured through ``LORAFLEET_*``
+variables; its output goes to a log file (a pipe nobody reads would fill up and stall it).
+It is ready once it has registered itself in ``lorafleet:workers``, which happens after the
+engine has loaded. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Self
+
+import redis
+
+from lorafleet.producer.keys import WORKERS_KEY
+from lorafleet.worker.settings import WorkerConfig
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process exited or did not become ready in time."""
+
+
+class WorkerProcess:
+    """A worker child process for ``config`` (a name is assigned if it has none)."""
+
+    def __init__(self, config: WorkerConfig, *, log_path: str | Path | None = None) -> None:
+        self.config = (
+            config if config.name else replace(config, name=f"worker-{uuid.uuid4().hex[:8]}")
+        )
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="lorafleet-worker-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+        env.update(self.config.to_env())
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "lorafleet.worker.cli", "worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> Self:
+        """Block until the worker has registered in Redis. Raises ``WorkerStartError`` with
+        the end of its log if it exits first or takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with redis.Redis.from_url(self.config.redis_url, socket_connect_timeout=1) as r:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    raise WorkerStartError(f"the worker exited during start-up:\n{self.log_tail()}")
+                try:
+                    if r.hexists(WORKERS_KEY, self.config.name):
+                        return self
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # Redis may be starting too; the worker waits for it as well
+                time.sleep(0.05)
+        raise WorkerStartError(f"the worker was not ready after {timeout:g}s:\n{self.log_tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (arq finishes or re-queues its jobs), then SIGKILL after ``timeout``.
+        Returns the exit code."""
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        return self._proc.returncode
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def __enter__(self) -> Self:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
