@@ -33,14 +33,19 @@ def build(root: Path, args) -> tuple[Path, list[LoRARequest]]:
         num_key_value_heads=max(1, args.hidden // 64),
     )
     loras = [
-        LoRARequest(f"a{i}", i + 1, str(build_random_adapter(model, root / f"a{i}", rank=args.rank, seed=i)))
+        LoRARequest(
+            f"a{i}", i + 1, str(build_random_adapter(model, root / f"a{i}", rank=args.rank, seed=i))
+        )
         for i in range(args.adapters)
     ]
     return model, loras
 
 
 def workload(args, loras):
-    prompts = [f"request {i}: tell me about adapter number {i % args.adapters}" for i in range(args.requests)]
+    prompts = [
+        f"request {i}: tell me about adapter number {i % args.adapters}"
+        for i in range(args.requests)
+    ]
     return prompts, [loras[i % len(loras)] for i in range(args.requests)]
 
 
@@ -65,7 +70,9 @@ def run_peft(model: Path, prompts, requests, args) -> float:
     peft = PeftModel.from_pretrained(base, loras[0].lora_path, adapter_name=loras[0].lora_name)
     for lora in loras[1:]:
         peft.load_adapter(lora.lora_path, adapter_name=lora.lora_name)
-    groups = {lora: [p for p, r in zip(prompts, requests, strict=True) if r == lora] for lora in loras}
+    groups = {
+        lora: [p for p, r in zip(prompts, requests, strict=True) if r == lora] for lora in loras
+    }
 
     def once(group_prompts, lora):
         peft.set_adapter(lora.lora_name)
@@ -102,9 +109,13 @@ def main() -> None:
         prompts, requests = workload(args, loras)
         ours = run_engine(model, prompts, requests, args)
         base = run_peft(model, prompts, requests, args)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"workload: {args.requests} requests over {args.adapters} adapters (rank {args.rank}), "
-          f"{args.new_tokens} new tokens each, llama hidden {args.hidden} x {args.layers} layers, fp32 CPU")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"workload: {args.requests} requests over {args.adapters} adapters (rank {args.rank}), "
+        f"{args.new_tokens} new tokens each, llama hidden {args.hidden} x {args.layers} layers, fp32 CPU"
+    )
     print(f"lorafleet engine        : {ours:9.1f} tokens/s")
     print(f"transformers + PEFT     : {base:9.1f} tokens/s (batched per adapter)")
     print(f"ratio (lorafleet / PEFT): {ours / base:9.2f}x")

@@ -116,7 +116,11 @@ def compile_variant(variant: Variant, arch: int) -> Any:
         ptrs.update({p: "*" + variant.dtype for p in ("b0_ptr", "b1_ptr", "b2_ptr", "out_ptr")})
         ptrs["buf_ptr"] = "*" + variant.buf_dtype
         consts.update(stride_br=1, stride_wr=1, stride_on=1)
-    options = {"num_warps": consts.pop("num_warps"), "num_stages": consts.pop("num_stages")}
+    options = {
+        "num_warps": consts.pop("num_warps"),
+        "num_stages": consts.pop("num_stages"),
+        "enable_fp_fusion": True,  # triton 3.9 default, stated to silence its warning
+    }
     src = ASTSource(kernel, signature=_signature(kernel.fn, ptrs, consts), constexprs=consts)
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 

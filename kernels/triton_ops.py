@@ -109,7 +109,8 @@ def default_shrink_config(
     which ahead-of-time compiles for sm_80/sm_90 show to be spill-free, 8 warps once the
     token tile is 64 wide; and a hidden-dim split so that decode batches (one small token
     tile per adapter) still put about two programs on each of ``sm_count`` SMs: decode
-    shrink is a stream over the adapters' A rows and needs that parallelism.
+    shrink is a stream over the adapters' A rows and needs that parallelism. The split is
+    off under ``torch.use_deterministic_algorithms(True)`` (its atomics add in any order).
     """
     if interpret:
         return ShrinkConfig(
@@ -126,6 +127,8 @@ def default_shrink_config(
         triton.cdiv(max_slot_tokens, block_m) * triton.cdiv(rank, block_r) * num_slices * num_active
     )
     split_k = max(1, min(triton.cdiv(hidden, block_k), 64, triton.cdiv(2 * sm_count, programs)))
+    if torch.are_deterministic_algorithms_enabled():
+        split_k = 1  # split-K partial sums meet in fp32 atomics, in no fixed order
     num_warps = 8 if block_m >= 64 or block_m * block_r >= 4096 else 4
     return ShrinkConfig(block_m, block_r, block_k, split_k, num_warps=num_warps)
 
@@ -239,8 +242,8 @@ def expand_constexprs(
 def _check_meta(meta: LoRAMeta, num_tokens: int, num_slots: int, device: torch.device) -> None:
     if meta.num_tokens != num_tokens:
         raise ValueError(f"meta covers {meta.num_tokens} tokens, tensors have {num_tokens}")
-    if meta.num_slots != num_slots:
-        raise ValueError(f"meta has {meta.num_slots} slots, weight stacks have {num_slots}")
+    if num_slots < meta.num_slots:
+        raise ValueError(f"meta has {meta.num_slots} slots, weight stacks only {num_slots}")
     if meta.sorted_token_ids.device != device:
         raise ValueError(
             f"LoRAMeta lives on {meta.sorted_token_ids.device} but the tensors on {device}: "

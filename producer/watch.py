@@ -178,8 +178,8 @@ class StreamWatcher:
                 await self._has_work.wait()
                 continue
             try:
+                await self._sweep_if_due()  # first: a `sweep_now` job may have no stream
                 await self._read_once()
-                await self._sweep_if_due()
                 failing_since = None
             except REDIS_ERRORS as e:
                 now = time.monotonic()

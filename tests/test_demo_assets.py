@@ -29,23 +29,17 @@ peft = pytest.importorskip("peft")
 MIN_ACCURACY = 0.9
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Shipped assets must never need the hub.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(str(demo_model_dir()))
+    # local_files_only: the shipped assets must never need the hub.
+    return transformers.AutoTokenizer.from_pretrained(str(demo_model_dir()), local_files_only=True)
 
 
 @pytest.fixture(scope="module")
 def peft_model():
     """The base with every shipped adapter loaded (``disable_adapter()`` gives the base)."""
     base = transformers.AutoModelForCausalLM.from_pretrained(
-        str(demo_model_dir()), dtype=torch.float32
+        str(demo_model_dir()), dtype=torch.float32, local_files_only=True
     )
     adapters = demo_adapters()
     first, *rest = adapters

@@ -7,6 +7,7 @@ producer-only commands never load torch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging.config
 import os
 import signal
@@ -133,13 +134,21 @@ class _Request:
         return self.lora.lora_name if self.lora else "(base)"
 
 
+def stable_lora_id(name: str, path: str) -> int:
+    """A ``lora_int_id`` derived from name and path: the same adapter gets the same id in
+    every invocation, so one-off commands never clash with ids a shared worker has cached."""
+    digest = hashlib.sha256(f"{name}\0{path}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31 - 1) + 1
+
+
 def _parse_loras(specs: Sequence[str]) -> list[LoRARequest]:
     loras = []
-    for i, spec in enumerate(specs, start=1):
+    for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"lorafleet generate: --lora wants NAME=PATH, got {spec!r}")
-        loras.append(LoRARequest(name, i, str(Path(path).expanduser().resolve())))
+        path = str(Path(path).expanduser().resolve())
+        loras.append(LoRARequest(name, stable_lora_id(name, path), path))
     return loras
 
 
@@ -159,7 +168,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="adapter to run every prompt with (repeat to compare adapters; ids 1, 2, ...)",
+        help="adapter to run every prompt with (repeat to compare adapters)",
     )
     p.add_argument("--base", action="store_true", help="with --lora, also run the base model")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -268,13 +277,13 @@ def _demo_assets(num_words: int) -> _DemoAssets:
     """The shipped trained demo model and adapters, or random ones built into the cache."""
     try:
         from lorafleet.worker import demo_assets
-    except ImportError:
-        demo_assets = None  # type: ignore[assignment]
-    if demo_assets is not None and (demo_assets.demo_model_dir() / "config.json").is_file():
-        adapters = demo_assets.demo_adapters()
-        if adapters:
-            words = demo_assets.held_out_words()[:num_words]
-            return _DemoAssets(demo_assets.demo_model_dir(), adapters, words, trained=True)
+
+        model, adapters = demo_assets.demo_model_dir(), demo_assets.demo_adapters()
+        words = demo_assets.held_out_words()[:num_words]
+        if (model / "config.json").is_file() and adapters and words:
+            return _DemoAssets(model, adapters, words, trained=True)
+    except (ImportError, OSError, KeyError, ValueError):
+        pass  # not shipped in this build: use random ones
     root = _cache_dir() / "demo-synthetic"
     model, adapters = root / "model", {n: root / "adapters" / n for n in ("alpha", "beta", "gamma")}
     if not (model / "config.json").is_file() or not all(

@@ -1,0 +1,226 @@
+"""Queue pipeline overhead: lorafleet end to end vs plain arq no-op jobs, in one run.
+
+Both sides share one embedded Redis, the same arq settings (poll delay, max_jobs, msgpack
+serializer) and the same enqueue call; they differ in what runs: lorafleet's worker runs a
+real generation of one token on the tiny model (mixed adapters and the base model) and
+streams it back, the no-op worker returns at once.
+
+- light load: one job at a time; latency from enqueue to the first token (lorafleet: the
+  first stream delta; no-op: its result seen by ``Job.result`` polling every 1 ms, arq's
+  own floor).
+- throughput: a burst of jobs submitted at once; jobs/s until the last result is in
+  (lorafleet: ``Client.generate``; no-op: enqueue all, then watch the result keys).
+
+    python benchmarks/bench_pipeline.py --light 200 --burst 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from arq.connections import RedisSettings, create_pool
+
+from lorafleet.producer import Client, LoRARequest, SamplingParams
+from lorafleet.producer.codec import arq_deserialize, arq_serialize
+from lorafleet.producer.keys import arq_result_key
+from lorafleet.producer.redis_server import EmbeddedRedis
+from lorafleet.worker.launcher import WorkerProcess
+from lorafleet.worker.settings import WorkerConfig
+
+NOOP_QUEUE = "bench:noop"
+PIPE_QUEUE = "bench:lorafleet"
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+
+# -- the no-op side --------------------------------------------------------------------------
+
+
+async def noop(ctx: dict, payload: bytes) -> bytes:
+    return b""
+
+
+def run_noop_worker(url: str, poll_delay: float, max_jobs: int) -> None:
+    """Child process: an arq worker with lorafleet's settings and a function that does nothing."""
+    from arq.worker import run_worker
+
+    run_worker(
+        {
+            "functions": [noop],
+            "queue_name": NOOP_QUEUE,
+            "redis_settings": RedisSettings.from_dsn(url),
+            "job_serializer": arq_serialize,
+            "job_deserializer": arq_deserialize,
+            "max_jobs": max_jobs,
+            "poll_delay": poll_delay,
+            "log_results": False,
+        }
+    )
+
+
+async def noop_light(url: str, n: int) -> list[float]:
+    pool = await create_pool(
+        RedisSettings.from_dsn(url),
+        job_serializer=arq_serialize,
+        job_deserializer=arq_deserialize,
+        default_queue_name=NOOP_QUEUE,
+    )
+    latencies = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        job = await pool.enqueue_job("noop", b"x")
+        await job.result(poll_delay=0.001)
+        latencies.append(time.perf_counter() - t0)
+    await pool.aclose()
+    return latencies
+
+
+async def noop_burst(url: str, n: int) -> float:
+    pool = await create_pool(
+        RedisSettings.from_dsn(url),
+        job_serializer=arq_serialize,
+        job_deserializer=arq_deserialize,
+        default_queue_name=NOOP_QUEUE,
+    )
+    t0 = time.perf_counter()
+    jobs = await asyncio.gather(*(pool.enqueue_job("noop", b"x") for _ in range(n)))
+    keys = [arq_result_key(j.job_id) for j in jobs]
+    while await pool.exists(*keys) < n:
+        await asyncio.sleep(0.002)
+    elapsed = time.perf_counter() - t0
+    await pool.aclose()
+    return n / elapsed
+
+
+# -- the lorafleet side -------------------------------------------------------------------
+
+
+async def pipeline_light(url: str, n: int, loras: list[LoRARequest | None]) -> list[float]:
+    latencies = []
+    async with Client(url, queue_name=PIPE_QUEUE) as client:
+        for i in range(n):
+            t0 = time.perf_counter()
+            handle = await client.submit(f"light {i}", ONE_TOKEN, loras[i % len(loras)])
+            async for _ in handle.stream():
+                latencies.append(time.perf_counter() - t0)
+                break
+            await handle.result()
+    return latencies
+
+
+async def pipeline_burst(url: str, n: int, loras: list[LoRARequest | None]) -> float:
+    async with Client(url, queue_name=PIPE_QUEUE) as client:
+        t0 = time.perf_counter()
+        await client.generate(
+            [f"burst {i}" for i in range(n)],
+            ONE_TOKEN,
+            lora_request=[loras[i % len(loras)] for i in range(n)],
+        )
+        return n / (time.perf_counter() - t0)
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def build_assets(root: Path, adapters: int) -> tuple[Path, list[LoRARequest | None]]:
+    from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+
+    model = build_random_model(root / "model", "llama", seed=1)
+    (root / "adapters").mkdir()
+    loras: list[LoRARequest | None] = [None]
+    for i in range(adapters):
+        path = build_random_adapter(model, root / "adapters" / f"a{i}", rank=8, seed=i)
+        loras.append(LoRARequest(f"a{i}", i + 1, str(path)))
+    return model, loras
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--light", type=int, default=200, help="sequential jobs per side")
+    parser.add_argument("--burst", type=int, default=1000, help="jobs per throughput burst")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts per side (best is kept)")
+    parser.add_argument("--adapters", type=int, default=4, help="adapters mixed with the base")
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--noop-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.noop_worker:
+        url, poll_delay, max_jobs = args.noop_worker
+        run_noop_worker(url, float(poll_delay), int(max_jobs))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
+        model, loras = build_assets(Path(tmp), args.adapters)
+        config = WorkerConfig.create(
+            model=str(model),
+            device=args.device,
+            adapter_roots=(str(Path(tmp) / "adapters"),),
+            redis_url=server.url,
+            queue=PIPE_QUEUE,
+            max_num_seqs=args.max_num_seqs,
+        )
+        noop_proc = subprocess.Popen(
+            [sys.executable, __file__, "--noop-worker", server.url, str(config.poll_delay),
+             str(config.jobs_at_once)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            with WorkerProcess(config, log_path=Path(tmp) / "worker.log"):
+                results = asyncio.run(measure(server.url, args, loras))
+        finally:
+            noop_proc.terminate()
+            noop_proc.wait(15)
+    report(args, config, results)
+
+
+async def measure(url: str, args, loras) -> dict[str, object]:
+    await pipeline_burst(url, 64, loras)  # warm-up: adapters loaded, first steps done
+    await noop_burst(url, 64)
+    return {
+        "pipe_light": await pipeline_light(url, args.light, loras),
+        "noop_light": await noop_light(url, args.light),
+        "pipe_burst": max(
+            [await pipeline_burst(url, args.burst, loras) for _ in range(args.rounds)]
+        ),
+        "noop_burst": max([await noop_burst(url, args.burst) for _ in range(args.rounds)]),
+    }
+
+
+def report(args, config: WorkerConfig, r: dict) -> None:
+    p50, p99 = pct(r["pipe_light"], 50), pct(r["pipe_light"], 99)
+    n50, n99 = pct(r["noop_light"], 50), pct(r["noop_light"], 99)
+    ratio = r["pipe_burst"] / r["noop_burst"]
+    print(
+        f"pipeline benchmark: tiny llama, max_tokens=1, base + {args.adapters} adapters, "
+        f"1 worker ({args.device}), poll_delay {config.poll_delay}s, max_jobs "
+        f"{config.jobs_at_once}; {platform.node()} ({os.cpu_count()} cores, "
+        f"Python {platform.python_version()})"
+    )
+    print(f"{'':34}{'lorafleet':>12}{'arq no-op':>12}")
+    print(f"{'enqueue->first token p50 (ms)':34}{p50:>12.1f}{n50:>12.1f}")
+    print(f"{'enqueue->first token p99 (ms)':34}{p99:>12.1f}{n99:>12.1f}")
+    print(
+        f"{'throughput, burst of ' + str(args.burst) + ' (jobs/s)':34}{r['pipe_burst']:>12.0f}{r['noop_burst']:>12.0f}"
+    )
+    print(f"lorafleet throughput = {ratio:.0%} of arq no-op round trip")
+    print(
+        f"targets: p50 < 20 ms: {'met' if p50 < 20 else 'MISSED'}; "
+        f"throughput >= 50% of no-op: {'met' if ratio >= 0.5 else 'MISSED'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
