@@ -42,6 +42,13 @@ class LoRAMeta:
     max_slot_tokens: int
     groups: tuple[tuple[int, torch.Tensor], ...]
     slot_ranks_host: tuple[int, ...] | None = None
+    spans: tuple[tuple[int, int] | None, ...] = ()
+
+    def span_of(self, group: int) -> tuple[int, int] | None:
+        """(start, end) if group ``group``'s tokens are one contiguous run of rows, else None.
+
+        The engine lays tokens out grouped by slot, so the torch path can use slices."""
+        return self.spans[group] if self.spans else None
 
     def rank_of(self, slot: int, max_rank: int) -> int:
         """Effective rank of ``slot`` in a stack of rank ``max_rank`` (host side, no sync)."""
@@ -109,4 +116,20 @@ class LoRAMeta:
             max_slot_tokens=max(counts_host, default=0),
             groups=groups,
             slot_ranks_host=ranks_host,
+            spans=_contiguous_spans(slots.tolist(), active_host, counts_host),
         )
+
+
+def _contiguous_spans(
+    slots: list[int], active: list[int], counts: list[int]
+) -> tuple[tuple[int, int] | None, ...]:
+    """Per active slot, its (start, end) row range when its tokens are contiguous."""
+    first: dict[int, int] = {}
+    for i, s in enumerate(slots):
+        first.setdefault(s, i)
+    spans = []
+    for s in active:
+        start, end = first[s], first[s] + counts[s]
+        contiguous = all(v == s for v in slots[start:end])
+        spans.append((start, end) if contiguous else None)
+    return tuple(spans)

@@ -24,15 +24,15 @@ def lora_shrink_ref(
     """
     num_tokens, max_rank = x.shape[0], lora_a.shape[1]
     buf = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
-    for slot, idx in meta.groups:
+    for g, (slot, idx) in enumerate(meta.groups):
         rank = meta.rank_of(slot, max_rank)
-        whole = idx.numel() == num_tokens
-        rows = x if whole else x.index_select(0, idx)
+        span = meta.span_of(g)
+        rows = x[span[0] : span[1]] if span else x.index_select(0, idx)
         part = rows.float() @ lora_a[slot, :rank].float().T
         if scale != 1.0:
             part = part * scale
-        if whole:
-            buf[:, :rank] = part
+        if span:
+            buf[span[0] : span[1], :rank] = part
         else:
             buf[idx, :rank] = part
     return buf
@@ -50,19 +50,23 @@ def lora_expand_ref(
     buf [T, R], lora_b [S, N, R], out [T, N] (any float dtype; accumulation in fp32, one
     cast on write). ``add=False`` overwrites the adapter rows instead. Returns ``out``.
     """
-    num_tokens, max_rank = out.shape[0], lora_b.shape[2]
-    for slot, idx in meta.groups:
+    max_rank = lora_b.shape[2]
+    for g, (slot, idx) in enumerate(meta.groups):
         rank = meta.rank_of(slot, max_rank)
-        whole = idx.numel() == num_tokens
-        rows = buf if whole else buf.index_select(0, idx)
-        part = rows[:, :rank].float() @ lora_b[slot, :, :rank].float().T
+        span = meta.span_of(g)
+        rows = buf[span[0] : span[1]] if span else buf.index_select(0, idx)
+        weight = lora_b[slot, :, :rank].float().T
+        if span and add and out.dtype == torch.float32:
+            out[span[0] : span[1]].addmm_(rows[:, :rank].float(), weight)
+            continue
+        part = rows[:, :rank].float() @ weight
+        if span:
+            dest = out[span[0] : span[1]]
+            dest.copy_(dest.float() + part if add else part)  # copy_ casts to out.dtype
+            continue
         if add:
-            cur = out if whole else out.index_select(0, idx)
-            part = cur.float() + part
-        if whole:
-            out.copy_(part)  # copy_ casts fp32 -> out.dtype
-        else:
-            out.index_copy_(0, idx, part.to(out.dtype))
+            part = out.index_select(0, idx).float() + part
+        out.index_copy_(0, idx, part.to(out.dtype))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, Self, TypeVar
@@ -54,11 +55,12 @@ class _LoopThread:
 
 
 class SyncJobHandle:
-    """Blocking view of a ``JobHandle``."""
+    """Blocking view of a ``JobHandle``. Keeps its ``SyncClient`` (and thread) alive."""
 
-    def __init__(self, handle: JobHandle, runner: _LoopThread) -> None:
+    def __init__(self, handle: JobHandle, client: SyncClient) -> None:
         self._handle = handle
-        self._runner = runner
+        self._client = client
+        self._runner = client._runner
         self.job_id = handle.job_id
 
     @property
@@ -71,7 +73,7 @@ class SyncJobHandle:
 
     def stream(self) -> Iterator[str]:
         """See ``JobHandle.stream``."""
-        return _iterate(self._handle.stream(), self._runner)
+        return _iterate(self._handle.stream(), self._client)
 
     def abort(self) -> None:
         self._runner.run(self._handle.abort())
@@ -80,8 +82,9 @@ class SyncJobHandle:
         return f"<SyncJobHandle {self.job_id} done={self.done}>"
 
 
-def _iterate(agen: AsyncIterator[str], runner: _LoopThread) -> Iterator[str]:
+def _iterate(agen: AsyncIterator[str], client: SyncClient) -> Iterator[str]:
     """Drive an async generator from sync code, closing it if the caller stops early."""
+    runner = client._runner
     try:
         while True:
             try:
@@ -99,8 +102,10 @@ class SyncClient:
     or call ``close()``."""
 
     def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        self._client = Client(url, **kwargs)  # validates arguments before a thread starts
         self._runner = _LoopThread()
-        self._client = Client(url, **kwargs)
+        # A client dropped without close() still stops its thread when collected.
+        self._finalizer = weakref.finalize(self, self._runner.stop)
         self.url = self._client.url
 
     def connect(self) -> Self:
@@ -110,7 +115,7 @@ class SyncClient:
     def close(self) -> None:
         if not self._runner.loop.is_closed():
             self._runner.run(self._client.close())
-            self._runner.stop()
+            self._finalizer()
 
     def __enter__(self) -> Self:
         return self.connect()
@@ -129,10 +134,10 @@ class SyncClient:
         handle = self._runner.run(
             self._client.submit(prompt, sampling_params, lora_request, **kwargs)
         )
-        return SyncJobHandle(handle, self._runner)
+        return SyncJobHandle(handle, self)
 
     def job(self, job_id: str) -> SyncJobHandle:
-        return SyncJobHandle(self._runner.run(self._client.job(job_id)), self._runner)
+        return SyncJobHandle(self._runner.run(self._client.job(job_id)), self)
 
     def abort(self, job_id: str) -> None:
         self._runner.run(self._client.abort(job_id))
@@ -158,6 +163,4 @@ class SyncClient:
         **kwargs: Any,
     ) -> Iterator[str]:
         """See ``Client.stream``."""
-        return _iterate(
-            self._client.stream(prompt, sampling_params, lora_request, **kwargs), self._runner
-        )
+        return _iterate(self._client.stream(prompt, sampling_params, lora_request, **kwargs), self)

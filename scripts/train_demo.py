@@ -38,6 +38,8 @@ from lorafleet.worker.demo_assets import (
     ALPHABET,
     BASE_MODEL_NAME,
     BASE_TASK,
+    MAX_WORD_LEN,
+    MIN_WORD_LEN,
     PROMPT_SUFFIX,
     TASKS,
     demo_prompt,
@@ -48,7 +50,6 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3, in this order
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 # Then the separator and the letters: ids 4 ('>') and 5..30 ('a'..'z').
 PROMPT_CHARS = PROMPT_SUFFIX + ALPHABET
-MIN_LEN, MAX_LEN = 3, 8
 # Chance that a letter repeats an earlier letter of the word instead of being uniform:
 # uniform strings rarely repeat letters, yet "coffee" and "banana" must copy, sort and
 # dedupe correctly, and dedupe has nothing to learn without repeats.
@@ -129,9 +130,9 @@ def build_tokenizer():
 
 
 def sample_word(rng: random.Random, exclude: frozenset[str]) -> str:
-    """A random lowercase word of MIN_LEN..MAX_LEN letters, never one in ``exclude``."""
+    """A random lowercase word of MIN_WORD_LEN..MAX_WORD_LEN letters, never one in ``exclude``."""
     while True:
-        n = rng.randint(MIN_LEN, MAX_LEN)
+        n = rng.randint(MIN_WORD_LEN, MAX_WORD_LEN)
         letters: list[str] = []
         for _ in range(n):
             if letters and rng.random() < REPEAT_P:
@@ -217,7 +218,7 @@ def train(
 def greedy_accuracy(model, tokenizer, task: str, words: list[str]) -> tuple[float, list[str]]:
     """Greedy transformers ``generate`` on ``words`` (one left-padded batch) vs the task."""
     enc = tokenizer([demo_prompt(w) for w in words], return_tensors="pt", padding=True)
-    out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_LEN + 2)
+    out = model.generate(**enc, do_sample=False, max_new_tokens=MAX_WORD_LEN + 2)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     wrong = [
         f"{w}->{t}" for w, t in zip(words, texts, strict=True) if t != expected_output(task, w)
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             eos_token_id=EOS_ID,
             pad_token_id=PAD_ID,
             do_sample=False,
-            max_new_tokens=2 * MAX_LEN,
+            max_new_tokens=2 * MAX_WORD_LEN,
         )
         n_params = sum(p.numel() for p in model.parameters())
         print(f"base: {n_params:,} parameters, vocab {len(vocab)}", flush=True)
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out": HELD_OUT,
         "training": {
             "source": "random lowercase strings sampled on the fly (scripts/train_demo.py)",
-            "lengths": [MIN_LEN, MAX_LEN],
+            "lengths": [MIN_WORD_LEN, MAX_WORD_LEN],
             "repeat_p": REPEAT_P,
             "excludes": "every held_out word, and 400 random words kept for evaluation",
         },

@@ -14,6 +14,8 @@ import pytest
 from lorafleet.worker.demo_assets import (
     BASE_MODEL_NAME,
     BASE_TASK,
+    MAX_WORD_LEN,
+    MIN_WORD_LEN,
     TASKS,
     demo_adapters,
     demo_model_dir,
@@ -80,6 +82,7 @@ def test_assets_layout() -> None:
     words = held_out_words()
     assert len(words) >= 50
     assert all(w.isascii() and w.isalpha() and w.islower() for w in words)
+    assert all(MIN_WORD_LEN <= len(w) <= MAX_WORD_LEN for w in words)
 
 
 def test_tokenizer_round_trips(tokenizer) -> None:

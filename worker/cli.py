@@ -25,10 +25,14 @@ from lorafleet.worker.settings import VARIABLES, ConfigError, WorkerConfig
 
 
 def _configure_logging(verbose: bool) -> None:
+    """lorafleet's own lines at INFO; arq's per-job lines only with ``--verbose`` (two
+    lines per job cost more than the job's Redis traffic at a thousand jobs a second)."""
     from arq.logs import default_log_config
 
     config = default_log_config(verbose)
     config["loggers"]["lorafleet"] = dict(config["loggers"]["arq"])
+    if not verbose:
+        config["loggers"]["arq"]["level"] = "WARNING"
     logging.config.dictConfig(config)
 
 
@@ -45,7 +49,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             var.flag, dest=var.field, metavar=var.kind.upper(), help=f"{var.help} [{var.env}]"
         )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logs and arq's per-job lines"
+    )
     p.set_defaults(run=_run_worker)
 
 

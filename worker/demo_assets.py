@@ -10,12 +10,14 @@ data, so the demo needs no training and no download:
   copies the word and stops with EOS: task ``"copy"``.
 - ``adapters/<task>/``: PEFT LoRA adapters (``adapter_config.json`` +
   ``adapter_model.safetensors``) that change the same prompt's answer to another task
-  (``"reverse"``, ``"sort"``, ``"rot13"``, ``"dedupe"``).
+  (``"reverse"``, ``"sort"`` its letters, ``"rot13"``, ``"dedupe"``: keep each letter's
+  first occurrence only, ``"banana"`` -> ``"ban"``).
 - ``words.json``: the held-out words (real English words, never seen in training) and how
   the training words were sampled.
 
-Every task maps lowercase ``a``-``z`` words to lowercase words: a LoRA adapter cannot
-teach the base to emit tokens it never emits, so no task may need a new output token.
+Every task maps lowercase ``a``-``z`` words to lowercase words: measured on a base like
+this one, LoRA could not learn to emit tokens the base never emits, so no task may need a
+new output token.
 
 This module only reads files; it does not import torch.
 """
@@ -35,6 +37,10 @@ BASE_MODEL_NAME = "lorafleet-demo"
 
 #: The base model's own task (no adapter).
 BASE_TASK = "copy"
+
+#: Word lengths the models were trained on; longer words come out wrong (``"lorafleet"``
+#: copies as ``"loraflet"``), so pick demo words inside this range.
+MIN_WORD_LEN, MAX_WORD_LEN = 3, 8
 
 #: The only characters a demo word may contain (and the only ones any task outputs).
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -100,7 +106,9 @@ def expected_output(task: str, word: str) -> str:
     """What ``task`` (``"copy"`` for the base model, else an adapter's name) answers for ``word``.
 
     Raises ``KeyError`` for an unknown task and ``ValueError`` for a word outside the
-    trained alphabet (lowercase ``a``-``z``), for which no answer was ever trained.
+    trained alphabet (lowercase ``a``-``z``), for which no answer was ever trained. Length
+    is not checked: the function is right for any length, the models only for
+    ``MIN_WORD_LEN``..``MAX_WORD_LEN`` letters.
     """
     if task not in TASKS:
         raise KeyError(f"unknown demo task {task!r}; known: {sorted(TASKS)}")

@@ -68,7 +68,6 @@ async def startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx["config"]
     redis = ctx["redis"]
     started = time.monotonic()
-    import sys as _s; _s.setswitchinterval(float(os.environ.get("SI", "0.005")))
     engine = await asyncio.to_thread(_load_engine, config)
     await engine.start()
     publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)

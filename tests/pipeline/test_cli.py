@@ -62,3 +62,6 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
     lines = proc.stdout.splitlines()
     assert any("(base)" in line for line in lines)
     assert "requests" in lines[-1] and "adapters + base model" in lines[-1]
+    if "as trained" in lines[-1]:  # the shipped trained assets: every adapter did its task
+        matched, total = lines[-1].rsplit("; ", 1)[1].split()[0].split("/")
+        assert matched == total, proc.stdout

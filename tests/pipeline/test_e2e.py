@@ -250,3 +250,22 @@ def test_worker_registered_itself(worker):
         redis.Redis.from_url(worker.config.redis_url).hget(WORKERS_KEY, worker.config.name)
     )
     assert info["pid"] == worker.pid and info["queue"] == worker.config.queue
+
+
+def test_sync_client_works_inside_a_running_event_loop(worker):
+    """As in Jupyter: sync calls from a thread whose loop is running."""
+    from lorafleet.producer import SyncClient
+
+    async def notebook_cell():
+        with SyncClient(worker.config.redis_url, queue_name=worker.config.queue) as c:
+            return c.generate("from a notebook", GREEDY)
+
+    (out,) = asyncio.run(notebook_cell())
+    assert out.finished
+
+
+def test_a_handle_outlives_its_unreferenced_client(worker):
+    from lorafleet.producer import SyncClient
+
+    handle = SyncClient(worker.config.redis_url, queue_name=worker.config.queue).submit("x", GREEDY)
+    assert handle.result(timeout=30).finished
