@@ -13,7 +13,8 @@ class EngineConfig:
     ``kv_cache_bytes`` is the memory budget of the paged KV cache; the number of blocks is
     derived from it and the model shape. ``adapter_roots`` empty means any local path may be
     loaded (the in-process ``LLM`` default); workers set it to confine adapters.
-    ``max_cpu_loras`` defaults to ``max(max_loras, 32)``.
+    ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
+    ``LoRARequest.base_model_name`` must match (default: the model folder's name).
     """
 
     model: str
@@ -31,6 +32,7 @@ class EngineConfig:
     adapter_roots: tuple[str, ...] = ()
     max_adapter_bytes: int = 2 * 2**30
     starvation_steps: int = 64
+    served_model_name: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

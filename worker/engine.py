@@ -66,7 +66,7 @@ class LLMEngine:
                 f"({num_blocks * config.block_size} tokens), fewer than max_model_len="
                 f"{self.max_model_len}; raise kv_cache_bytes or lower max_model_len"
             )
-        name = raw.get("_name_or_path") or model_dir.name
+        name = config.served_model_name or raw.get("_name_or_path") or model_dir.name
         self.adapters = AdapterManager(self.model, config, served_model_name=name)
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
