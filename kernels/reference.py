@@ -1,7 +1,10 @@
 """Torch reference for the LoRA ops: the CPU path and the ground truth for the kernels.
 
-One matmul per active slot over that slot's token group (no gather of per-token weights),
-accumulating in float32. Per-slot ranks (``meta.slot_ranks_host``) are honoured the same
+Two shapes of the same math, accumulating in float32:
+  - small batches (decode-sized, see ``GATHER_LIMIT``): gather each token's adapter weights
+    and run one batched matmul, so a layer costs one op however many adapters are active;
+  - larger batches: one matmul per active slot over that slot's token run (a slice when the
+    engine laid tokens out grouped by slot), never materialising per-token weights. Per-slot ranks (``meta.slot_ranks_host``) are honoured the same
 way the Triton kernels honour them: rank columns past a slot's rank are ignored, so the
 two paths agree even when a slot's padding is not zero.
 """
@@ -14,6 +17,86 @@ import torch
 
 from lorafleet.kernels.meta import LoRAMeta
 
+# Batches where T * S * R * width exceeds this many multiply-adds use per-slot matmuls.
+DENSE_LIMIT = 1 << 24
+
+
+def _dense(meta: LoRAMeta, weights: torch.Tensor, num_slices: int = 1) -> bool:
+    """Whether one matmul against every slot's (and slice's) weights beats a matmul per
+    active slot: with few tokens and few slots (decode on CPU) the wasted FLOPs cost less
+    than the per-op overhead of one matmul per adapter."""
+    many = meta.num_active > 1 or num_slices > 1
+    return many and meta.num_tokens * weights.numel() * num_slices <= DENSE_LIMIT
+
+
+def _shrink_dense(
+    x: torch.Tensor, lora_as: Sequence[torch.Tensor], meta: LoRAMeta, scale: float
+) -> torch.Tensor:
+    """All slices against all slots in one matmul, then each token keeps its slot's part.
+    -> fp32 [n, T, R]."""
+    n, (slots, rank) = len(lora_as), lora_as[0].shape[:2]
+    num_tokens = x.shape[0]
+    stacked = torch.stack(lora_as, dim=1) if n > 1 else lora_as[0]  # [S, n, R, H]
+    every = x.float() @ stacked.reshape(slots * n * rank, -1).float().T  # [T, S*n*R]
+    mine = every.view(num_tokens, slots, n * rank).gather(1, _token_slot_index(meta, n * rank))
+    buf = mine.view(num_tokens, n, rank)
+    mask = _rank_mask(meta, rank)
+    if mask is not None:
+        buf = buf * mask[:, None, :]
+    if meta.num_lora_tokens < num_tokens:
+        buf = buf * (meta.token_slots >= 0)[:, None, None]
+    if scale != 1.0:
+        buf = buf * scale
+    return buf.transpose(0, 1)
+
+
+def _expand_dense(
+    buf: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    offsets: Sequence[int],
+    add: bool,
+) -> torch.Tensor:
+    """Every token's rank vectors placed in its slot's block of a [T, S*n*R] row, times a
+    block weight [S*n*R, N] whose slice i rows feed slice i's columns: one matmul."""
+    n, num_tokens = len(lora_bs), out.shape[0]
+    slots, rank = lora_bs[0].shape[0], lora_bs[0].shape[2]
+    rows = buf.float().transpose(0, 1)  # [T, n, R]
+    mask = _rank_mask(meta, rank)
+    if mask is not None:
+        rows = rows * mask[:, None, :]
+    wide = rows.new_zeros(num_tokens, slots, n * rank)
+    wide.scatter_(1, _token_slot_index(meta, n * rank), rows.reshape(num_tokens, 1, n * rank))
+    weight = out.new_zeros(slots, n * rank, out.shape[1], dtype=torch.float32)
+    for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
+        weight[:, i * rank : (i + 1) * rank, col : col + b.shape[1]] = b.float().transpose(1, 2)
+    wide, weight = wide.view(num_tokens, -1), weight.view(slots * n * rank, -1)
+    if add and out.dtype == torch.float32:  # -1 rows and other columns add exact zeros
+        return out.addmm_(wide, weight)
+    part = wide @ weight
+    keep = (meta.token_slots >= 0)[:, None]
+    for b, col in zip(lora_bs, offsets, strict=True):
+        dest = out[:, col : col + b.shape[1]]
+        new = part[:, col : col + b.shape[1]]
+        new = dest.float() + new if add else new
+        dest.copy_(torch.where(keep, new, dest.float()))
+    return out
+
+
+def _token_slot_index(meta: LoRAMeta, rank: int) -> torch.Tensor:
+    """[T, 1, R] index of each token's slot (0 for -1 rows), for gather/scatter over slots."""
+    return meta.token_slots.clamp(min=0).view(-1, 1, 1).expand(-1, 1, rank)
+
+
+def _rank_mask(meta: LoRAMeta, max_rank: int) -> torch.Tensor | None:
+    """[T, R] mask of each token's slot's live rank columns; None when all are live."""
+    ranks = meta.slot_ranks_host
+    if ranks is None or min(ranks[s] for s, _ in meta.groups) >= max_rank:
+        return None
+    per_token = meta.slot_ranks.to(torch.int64).index_select(0, meta.token_slots.clamp(min=0))
+    return torch.arange(max_rank, device=per_token.device)[None, :] < per_token[:, None]
+
 
 def lora_shrink_ref(
     x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMeta, scale: float = 1.0
@@ -23,6 +106,8 @@ def lora_shrink_ref(
     Rows whose slot is -1, and rank columns past a slot's rank, are zero.
     """
     num_tokens, max_rank = x.shape[0], lora_a.shape[1]
+    if _dense(meta, lora_a):
+        return _shrink_dense(x, [lora_a], meta, scale)[0]
     buf = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
     for g, (slot, idx) in enumerate(meta.groups):
         rank = meta.rank_of(slot, max_rank)
@@ -51,6 +136,8 @@ def lora_expand_ref(
     cast on write). ``add=False`` overwrites the adapter rows instead. Returns ``out``.
     """
     max_rank = lora_b.shape[2]
+    if _dense(meta, lora_b):
+        return _expand_dense(buf.unsqueeze(0), [lora_b], meta, out, [0], add)
     for g, (slot, idx) in enumerate(meta.groups):
         rank = meta.rank_of(slot, max_rank)
         span = meta.span_of(g)
@@ -86,6 +173,8 @@ def lora_shrink_slices_ref(
 
     x [T, H], each ``lora_as[i]`` [S, R, H] (same shape) -> fp32 [n_slices, T, R].
     """
+    if _dense(meta, lora_as[0], len(lora_as)):
+        return _shrink_dense(x, lora_as, meta, scale)
     return torch.stack([lora_shrink_ref(x, a, meta, scale) for a in lora_as])
 
 
@@ -104,6 +193,8 @@ def lora_expand_slices_ref(
     Rows whose slot is -1, and columns outside every slice, are untouched. Returns ``out``.
     """
     offsets = default_slice_offsets(lora_bs) if slice_offsets is None else list(slice_offsets)
+    if _dense(meta, lora_bs[0], len(lora_bs)):
+        return _expand_dense(buf, lora_bs, meta, out, offsets, add)
     for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
         lora_expand_ref(buf[i], b, meta, out[:, col : col + b.shape[1]], add=add)
     return out

@@ -49,9 +49,9 @@ class AdapterManager:
         self.served_model_name = served_model_name
         self.dtype = next(model.parameters()).dtype
         self.num_slots = config.max_loras
-        self.linears: dict[tuple[int, str], LoRALinear] = model.lora_linears()
+        self.linears: dict[tuple[int, str], tuple[LoRALinear, int]] = model.lora_linears()
         if config.enable_lora:
-            for linear in self.linears.values():
+            for linear in {id(lin): lin for lin, _ in self.linears.values()}.values():
                 linear.allocate_slots(self.num_slots, config.max_lora_rank)
         device = next(model.parameters()).device
         self.slot_ranks = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
@@ -104,7 +104,9 @@ class AdapterManager:
                 )
             raise AdapterNotFoundError(f"adapter {req.lora_name!r}: no folder at {req.lora_path!r}")
         if not path.is_dir():
-            raise AdapterNotFoundError(f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder")
+            raise AdapterNotFoundError(
+                f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder"
+            )
         if roots and not all(self._inside_roots(f.resolve()) for f in path.iterdir()):
             raise AdapterPathForbiddenError(
                 f"adapter {req.lora_name!r}: a file in {req.lora_path!r} links outside the "
@@ -190,18 +192,19 @@ class AdapterManager:
         return min(idle, key=lambda s: self.slot_used_at[s])
 
     def _write_slot(self, slot: int, lora_id: int, adapter: AdapterWeights) -> None:
-        for key, linear in self.linears.items():
+        for key, (linear, index) in self.linears.items():
+            lora_a, lora_b = linear.lora_as[index][slot], linear.lora_bs[index][slot]
             pair = adapter.weights.get(key)
             if pair is None:
-                linear.lora_a[slot].zero_()
-                linear.lora_b[slot].zero_()
+                lora_a.zero_()
+                lora_b.zero_()
                 continue
             a, b = pair
             r = a.shape[0]
-            linear.lora_a[slot, :r].copy_(a, non_blocking=True)
-            linear.lora_a[slot, r:].zero_()
-            linear.lora_b[slot, :, :r].copy_(b, non_blocking=True)
-            linear.lora_b[slot, :, r:].zero_()
+            lora_a[:r].copy_(a, non_blocking=True)
+            lora_a[r:].zero_()
+            lora_b[:, :r].copy_(b, non_blocking=True)
+            lora_b[:, r:].zero_()
         self.slot_ranks[slot] = adapter.rank
         self.slot_owner[slot] = lora_id
         self.stats.slot_loads += 1

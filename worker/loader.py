@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from lorafleet.worker.model import CausalLM, ModelArgs, rope_inv_freq
+from lorafleet.worker.model import FUSED, CausalLM, ModelArgs, fused_slot, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -83,6 +84,41 @@ def resolve_dtype(name: str, cfg: dict) -> torch.dtype:
     return DTYPES.get(stored, torch.float32)
 
 
+_LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$")
+
+
+def _destination(model: CausalLM, name: str) -> torch.Tensor | None:
+    """The parameter (or fused-row view of one) that checkpoint tensor ``name`` fills."""
+    m = _LAYER_PARAM.match(name)
+    if m is None or m[3] not in FUSED:
+        param = dict(model.named_parameters()).get(name)
+        return None if param is None else param.data
+    layer, kind = int(m[1]), m[4]
+    if layer >= model.args.num_layers:
+        return None
+    linear, index = fused_slot(model.layers[layer], m[3])
+    param = linear.weight if kind == "weight" else linear.bias
+    if param is None:
+        return None
+    start = linear.offsets[index]
+    return param.data[start : start + linear.out_sizes[index]]
+
+
+def checkpoint_names(model: CausalLM) -> set[str]:
+    """Every tensor name a complete checkpoint for ``model`` holds."""
+    names = set()
+    for name, _ in model.named_parameters():
+        m = re.match(r"^(model\.layers\.\d+)\.(self_attn|mlp)\.(\w+)\.(weight|bias)$", name)
+        fused = m is not None and m[3] in ("qkv_proj", "gate_up_proj")
+        if not fused:
+            names.add(name)
+            continue
+        for hf_name, (parent, linear, _) in FUSED.items():
+            if parent == m[2] and linear == m[3]:
+                names.add(f"{m[1]}.{parent}.{hf_name}.{m[4]}")
+    return names
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
     """Build ``CausalLM`` and fill every parameter from the folder's safetensors."""
     model_dir = Path(model_dir)
@@ -93,22 +129,22 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     if args.tie_word_embeddings:  # to_empty gives each module its own storage
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)
-    params = dict(model.named_parameters())
-    missing = set(params)
+    missing = checkpoint_names(model)
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name not in params:
+                dest = _destination(model, name)
+                if dest is None:
                     if "rotary_emb" in name:
                         continue
                     raise ValueError(f"unexpected weight {name!r} in {path.name}")
                 tensor = f.get_tensor(name)
-                if tensor.shape != params[name].shape:
+                if tensor.shape != dest.shape:
                     raise ValueError(
                         f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(params[name].shape)}"
+                        f"expected {tuple(dest.shape)}"
                     )
-                params[name].data.copy_(tensor.to(dtype))
+                dest.copy_(tensor.to(dtype))
                 missing.discard(name)
     if args.tie_word_embeddings:
         missing.discard("lm_head.weight")

@@ -15,10 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.kernels import lora_expand, lora_shrink
+from lorafleet.kernels import lora_expand_slices, lora_shrink_slices
 from lorafleet.worker.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Hugging Face projection -> (our submodule, fused linear, slice): q/k/v and gate/up are fused.
+FUSED = {
+    "q_proj": ("self_attn", "qkv_proj", 0),
+    "k_proj": ("self_attn", "qkv_proj", 1),
+    "v_proj": ("self_attn", "qkv_proj", 2),
+    "o_proj": ("self_attn", "o_proj", 0),
+    "gate_proj": ("mlp", "gate_up_proj", 0),
+    "up_proj": ("mlp", "gate_up_proj", 1),
+    "down_proj": ("mlp", "down_proj", 0),
+}
 
 
 @dataclass(frozen=True)
@@ -63,29 +73,36 @@ class ModelArgs:
 class LoRALinear(nn.Module):
     """``y = x W^T + b`` plus, per token, ``(x A_s^T) B_s^T`` for the token's adapter slot s.
 
-    ``lora_a`` [S, R, in] and ``lora_b`` [S, out, R] are slot stacks owned by the
-    ``AdapterManager``; B already carries the adapter's scaling. Unused rank columns are zero.
+    The output may be several fused projections side by side (q|k|v, gate|up), given by
+    ``out_sizes``; each slice has its own slot stacks: ``lora_as[i]`` [S, R, in] and
+    ``lora_bs[i]`` [S, out_sizes[i], R], owned by the ``AdapterManager``. B already carries
+    the adapter's scaling; unused rank columns are zero.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = in_features
+        self.out_sizes = out_sizes
+        self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
+        out_features = sum(out_sizes)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
+        self.lora_as: list[torch.Tensor] = []
+        self.lora_bs: list[torch.Tensor] = []
 
     def allocate_slots(self, num_slots: int, rank: int) -> None:
         kw = dict(dtype=self.weight.dtype, device=self.weight.device)
-        self.lora_a = torch.zeros(num_slots, rank, self.in_features, **kw)
-        self.lora_b = torch.zeros(num_slots, self.out_features, rank, **kw)
+        self.lora_as = [
+            torch.zeros(num_slots, rank, self.in_features, **kw) for _ in self.out_sizes
+        ]
+        self.lora_bs = [torch.zeros(num_slots, n, rank, **kw) for n in self.out_sizes]
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         meta = ctx.lora
-        if self.lora_a is not None and meta is not None and meta.num_lora_tokens:
-            buf = lora_shrink(x, self.lora_a, meta)
-            lora_expand(buf, self.lora_b, meta, y, add=True)
+        if self.lora_as and meta is not None and meta.num_lora_tokens:
+            buf = lora_shrink_slices(x, self.lora_as, meta)
+            lora_expand_slices(buf, self.lora_bs, meta, y, self.offsets)
         return y
 
 
@@ -134,16 +151,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        shapes = args.linear_shapes()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             args.num_heads,
             args.num_kv_heads,
             args.head_dim,
         )
-        self.q_proj = LoRALinear(*shapes["q_proj"], bias=args.attention_bias)
-        self.k_proj = LoRALinear(*shapes["k_proj"], bias=args.attention_bias)
-        self.v_proj = LoRALinear(*shapes["v_proj"], bias=args.attention_bias)
-        self.o_proj = LoRALinear(*shapes["o_proj"], bias=args.o_proj_bias)
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = LoRALinear(
+            args.hidden_size, (self.q_size, self.kv_size, self.kv_size), bias=args.attention_bias
+        )
+        self.o_proj = LoRALinear(self.q_size, (args.hidden_size,), bias=args.o_proj_bias)
 
     def forward(
         self,
@@ -156,9 +174,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden]; caches [num_blocks * block_size, kv_heads, head_dim]."""
         t = x.shape[0]
-        q = self.q_proj(x, ctx).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ctx).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x, ctx).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))
@@ -186,13 +205,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        shapes = args.linear_shapes()
-        self.gate_proj = LoRALinear(*shapes["gate_proj"], bias=args.mlp_bias)
-        self.up_proj = LoRALinear(*shapes["up_proj"], bias=args.mlp_bias)
-        self.down_proj = LoRALinear(*shapes["down_proj"], bias=args.mlp_bias)
+        h, i = args.hidden_size, args.intermediate_size
+        self.gate_up_proj = LoRALinear(h, (i, i), bias=args.mlp_bias)
+        self.down_proj = LoRALinear(i, (h,), bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+        gate, up = self.gate_up_proj(x, ctx).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, ctx)
 
 
 class DecoderLayer(nn.Module):
@@ -208,8 +227,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
+def fused_slot(layer: nn.Module, hf_name: str) -> tuple[LoRALinear, int]:
+    """The fused linear of ``layer`` holding Hugging Face projection ``hf_name``, and its slice."""
+    parent, linear, index = FUSED[hf_name]
+    return getattr(getattr(layer, parent), linear), index
+
+
 class CausalLM(nn.Module):
-    """Parameter names match Hugging Face's (``model.layers.0.self_attn.q_proj.weight``...)."""
+    """Parameter names follow Hugging Face's, except that q/k/v and gate/up projections are
+    fused (``qkv_proj``, ``gate_up_proj``; see ``FUSED``): the loader places their rows."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -229,17 +255,12 @@ class CausalLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def lora_linears(self) -> dict[tuple[int, str], LoRALinear]:
-        """(layer index, module name) -> the LoRA-capable projection."""
-        found: dict[tuple[int, str], LoRALinear] = {}
+    def lora_linears(self) -> dict[tuple[int, str], tuple[LoRALinear, int]]:
+        """(layer index, Hugging Face module name) -> (fused projection, slice index)."""
+        found: dict[tuple[int, str], tuple[LoRALinear, int]] = {}
         for i, layer in enumerate(self.model.layers):
             for name in LORA_TARGETS:
-                parent = (
-                    layer.self_attn
-                    if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-                    else layer.mlp
-                )
-                found[(i, name)] = getattr(parent, name)
+                found[(i, name)] = fused_slot(layer, name)
         return found
 
     def forward(
