@@ -1,9 +1,10 @@
 """asyncio producer client: enqueue generation jobs, wait for results, stream tokens.
 
 Jobs go through arq: each is an arq job whose single argument is the encoded
-``GenerateJob`` (msgspec msgpack, arq envelope msgpack too). Results and tokens come back
-on the job's Redis stream (see ``lorafleet.producer.stream``), read by one shared blocking
-XREAD per client (``lorafleet.producer.watch``), so waiting never polls.
+``GenerateJob`` (msgspec msgpack, arq envelope msgpack too). Tokens come back on the job's
+Redis stream and the final event also in the client's inbox stream (see
+``lorafleet.producer.stream``), read by one shared blocking XREAD per client
+(``lorafleet.producer.watch``), so waiting never polls.
 
 Example::
 
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
@@ -91,10 +93,11 @@ def per_prompt(value: T | Sequence[T] | None, n: int, name: str, one: type) -> l
 class JobHandle:
     """A submitted job: wait for its ``result()``, follow its ``stream()``, or ``abort()`` it."""
 
-    def __init__(self, client: Client, job_id: str, watch: JobWatch) -> None:
+    def __init__(self, client: Client, job_id: str, watch: JobWatch, watcher: StreamWatcher):
         self._client = client
         self.job_id = job_id
         self._watch = watch
+        self._watcher = watcher
 
     @property
     def done(self) -> bool:
@@ -115,6 +118,11 @@ class JobHandle:
         attempt: text already yielded is not repeated, and ``StreamRestartedError`` is raised
         if the re-run's output differs from it.
         """
+        async with self._watcher.follow(self._watch):
+            async for delta in self._deltas():
+                yield delta
+
+    async def _deltas(self) -> AsyncIterator[str]:
         watch = self._watch
         emitted = ""  # text handed to the caller
         text, attempt, next_seq, contiguous = "", 0, 0, True  # the attempt being read
@@ -291,6 +299,7 @@ class Client:
         """
         job = _make_job(prompt, sampling_params, lora_request, job_id, deadline, timeout)
         arq, watcher = await self._connected()
+        job = msgspec.structs.replace(job, reply_to=watcher.inbox)
         with self._transport():
             enqueued = await arq.enqueue_job(
                 GENERATE_FUNCTION,
@@ -298,16 +307,17 @@ class Client:
                 _job_id=job.request_id,
                 _queue_name=self.queue_name,
             )
-            # A job that already existed may have finished long ago: check its result now.
-            watch = await watcher.watch(job.request_id, sweep_now=enqueued is None)
-        return JobHandle(self, job.request_id, watch)
+            # A job that already existed replies elsewhere and may have finished long ago.
+            fresh = enqueued is not None
+            watch = await watcher.watch(job.request_id, via_inbox=fresh, sweep_now=not fresh)
+        return JobHandle(self, job.request_id, watch, watcher)
 
     async def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by any client)."""
         _, watcher = await self._connected()
         with self._transport():
-            watch = await watcher.watch(job_id, sweep_now=True)
-        return JobHandle(self, job_id, watch)
+            watch = await watcher.watch(job_id, via_inbox=False, sweep_now=True)
+        return JobHandle(self, job_id, watch, watcher)
 
     async def abort(self, job_id: str) -> None:
         """Abort a job by id (see ``JobHandle.abort``)."""

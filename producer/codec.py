@@ -24,7 +24,12 @@ WIRE_VERSION = 1
 
 
 class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
-    """One generation request as enqueued. Times are Unix seconds (float)."""
+    """One generation request as enqueued. Times are Unix seconds (float).
+
+    ``reply_to`` names the submitting client's inbox stream (``lorafleet:inbox:*``); the
+    worker appends the job's final stream event there too, so a client waiting on many jobs
+    blocks on one key (see ``lorafleet.producer.watch``).
+    """
 
     request_id: str
     prompt: str
@@ -32,6 +37,7 @@ class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
     lora_request: LoRARequest | None = None
     enqueued_at: float = 0.0
     deadline: float | None = None
+    reply_to: str | None = None
     v: int = WIRE_VERSION
 
     def __post_init__(self) -> None:

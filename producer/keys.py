@@ -34,9 +34,14 @@ def abort_key(job_id: str) -> str:
     return f"{NAMESPACE}:abort:{job_id}"
 
 
-def wake_key(client_id: str) -> str:
-    """A client's private stream, written only to interrupt its own blocking XREAD."""
-    return f"{NAMESPACE}:wake:{client_id}"
+#: Prefix of client inboxes; a worker writes replies only to keys under it.
+INBOX_PREFIX = f"{NAMESPACE}:inbox:"
+
+
+def inbox_key(client_id: str) -> str:
+    """A client's private stream: the final events of the jobs it submitted, and the
+    entries it writes itself to interrupt its own blocking XREAD."""
+    return INBOX_PREFIX + client_id
 
 
 def arq_job_key(job_id: str) -> str:

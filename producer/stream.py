@@ -14,7 +14,10 @@ Events carry the attempt number (arq's ``job_try``) and a per-attempt sequence n
   repeated ``seq`` (a retried XADD) is skipped.
 
 The last event of an attempt carries the whole ``JobResult`` (output or error), so a reader
-has the answer the moment it sees the event, without another round trip.
+has the answer the moment it sees the event, without another round trip. The worker also
+appends that event, with the job id, to the submitting client's inbox stream
+(``GenerateJob.reply_to``): a client waiting on a thousand jobs blocks on its inbox alone,
+and reads job streams only for the jobs whose tokens it is following.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ import msgspec
 
 from lorafleet.producer.codec import WIRE_VERSION, JobResult
 from lorafleet.producer.errors import InvalidRequestError, UnsupportedVersionError
-from lorafleet.producer.keys import stream_key
+from lorafleet.producer.keys import INBOX_PREFIX, stream_key
 
 #: Field of a stream entry that holds the encoded event.
 FIELD = b"e"
+
+#: Field of an inbox entry that names the job whose final event it carries.
+JOB_FIELD = b"j"
+
+#: Approximate cap on entries of a client inbox; a reply trimmed before the client read it
+#: is still found through arq's result key.
+INBOX_MAXLEN = 10_000
 
 #: Default cap on entries per stream; entries are per engine step, so this is many tokens.
 DEFAULT_MAXLEN = 4096
@@ -81,3 +91,13 @@ def add_event(pipe: Any, job_id: str, event: StreamEvent, *, maxlen: int, ttl_s:
     key = stream_key(job_id)
     pipe.xadd(key, {FIELD: encode_event(event)}, maxlen=maxlen, approximate=True)
     pipe.expire(key, ttl_s)
+
+
+def add_reply(pipe: Any, reply_to: str, job_id: str, event: StreamEvent, *, ttl_s: int) -> None:
+    """Queue the copy of a final event for the submitting client's inbox. Keys outside
+    ``lorafleet:inbox:`` are ignored: a job must not make a worker write anywhere else."""
+    if not reply_to.startswith(INBOX_PREFIX):
+        return
+    fields = {JOB_FIELD: job_id.encode(), FIELD: encode_event(event)}
+    pipe.xadd(reply_to, fields, maxlen=INBOX_MAXLEN, approximate=True)
+    pipe.expire(reply_to, ttl_s)

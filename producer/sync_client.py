@@ -54,6 +54,12 @@ class _LoopThread:
         self.loop.close()
 
 
+def _shutdown(client: Client, runner: _LoopThread) -> None:
+    if not runner.loop.is_closed():
+        runner.run(client.close())
+        runner.stop()
+
+
 class SyncJobHandle:
     """Blocking view of a ``JobHandle``. Keeps its ``SyncClient`` (and thread) alive."""
 
@@ -104,8 +110,8 @@ class SyncClient:
     def __init__(self, url: str | None = None, **kwargs: Any) -> None:
         self._client = Client(url, **kwargs)  # validates arguments before a thread starts
         self._runner = _LoopThread()
-        # A client dropped without close() still stops its thread when collected.
-        self._finalizer = weakref.finalize(self, self._runner.stop)
+        # A client dropped without close() is still closed when collected (or at exit).
+        self._finalizer = weakref.finalize(self, _shutdown, self._client, self._runner)
         self.url = self._client.url
 
     def connect(self) -> Self:
@@ -113,9 +119,8 @@ class SyncClient:
         return self
 
     def close(self) -> None:
-        if not self._runner.loop.is_closed():
-            self._runner.run(self._client.close())
-            self._finalizer()
+        """Close connections and stop the thread (jobs keep running on the workers)."""
+        self._finalizer()
 
     def __enter__(self) -> Self:
         return self.connect()

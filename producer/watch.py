@@ -1,14 +1,18 @@
-"""Client-side job watching: one blocking XREAD for all of a client's jobs.
+"""Client-side job watching: one blocking XREAD per client, whatever the number of jobs.
 
-A ``StreamWatcher`` owns one dedicated Redis connection and keeps a single ``XREAD BLOCK``
-open over the streams of every job the client is waiting on, so a thousand outstanding jobs
-cost one connection, not a thousand. Registering a job while the read is blocked appends to
-the client's private wake stream, which is part of the same XREAD and ends the block.
+Each client has an inbox stream (``lorafleet:inbox:{client_id}``) and names it in every job
+it submits; workers append each job's final event there. A ``StreamWatcher`` keeps one
+``XREAD BLOCK`` open on a dedicated connection over the inbox plus the streams of the few
+jobs whose tokens someone is following (``follow``) or that were submitted elsewhere (their
+replies go to another inbox). Waiting on a thousand results therefore costs one key per
+read, not a thousand. A key added while the read is blocked is picked up by appending to
+the inbox, which ends the block.
 
-The stream's final event is the fast path to a result. arq's result key is the durable
-record: about once a second the watcher also reads the result keys of jobs it has waited on
-for a while, which answers jobs whose stream expired or that arq failed by itself (those
-never write a stream event), and reports jobs that exist nowhere as ``job_not_found``.
+The final event is the fast path to a result. arq's result key is the durable record:
+about once a second the watcher reads the result keys of jobs it has waited on for a
+while, which answers jobs whose reply was lost (trimmed, expired, Redis restarted) or that
+arq failed by itself (those never write an event), and reports jobs that exist nowhere as
+``job_not_found``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,12 +29,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lorafleet.producer.codec import JobResult, arq_deserialize, result_from_arq
 from lorafleet.producer.errors import (
+    InternalError,
     JobNotFoundError,
     LoraFleetError,
     QueueUnavailableError,
 )
-from lorafleet.producer.keys import arq_job_key, arq_result_key, stream_key, wake_key
-from lorafleet.producer.stream import FIELD, StreamEvent, decode_event
+from lorafleet.producer.keys import arq_job_key, arq_result_key, inbox_key, stream_key
+from lorafleet.producer.stream import DEFAULT_TTL_S, FIELD, JOB_FIELD, StreamEvent, decode_event
 
 logger = logging.getLogger("lorafleet.producer")
 
@@ -41,10 +47,14 @@ class JobWatch:
     once known, its ``JobResult`` (or the transport error that ended the wait).
 
     Any number of readers may follow one watch; ``wait_beyond(n)`` wakes them all.
+    ``via_inbox``: the job replies to this client's inbox, so its own stream needs reading
+    only while ``followers`` want its tokens.
     """
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, via_inbox: bool) -> None:
         self.job_id = job_id
+        self.via_inbox = via_inbox
+        self.followers = 0
         self.events: list[StreamEvent] = []
         self.attempt = 0
         self.result: JobResult | None = None
@@ -56,6 +66,10 @@ class JobWatch:
     @property
     def done(self) -> bool:
         return self.result is not None or self.failure is not None
+
+    @property
+    def reads_stream(self) -> bool:
+        return self.followers > 0 or not self.via_inbox
 
     def add(self, event: StreamEvent) -> None:
         """Record an event; events of an attempt older than the newest seen are dropped."""
@@ -103,7 +117,7 @@ class JobWatch:
 class StreamWatcher:
     """Feeds ``JobWatch``es from Redis. Create one per client; ``close()`` when done.
 
-    ``reader`` must be a dedicated connection (its XREAD blocks); ``pool`` serves the wake
+    ``reader`` must be a dedicated connection (its XREAD blocks); ``pool`` serves the inbox
     writes and result sweeps. A lost connection is retried for ``reconnect_s`` before every
     outstanding watch fails with ``QueueUnavailableError``.
     """
@@ -120,8 +134,8 @@ class StreamWatcher:
     ) -> None:
         self._reader = reader
         self._pool = pool
-        self._wake_key = wake_key(client_id)
-        self._wake_last = b"0-0"
+        self.inbox = inbox_key(client_id)
+        self._inbox_last = b"0-0"
         self._block_ms = block_ms
         self._sweep_s = sweep_s
         self._reconnect_s = reconnect_s
@@ -132,30 +146,44 @@ class StreamWatcher:
         self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    async def watch(self, job_id: str, *, sweep_now: bool = False) -> JobWatch:
-        """Start following ``job_id`` (from the beginning of its stream) and return its
-        watch; an already followed job returns the same watch. ``sweep_now`` checks arq's
-        result key at the next loop instead of waiting a sweep period (for jobs that may
-        have finished long ago)."""
-        existing = self._watches.get(job_id)
-        if existing is not None:
-            return existing
-        watch = JobWatch(job_id)
+    async def watch(self, job_id: str, *, via_inbox: bool, sweep_now: bool = False) -> JobWatch:
+        """Start following ``job_id`` and return its watch (an already followed job returns
+        the same watch). ``via_inbox``: the job replies to this client's inbox.
+        ``sweep_now`` checks arq's result key at once instead of after a sweep period (for
+        jobs that may have finished long ago)."""
+        watch = self._watches.get(job_id)
+        if watch is not None:
+            return watch
+        watch = self._watches[job_id] = JobWatch(job_id, via_inbox=via_inbox)
         if sweep_now:
             watch.since -= self._sweep_s
             self._next_sweep = 0.0
-        self._watches[job_id] = watch
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="lorafleet-stream-watcher")
         self._has_work.set()
+        if watch.reads_stream or sweep_now:
+            await self._wake()
+        return watch
+
+    @contextlib.asynccontextmanager
+    async def follow(self, watch: JobWatch) -> AsyncIterator[None]:
+        """Read the job's own stream (its tokens) while inside the block."""
+        watch.followers += 1
+        try:
+            if watch.followers == 1 and watch.via_inbox and not watch.done:
+                await self._wake()
+            yield
+        finally:
+            watch.followers -= 1
+
+    async def _wake(self) -> None:
+        """End the XREAD in flight so that the next one names the current keys."""
         if self._blocked and not self._wake_sent:
-            # The XREAD in flight does not name this job's stream yet: end its block.
             self._wake_sent = True
             async with self._pool.pipeline(transaction=False) as pipe:
-                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=16, approximate=True)
-                pipe.expire(self._wake_key, 60)
+                pipe.xadd(self.inbox, {b"w": b"1"}, maxlen=1000, approximate=True)
+                pipe.expire(self.inbox, DEFAULT_TTL_S)
                 await pipe.execute()
-        return watch
 
     def forget(self, job_id: str) -> None:
         """Stop following a job (its watch keeps what it has seen)."""
@@ -166,9 +194,9 @@ class StreamWatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for watch in self._watches.values():
-            watch.fail(QueueUnavailableError("the client was closed while waiting for the job"))
-        self._watches.clear()
+        self._fail_all(QueueUnavailableError("the client was closed while waiting for the job"))
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._pool.delete(self.inbox)
 
     async def _run(self) -> None:
         failing_since: float | None = None
@@ -185,43 +213,50 @@ class StreamWatcher:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since >= self._reconnect_s:
-                    self._fail_all(e)
+                    self._fail_all(QueueUnavailableError(f"lost the connection to Redis: {e}"))
                     failing_since = None
                 else:
                     await asyncio.sleep(0.1)
+            except Exception as e:  # a bug here must not leave every waiter hanging
+                logger.exception("stream watcher failed")
+                self._fail_all(InternalError(f"stream watcher failed: {e!r}"))
 
     async def _read_once(self) -> None:
         streams: dict[str | bytes, bytes] = {
-            stream_key(job_id): w.last_id for job_id, w in self._watches.items()
+            stream_key(w.job_id): w.last_id for w in self._watches.values() if w.reads_stream
         }
-        streams[self._wake_key] = self._wake_last
+        streams[self.inbox] = self._inbox_last
         self._blocked, self._wake_sent = True, False
         try:
             response = await self._reader.xread(streams, block=self._block_ms)
         finally:
             self._blocked = False
-        for key, entries in response or ():
-            key = key.decode() if isinstance(key, bytes) else key
-            if key == self._wake_key:
-                self._wake_last = entries[-1][0]
+        inbox = self.inbox.encode()
+        # Job streams before the inbox: a final event read from the inbox first would end
+        # the watch before its last deltas.
+        for key, entries in sorted(response or (), key=lambda item: item[0] == inbox):
+            if key == inbox:
+                self._inbox_last = entries[-1][0]
+                for _, fields in entries:
+                    job_id = fields.get(JOB_FIELD)
+                    if job_id is not None:
+                        self._dispatch(self._watches.get(job_id.decode()), fields.get(FIELD))
                 continue
-            job_id = key.split(":", 2)[2]
-            watch = self._watches.get(job_id)
-            if watch is None:
-                continue
-            for entry_id, fields in entries:
-                watch.last_id = entry_id
-                self._dispatch(watch, fields.get(FIELD))
-            if watch.done:
-                self.forget(job_id)
+            watch = self._watches.get(key.decode().split(":", 2)[2])
+            if watch is not None:
+                watch.last_id = entries[-1][0]
+                for _, fields in entries:
+                    self._dispatch(watch, fields.get(FIELD))
 
-    def _dispatch(self, watch: JobWatch, data: bytes | None) -> None:
-        if data is None:
+    def _dispatch(self, watch: JobWatch | None, data: bytes | None) -> None:
+        if watch is None or data is None:
             return
         try:
             watch.add(decode_event(data))
         except LoraFleetError as e:  # a foreign or newer writer: skip the entry, keep reading
             logger.warning("job %s: skipping stream entry: %s", watch.job_id, e)
+        if watch.done:
+            self.forget(watch.job_id)
 
     async def _sweep_if_due(self) -> None:
         now = time.monotonic()
@@ -247,8 +282,9 @@ class StreamWatcher:
             if w.done:
                 self.forget(w.job_id)
 
-    def _fail_all(self, error: BaseException) -> None:
-        logger.warning("lost Redis while waiting for %d jobs: %s", len(self._watches), error)
+    def _fail_all(self, error: LoraFleetError) -> None:
+        if self._watches:
+            logger.warning("giving up on %d jobs: %s", len(self._watches), error)
         for watch in self._watches.values():
-            watch.fail(QueueUnavailableError(f"lost the connection to Redis: {error}"))
+            watch.fail(type(error)(error.message))  # one instance per waiter: own traceback
         self._watches.clear()

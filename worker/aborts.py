@@ -26,6 +26,9 @@ class AbortWatcher:
         self._redis = redis
         self._callbacks: dict[str, Callable[[], None]] = {}
         self._task: asyncio.Task[None] | None = None
+        # Start-up checks of jobs starting together share one MGET (group commit).
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._checker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="lorafleet-aborts")
@@ -38,12 +41,30 @@ class AbortWatcher:
 
     async def register(self, job_id: str, on_abort: Callable[[], None]) -> bool:
         """Call ``on_abort`` (once) when the job is aborted. Returns whether it already was,
-        in which case ``on_abort`` is not called."""
+        in which case ``on_abort`` is not called. Jobs registering together share one read
+        of their abort keys."""
         self._callbacks[job_id] = on_abort
-        if await self._redis.exists(abort_key(job_id)):
+        checked = self._pending[job_id] = asyncio.get_running_loop().create_future()
+        if self._checker is None or self._checker.done():
+            self._checker = asyncio.create_task(self._check_pending())
+        if await checked:
             self._callbacks.pop(job_id, None)
             return True
         return False
+
+    async def _check_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                flags = await self._redis.mget([abort_key(j) for j in batch])
+            except Exception as e:
+                for future in batch.values():
+                    if not future.done():  # done: its job was cancelled meanwhile
+                        future.set_exception(e)
+                continue
+            for future, flag in zip(batch.values(), flags, strict=True):
+                if not future.done():
+                    future.set_result(flag is not None)
 
     def unregister(self, job_id: str) -> None:
         self._callbacks.pop(job_id, None)

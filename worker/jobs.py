@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from lorafleet.producer.codec import GenerateJob, JobResult, decode_job, encode
 from lorafleet.producer.errors import (
     AbortedError,
@@ -125,25 +127,27 @@ class _Stopper:
 async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     """arq job: run one encoded ``GenerateJob``; return the encoded ``JobResult``.
 
-    Deltas go to the job's stream as they come; the final stream event carries the same
-    ``JobResult`` as the return value (arq stores that one as the durable record).
+    Deltas go to the job's stream as they come; the final stream event, also appended to
+    the producer's inbox, carries the same ``JobResult`` as the return value (arq stores
+    that one as the durable record).
     """
     state: WorkerState = ctx["lorafleet"]
     job_id: str = ctx["job_id"]
     attempt: int = ctx["job_try"]
+    reply_to = None
     try:
-        result = await _run(state, job_id, attempt, payload)
-    except asyncio.CancelledError:
-        state.publisher.forget(job_id)
-        raise
-    result = JobResult(
-        request_id=job_id,
-        output=result.output,
-        error=result.error,
-        worker=state.config.name,
-        attempt=attempt,
-    )
-    await state.publisher.finish(job_id, attempt, result)
+        job = decode_job(payload)
+    except LoraFleetError as e:
+        result = _error(job_id, e)
+    else:
+        reply_to = job.reply_to
+        try:
+            result = await _run(state, job_id, attempt, job)
+        except asyncio.CancelledError:
+            state.publisher.forget(job_id)
+            raise
+    result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt)
+    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
     return encode(result)
 
 
@@ -151,11 +155,7 @@ def _error(job_id: str, error: LoraFleetError) -> JobResult:
     return JobResult(request_id=job_id, error=error.to_info())
 
 
-async def _run(state: WorkerState, job_id: str, attempt: int, payload: bytes) -> JobResult:
-    try:
-        job = decode_job(payload)
-    except LoraFleetError as e:
-        return _error(job_id, e)
+async def _run(state: WorkerState, job_id: str, attempt: int, job: GenerateJob) -> JobResult:
     if job.deadline is not None and time.time() >= job.deadline:
         return _error(
             job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue")
@@ -180,7 +180,7 @@ async def _generate(
     state: WorkerState, job_id: str, attempt: int, job: GenerateJob, stopper: _Stopper
 ) -> JobResult:
     engine = state.engine
-    finished = False
+    completed = False
     try:
         stream = engine.add_request(
             stopper.request_id, job.prompt, job.sampling_params, job.lora_request
@@ -190,16 +190,16 @@ async def _generate(
             if delta.text or delta.token_ids:
                 state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids))
         output = await stream.result()
-        finished = True
+        completed = True
     except LoraFleetError as e:
-        finished = True
         return _error(job_id, e)
     except Exception as e:  # an engine bug must not take the worker down with it
         logger.exception("job %s failed inside the engine", job_id)
-        finished = True
         return _error(job_id, InternalError(f"{type(e).__name__}: {e}"))
     finally:
-        if not finished and stopper.added:  # cancelled: free the engine's KV blocks now
+        if not completed and stopper.added:
+            # Cancelled or failed: free the request's KV blocks and adapter slot now
+            # (a no-op for a request the engine already finished).
             engine.abort(stopper.request_id)
     # A request that completed before the abort took effect keeps its full output.
     if any(o.finish_reason == "abort" for o in output.outputs):

@@ -1,6 +1,7 @@
 """Run a lorafleet worker as a child process (for the CLI, tests and benchmarks).
 
-The child is ``python -m lorafleet.worker.cli worker`` configured through ``LORAFLEET_*``
+The child is ``python -m lorafleet.worker.cli worker`` (or, with ``arq_cli=True``, plain
+``python -m arq lorafleet.worker.WorkerSettings``) configured through ``LORAFLEET_*``
 variables; its output goes to a log file (a pipe nobody reads would fill up and stall it).
 It is ready once it has registered itself in ``lorafleet:workers``, which happens after the
 engine has loaded. Importing this module does not import torch.
@@ -32,7 +33,9 @@ class WorkerStartError(RuntimeError):
 class WorkerProcess:
     """A worker child process for ``config`` (a name is assigned if it has none)."""
 
-    def __init__(self, config: WorkerConfig, *, log_path: str | Path | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, *, log_path: str | Path | None = None, arq_cli: bool = False
+    ) -> None:
         self.config = (
             config if config.name else replace(config, name=f"worker-{uuid.uuid4().hex[:8]}")
         )
@@ -40,6 +43,9 @@ class WorkerProcess:
             fd, log_path = tempfile.mkstemp(prefix="lorafleet-worker-", suffix=".log")
             os.close(fd)
         self.log_path = Path(log_path)
+        self.command = [sys.executable, "-m", "lorafleet.worker.cli", "worker"]
+        if arq_cli:
+            self.command = [sys.executable, "-m", "arq", "lorafleet.worker.WorkerSettings"]
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,7 +61,7 @@ class WorkerProcess:
         env.update(self.config.to_env())
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lorafleet.worker.cli", "worker"],
+                self.command,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -191,8 +191,10 @@ class Attention(nn.Module):
             qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
             qp.index_copy_(0, ctx.query_pad_index, q)
         qp = qp.view(b, max_q, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = k_cache[ctx.kv_gather_index].to(q.dtype).transpose(1, 2)  # [B, kvh, C, d]
-        values = v_cache[ctx.kv_gather_index].to(q.dtype).transpose(1, 2)
+        gather_shape = (b, -1, self.num_kv_heads, self.head_dim)
+        flat_index = ctx.kv_gather_index.view(-1)
+        keys = k_cache.index_select(0, flat_index).view(gather_shape).transpose(1, 2)
+        values = v_cache.index_select(0, flat_index).view(gather_shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             qp, keys, values, attn_mask=ctx.attn_mask, enable_gqa=True
         )  # [B, heads, max_q, d]

@@ -15,7 +15,13 @@ import logging
 from dataclasses import dataclass, field
 
 from lorafleet.producer.codec import JobResult
-from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S, StreamEvent, add_event
+from lorafleet.producer.stream import (
+    DEFAULT_MAXLEN,
+    DEFAULT_TTL_S,
+    StreamEvent,
+    add_event,
+    add_reply,
+)
 
 logger = logging.getLogger("lorafleet.worker")
 
@@ -28,6 +34,7 @@ class _Pending:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     result: JobResult | None = None
+    reply_to: str | None = None  # the producer's inbox, for the final event
     written: asyncio.Future[None] | None = None  # set for the final event
 
 
@@ -72,10 +79,14 @@ class StreamPublisher:
         pending.token_ids.extend(token_ids)
         self._work.set()
 
-    async def finish(self, job_id: str, attempt: int, result: JobResult) -> None:
-        """Queue the final event (with any delta still pending) and wait until written."""
+    async def finish(
+        self, job_id: str, attempt: int, result: JobResult, *, reply_to: str | None = None
+    ) -> None:
+        """Queue the final event (with any delta still pending), also for the producer's
+        inbox ``reply_to``, and wait until written."""
         pending = self._slot(job_id, attempt)
         pending.result = result
+        pending.reply_to = reply_to
         pending.written = asyncio.get_running_loop().create_future()
         self._work.set()
         await asyncio.shield(pending.written)
@@ -124,4 +135,6 @@ class StreamPublisher:
             for job_id, pending in batch.items():
                 event = self._event(job_id, pending)
                 add_event(pipe, job_id, event, maxlen=self._maxlen, ttl_s=self._ttl_s)
+                if pending.reply_to is not None:
+                    add_reply(pipe, pending.reply_to, job_id, event, ttl_s=self._ttl_s)
             await pipe.execute()

@@ -18,7 +18,13 @@ from lorafleet.producer.errors import (
     StreamRestartedError,
 )
 from lorafleet.producer.keys import arq_job_key, stream_key
-from lorafleet.producer.stream import StreamEvent, add_event, decode_event, encode_event
+from lorafleet.producer.stream import (
+    StreamEvent,
+    add_event,
+    add_reply,
+    decode_event,
+    encode_event,
+)
 from lorafleet.worker.publisher import StreamPublisher
 
 
@@ -194,3 +200,34 @@ def test_one_reader_serves_many_jobs(redis_server):
     ids, outs, new_connections = asyncio.run(_with_job(redis_server.url, body))
     assert [o.outputs[0].text for o in outs] == [j[:3] for j in ids]
     assert new_connections <= 2  # the blocking reader (and one pool connection)
+
+
+def test_results_of_own_jobs_arrive_through_the_inbox(redis_server):
+    """A job submitted by this client replies to its inbox: no read of the job's stream."""
+
+    async def body(r, client, job_id):
+        watcher = client._watcher
+        watch = await watcher.watch(job_id, via_inbox=True)
+        async with r.pipeline(transaction=False) as pipe:  # only the inbox copy exists
+            add_reply(pipe, watcher.inbox, job_id, _final(job_id, "via inbox"), ttl_s=60)
+            await pipe.execute()
+        await asyncio.wait_for(watch.wait_done(), 5)
+        return watch.result.output.outputs[0].text, await r.exists(stream_key(job_id))
+
+    text, has_stream = asyncio.run(_with_job(redis_server.url, body))
+    assert text == "via inbox" and not has_stream
+
+
+def test_replies_only_go_to_inboxes(redis_server):
+    async def body(r, client, job_id):
+        pub = StreamPublisher(r)
+        await pub.start()
+        await pub.finish(job_id, 1, _result(job_id, "x"), reply_to="victim:key")
+        await pub.close()
+        return await r.exists("victim:key"), await r.exists(stream_key(job_id))
+
+    assert asyncio.run(_with_job(redis_server.url, body)) == (0, 1)
+
+
+def _final(job_id: str, text: str) -> StreamEvent:
+    return StreamEvent(attempt=1, seq=0, result=_result(job_id, text))
