@@ -37,9 +37,7 @@ def test_demo_mixed_batch_equals_peft_and_is_accurate():
     llm = LLM(
         str(demo_model_dir()), max_loras=2, max_lora_rank=16, served_model_name="lorafleet-demo"
     )
-    outs = llm.generate(
-        [demo_prompt(w) for w, _ in jobs], GREEDY, [loras.get(t) for _, t in jobs]
-    )
+    outs = llm.generate([demo_prompt(w) for w, _ in jobs], GREEDY, [loras.get(t) for _, t in jobs])
     tok = AutoTokenizer.from_pretrained(demo_model_dir())
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
     names = sorted(loras)

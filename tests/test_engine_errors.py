@@ -191,7 +191,9 @@ def test_async_engine_bad_adapter_fails_alone(llama_dir, bad_adapters, good_adap
                 for i, k in enumerate(["missing", "corrupt", "rank", "shapes"])
             ]
             good.append(engine.add_request("g2", "p2", GREEDY, good_adapter))
-            results = await asyncio.gather(*(s.result() for s in good + bad), return_exceptions=True)
+            results = await asyncio.gather(
+                *(s.result() for s in good + bad), return_exceptions=True
+            )
             return results
         finally:
             await engine.stop()

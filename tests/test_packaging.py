@@ -24,13 +24,27 @@ def test_producer_imports_without_torch():
 @pytest.mark.slow
 def test_built_wheel_layout_and_import(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("lorafleet-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("lorafleet/producer/types.py", "lorafleet/worker/engine.py", "lorafleet/kernels/meta.py"):
+    for expected in (
+        "lorafleet/producer/types.py",
+        "lorafleet/worker/engine.py",
+        "lorafleet/kernels/meta.py",
+    ):
         assert expected in names
     assert not any(n.startswith(("kernels/", "worker/", "producer/", "tests/")) for n in names)
     site = tmp_path / "site"

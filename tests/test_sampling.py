@@ -22,7 +22,11 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     alone = llm.generate("abc", p)[0]
     mixed = llm.generate(
         ["zzz", "abc", "q"],
-        [SamplingParams(max_tokens=5, temperature=0.7), p, SamplingParams(max_tokens=3, temperature=0)],
+        [
+            SamplingParams(max_tokens=5, temperature=0.7),
+            p,
+            SamplingParams(max_tokens=3, temperature=0),
+        ],
     )[1]
     assert _tokens(alone) == _tokens(mixed)
     other = llm.generate("abc", SamplingParams(max_tokens=10, temperature=1.0, seed=99))[0]

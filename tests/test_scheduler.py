@@ -15,7 +15,9 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0)
 def adapters(llama_dir, tmp_path_factory) -> list[LoRARequest]:
     root = tmp_path_factory.mktemp("sched")
     return [
-        LoRARequest(f"a{i}", i + 1, str(build_random_adapter(llama_dir, root / f"a{i}", rank=4, seed=i)))
+        LoRARequest(
+            f"a{i}", i + 1, str(build_random_adapter(llama_dir, root / f"a{i}", rank=4, seed=i))
+        )
         for i in range(5)
     ]
 
@@ -67,7 +69,9 @@ def test_aging_bound_prevents_starvation(llama_dir, adapters):
     step = 0
     while engine.has_unfinished() and step < 200:
         # A steady stream of requests for the resident adapter keeps arriving.
-        engine.add_request(f"busy{step}", "x", SamplingParams(max_tokens=3, temperature=0), adapters[0])
+        engine.add_request(
+            f"busy{step}", "x", SamplingParams(max_tokens=3, temperature=0), adapters[0]
+        )
         engine.step()
         step += 1
         if served_at is None and any(s.request_id == "lonely" for s in engine.scheduler.running):

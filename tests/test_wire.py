@@ -39,7 +39,9 @@ def test_lora_request_positional_like_vllm():
     r = LoRARequest("sql", 1, "/adapters/sql")
     assert (r.lora_name, r.lora_int_id, r.lora_path) == ("sql", 1, "/adapters/sql")
     assert r.adapter_id == 1 and r.name == "sql" and r.path == "/adapters/sql"
-    assert r == LoRARequest("sql", 1, "/adapters/sql") and hash(r) == hash(LoRARequest("sql", 1, "/adapters/sql"))
+    assert r == LoRARequest("sql", 1, "/adapters/sql") and hash(r) == hash(
+        LoRARequest("sql", 1, "/adapters/sql")
+    )
 
 
 def test_sampling_defaults_match_vllm():
@@ -59,7 +61,9 @@ def test_result_round_trip():
         request_id="j1",
         prompt="hi",
         prompt_token_ids=[1, 2],
-        outputs=[CompletionOutput(index=0, text="yo", token_ids=[3], finish_reason="stop", stop_reason=3)],
+        outputs=[
+            CompletionOutput(index=0, text="yo", token_ids=[3], finish_reason="stop", stop_reason=3)
+        ],
         finished=True,
         lora_request=LoRARequest("a", 2, "/p"),
     )
@@ -76,9 +80,40 @@ def test_result_round_trip():
     [
         (b"\xc1garbage", "malformed job"),
         (msgspec.msgpack.encode({"v": WIRE_VERSION}), "invalid job"),
-        (msgspec.msgpack.encode({"v": WIRE_VERSION, "request_id": "x", "prompt": "p", "sampling_params": {"max_tokens": "many"}}), "invalid job"),
-        (msgspec.msgpack.encode({"v": WIRE_VERSION, "request_id": "x", "prompt": "p", "sampling_params": {"max_tokens": 0}}), "max_tokens must be at least 1"),
-        (msgspec.msgpack.encode({"v": WIRE_VERSION, "request_id": "x", "prompt": "p", "sampling_params": {}, "lora_request": {"lora_name": "a", "lora_int_id": 0, "lora_path": "/p"}}), "lora_int_id must be > 0"),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "v": WIRE_VERSION,
+                    "request_id": "x",
+                    "prompt": "p",
+                    "sampling_params": {"max_tokens": "many"},
+                }
+            ),
+            "invalid job",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "v": WIRE_VERSION,
+                    "request_id": "x",
+                    "prompt": "p",
+                    "sampling_params": {"max_tokens": 0},
+                }
+            ),
+            "max_tokens must be at least 1",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "v": WIRE_VERSION,
+                    "request_id": "x",
+                    "prompt": "p",
+                    "sampling_params": {},
+                    "lora_request": {"lora_name": "a", "lora_int_id": 0, "lora_path": "/p"},
+                }
+            ),
+            "lora_int_id must be > 0",
+        ),
         (msgspec.msgpack.encode([1, 2, 3]), "malformed job"),
     ],
 )
