@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lorafleet.producer.client import URL_ENV, redact_url
 from lorafleet.producer.errors import LoraFleetError
-from lorafleet.producer.types import LoRARequest, SamplingParams
+from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.settings import VARIABLES, ConfigError, WorkerConfig
 
 
@@ -353,27 +353,33 @@ def _run_demo(args: argparse.Namespace) -> int:
                 lora_request=[loras[t] if t else None for _, t in jobs],
             )
             elapsed = time.monotonic() - t0
-    return _print_demo(assets, jobs, [o.outputs[0].text for o in outs], elapsed)
+    return _print_demo(assets, jobs, outs, elapsed)
 
 
 def _print_demo(
-    assets: _DemoAssets, jobs: list[tuple[str, str | None]], texts: list[str], elapsed: float
+    assets: _DemoAssets,
+    jobs: list[tuple[str, str | None]],
+    outs: list[RequestOutput],
+    elapsed: float,
 ) -> int:
     width = max(len(assets.prompt(w)) for w, _ in jobs) + 2
     print(f"{'prompt':<{width}}{'adapter':<10}{'output':<16}{'check' if assets.trained else ''}")
-    matched = 0
-    for (word, task), text in zip(jobs, texts, strict=True):
+    right: dict[str, list[bool]] = {}
+    for (word, task), out in zip(jobs, outs, strict=True):
+        text = out.outputs[0].text
         expected = assets.expected(task, word)
         check = ""
         if expected is not None:
-            matched += text == expected
+            right.setdefault(task or "(base)", []).append(text == expected)
             check = "ok" if text == expected else f"expected {expected!r}"
         print(f"{assets.prompt(word):<{width}}{task or '(base)':<10}{text!r:<16}{check}")
-    n = len(jobs)
-    summary = f"\n{n} requests ({len(assets.adapters)} adapters + base model, one batch) in {elapsed:.2f}s"
-    if assets.trained:
-        summary += f"; {matched}/{n} as trained"
-    print(summary)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(
+        f"\n{len(jobs)} requests ({len(assets.adapters)} adapters + base model, one batch) in "
+        f"{elapsed:.2f}s: {len(jobs) / elapsed:.0f} requests/s, {tokens / elapsed:.0f} tokens/s"
+    )
+    if right:
+        print("accuracy: " + ", ".join(f"{t} {sum(r)}/{len(r)}" for t, r in sorted(right.items())))
     return 0
 
 

@@ -61,7 +61,11 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert any("(base)" in line for line in lines)
-    assert "requests" in lines[-1] and "adapters + base model" in lines[-1]
-    if "as trained" in lines[-1]:  # the shipped trained assets: every adapter did its task
-        matched, total = lines[-1].rsplit("; ", 1)[1].split()[0].split("/")
+    summary = next(line for line in lines if "adapters + base model" in line)
+    assert "requests/s" in summary and "tokens/s" in summary
+    # The shipped trained assets: every adapter (and the base model) did its task.
+    accuracy = lines[-1].removeprefix("accuracy: ").split(", ")
+    assert len(accuracy) == 5, proc.stdout
+    for entry in accuracy:
+        matched, total = entry.rsplit(" ", 1)[1].split("/")
         assert matched == total, proc.stdout
