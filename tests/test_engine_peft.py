@@ -141,3 +141,21 @@ def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert small.engine.blocks.num_free == small.engine.blocks.num_blocks
     assert small.engine.adapters.slots_in_use == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_triton_kernels_interpreted_equal_peft(arch, monkeypatch, model_factory, adapter_factory):
+    """The same mixed batch through the real Triton kernels (interpreted on CPU)."""
+    pytest.importorskip("triton")
+    from lorafleet.kernels import use_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_triton(torch.device("cpu"))
+    model_dir = model_factory(arch)
+    loras = [req for _, req in adapter_factory(model_dir)]
+    ref = PeftReference(model_dir, loras)
+    prompts, requests = _mixed(loras)
+    llm = LLM(str(model_dir), max_loras=3, max_lora_rank=64)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), requests)
+    for prompt, lora, out in zip(prompts, requests, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)

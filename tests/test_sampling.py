@@ -99,3 +99,12 @@ def test_abort_frees_blocks(llm):
     assert out.finished and out.finish_reason == "abort"
     assert engine.blocks.num_free == engine.blocks.num_blocks
     assert not engine.has_unfinished()
+
+
+def test_stop_string_before_min_tokens_does_not_stop(llm):
+    full = llm.generate("hello", SamplingParams(max_tokens=10, temperature=0))[0].outputs[0]
+    stop = full.text[0]
+    out = llm.generate(
+        "hello", SamplingParams(max_tokens=10, temperature=0, stop=[stop], min_tokens=10)
+    )[0].outputs[0]
+    assert out.finish_reason == "length" and out.text == full.text

@@ -22,6 +22,7 @@ class Detokenizer:
     _ids: list[int] = field(default_factory=list)
     _prefix_offset: int = 0
     _read_offset: int = 0
+    _stop_at: int = 0
 
     def __post_init__(self) -> None:
         # The Rust tokenizer decodes the same text several times faster than transformers'
@@ -38,8 +39,8 @@ class Detokenizer:
         return self._decode_fn(ids)
 
     def append(self, token_id: int) -> str | None:
-        """Add a token; return the matched stop string if the text now contains one
-        (the text is then cut before it)."""
+        """Add a token; return the stop string the new text completes, if any (the caller
+        decides whether to stop; ``cut_at_stop`` then drops it and what follows)."""
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
@@ -52,9 +53,11 @@ class Detokenizer:
         hits = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
         if not hits:
             return None
-        at, matched = min(hits)
-        self.text = self.text[:at]
+        self._stop_at, matched = min(hits)
         return matched
+
+    def cut_at_stop(self) -> None:
+        self.text = self.text[: self._stop_at]
 
     def flush(self) -> None:
         """At the end of a sequence, add text still pending (e.g. a trailing incomplete

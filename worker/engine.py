@@ -186,6 +186,7 @@ class LLMEngine:
             return
         matched = seq.detokenizer.append(token)
         if matched is not None and may_stop:
+            seq.detokenizer.cut_at_stop()
             seq.finish_reason, seq.stop_reason = "stop", matched
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
