@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,8 @@ class LoRAMeta:
     groups: tuple[tuple[int, torch.Tensor], ...]
     slot_ranks_host: tuple[int, ...] | None = None
     spans: tuple[tuple[int, int] | None, ...] = ()
+    # Derived tensors the torch path reuses across layers (built lazily, per step).
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def span_of(self, group: int) -> tuple[int, int] | None:
         """(start, end) if group ``group``'s tokens are one contiguous run of rows, else None.

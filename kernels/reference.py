@@ -29,25 +29,26 @@ def _dense(meta: LoRAMeta, weights: torch.Tensor, num_slices: int = 1) -> bool:
     return many and meta.num_tokens * weights.numel() * num_slices <= DENSE_LIMIT
 
 
+def _active_rank(meta: LoRAMeta, max_rank: int) -> int:
+    """The largest live rank among the active slots: columns past it are zero everywhere."""
+    return max(meta.rank_of(slot, max_rank) for slot, _ in meta.groups)
+
+
 def _shrink_dense(
     x: torch.Tensor, lora_as: Sequence[torch.Tensor], meta: LoRAMeta, scale: float
 ) -> torch.Tensor:
     """All slices against all slots in one matmul, then each token keeps its slot's part.
     -> fp32 [n, T, R]."""
-    n, (slots, rank) = len(lora_as), lora_as[0].shape[:2]
-    num_tokens = x.shape[0]
-    stacked = torch.stack(lora_as, dim=1) if n > 1 else lora_as[0]  # [S, n, R, H]
-    every = x.float() @ stacked.reshape(slots * n * rank, -1).float().T  # [T, S*n*R]
+    n, (slots, max_rank) = len(lora_as), lora_as[0].shape[:2]
+    num_tokens, rank = x.shape[0], _active_rank(meta, max_rank)
+    live = [a[:, :rank] for a in lora_as]
+    stacked = torch.stack(live, dim=1) if n > 1 else live[0]  # [S, n, r, H]
+    every = x.float() @ stacked.reshape(slots * n * rank, -1).float().T  # [T, S*n*r]
     mine = every.view(num_tokens, slots, n * rank).gather(1, _token_slot_index(meta, n * rank))
-    buf = mine.view(num_tokens, n, rank)
-    mask = _rank_mask(meta, rank)
-    if mask is not None:
-        buf = buf * mask[:, None, :]
-    if meta.num_lora_tokens < num_tokens:
-        buf = buf * (meta.token_slots >= 0)[:, None, None]
-    if scale != 1.0:
-        buf = buf * scale
-    return buf.transpose(0, 1)
+    mine = mine.view(num_tokens, n, rank) * _row_scale(meta, rank, scale)
+    buf = x.new_zeros(n, num_tokens, max_rank, dtype=torch.float32)
+    buf[:, :, :rank] = mine.transpose(0, 1)
+    return buf
 
 
 def _expand_dense(
@@ -58,19 +59,18 @@ def _expand_dense(
     offsets: Sequence[int],
     add: bool,
 ) -> torch.Tensor:
-    """Every token's rank vectors placed in its slot's block of a [T, S*n*R] row, times a
-    block weight [S*n*R, N] whose slice i rows feed slice i's columns: one matmul."""
+    """Every token's rank vectors placed in its slot's block of a [T, S*n*r] row, times a
+    block weight [S*n*r, N] whose slice i rows feed slice i's columns: one matmul."""
     n, num_tokens = len(lora_bs), out.shape[0]
-    slots, rank = lora_bs[0].shape[0], lora_bs[0].shape[2]
-    rows = buf.float().transpose(0, 1)  # [T, n, R]
-    mask = _rank_mask(meta, rank)
-    if mask is not None:
-        rows = rows * mask[:, None, :]
+    slots, rank = lora_bs[0].shape[0], _active_rank(meta, lora_bs[0].shape[2])
+    rows = buf[..., :rank].float().transpose(0, 1) * _row_scale(meta, rank, 1.0)  # [T, n, r]
     wide = rows.new_zeros(num_tokens, slots, n * rank)
     wide.scatter_(1, _token_slot_index(meta, n * rank), rows.reshape(num_tokens, 1, n * rank))
     weight = out.new_zeros(slots, n * rank, out.shape[1], dtype=torch.float32)
     for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
-        weight[:, i * rank : (i + 1) * rank, col : col + b.shape[1]] = b.float().transpose(1, 2)
+        weight[:, i * rank : (i + 1) * rank, col : col + b.shape[1]] = (
+            b[:, :, :rank].float().transpose(1, 2)
+        )
     wide, weight = wide.view(num_tokens, -1), weight.view(slots * n * rank, -1)
     if add and out.dtype == torch.float32:  # -1 rows and other columns add exact zeros
         return out.addmm_(wide, weight)
@@ -84,18 +84,32 @@ def _expand_dense(
     return out
 
 
-def _token_slot_index(meta: LoRAMeta, rank: int) -> torch.Tensor:
-    """[T, 1, R] index of each token's slot (0 for -1 rows), for gather/scatter over slots."""
-    return meta.token_slots.clamp(min=0).view(-1, 1, 1).expand(-1, 1, rank)
+def _token_slot_index(meta: LoRAMeta, width: int) -> torch.Tensor:
+    """[T, 1, width] index of each token's slot (0 for -1 rows), for gather/scatter."""
+    return meta.token_slots.clamp(min=0).view(-1, 1, 1).expand(-1, 1, width)
 
 
-def _rank_mask(meta: LoRAMeta, max_rank: int) -> torch.Tensor | None:
-    """[T, R] mask of each token's slot's live rank columns; None when all are live."""
+def _row_scale(meta: LoRAMeta, rank: int, scale: float) -> torch.Tensor | float:
+    """Per token and rank column: ``scale`` where the column is live for the token's slot,
+    0 past the slot's rank and on -1 rows. A plain float when nothing is masked. Cached on
+    the step's metadata, which every layer shares."""
+    key = ("row_scale", rank, scale)
+    if key not in meta.cache:
+        mask = _rank_mask(meta, rank)
+        if meta.num_lora_tokens < meta.num_tokens:
+            rows = (meta.token_slots >= 0)[:, None]
+            mask = rows if mask is None else mask & rows
+        meta.cache[key] = scale if mask is None else mask[:, None, :].float() * scale
+    return meta.cache[key]
+
+
+def _rank_mask(meta: LoRAMeta, rank: int) -> torch.Tensor | None:
+    """[T, rank] mask of each token's slot's live rank columns; None when all are live."""
     ranks = meta.slot_ranks_host
-    if ranks is None or min(ranks[s] for s, _ in meta.groups) >= max_rank:
+    if ranks is None or min(meta.rank_of(s, rank) for s, _ in meta.groups) >= rank:
         return None
     per_token = meta.slot_ranks.to(torch.int64).index_select(0, meta.token_slots.clamp(min=0))
-    return torch.arange(max_rank, device=per_token.device)[None, :] < per_token[:, None]
+    return torch.arange(rank, device=per_token.device)[None, :] < per_token[:, None]
 
 
 def lora_shrink_ref(
