@@ -50,7 +50,13 @@ def workload(args, loras):
 
 
 def engine_runner(model: Path, prompts, requests, args):
-    llm = LLM(str(model), max_loras=args.adapters, max_lora_rank=args.rank)
+    llm = LLM(
+        str(model),
+        max_loras=args.adapters,
+        max_lora_rank=args.rank,
+        device=args.device,
+        dtype=args.dtype,
+    )
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], params, requests[:2])  # warm-up
 
@@ -69,7 +75,8 @@ def peft_runner(model: Path, prompts, requests, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model, padding_side="left")
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype))
+    base = base.to(args.device).eval()
     loras = list(dict.fromkeys(requests))
     peft = PeftModel.from_pretrained(base, loras[0].lora_path, adapter_name=loras[0].lora_name)
     for lora in loras[1:]:
@@ -80,7 +87,7 @@ def peft_runner(model: Path, prompts, requests, args):
 
     def once(group_prompts, lora):
         peft.set_adapter(lora.lora_name)
-        batch = tok(group_prompts, return_tensors="pt", padding=True)
+        batch = tok(group_prompts, return_tensors="pt", padding=True).to(args.device)
         with torch.no_grad():
             out = peft.generate(
                 **batch,
@@ -111,6 +118,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each kept")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, loras = build(Path(tmp), args)
@@ -126,7 +135,8 @@ def main() -> None:
     )
     print(
         f"workload: {args.requests} requests over {args.adapters} adapters (rank {args.rank}), "
-        f"{args.new_tokens} new tokens each, llama hidden {args.hidden} x {args.layers} layers, fp32 CPU"
+        f"{args.new_tokens} new tokens each, llama hidden {args.hidden} x {args.layers} layers, "
+        f"{args.dtype} {args.device}"
     )
     print(f"best of {args.rounds} alternating rounds")
     print(f"lorafleet engine        : {ours:9.1f} tokens/s")

@@ -112,8 +112,25 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
         return self.finish_reason is not None
 
 
+class RequestMetrics(msgspec.Struct, kw_only=True):
+    """When a queued request reached each stage (vLLM's ``RequestMetrics`` names), in Unix
+    seconds. ``arrival_time`` is the producer's clock at enqueue; the others are the worker's
+    clock, so ``time_in_queue`` (``first_scheduled_time - arrival_time``) includes any clock
+    skew between the two hosts.
+
+    ``first_scheduled_time`` is when a worker took the job off the Redis queue; the engine
+    may still hold it until a batch has room, which shows in the time to first token.
+    """
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    finished_time: float | None = None
+    time_in_queue: float | None = None
+
+
 class RequestOutput(msgspec.Struct, kw_only=True):
-    """The result of one request (vLLM's ``RequestOutput`` fields)."""
+    """The result of one request (vLLM's ``RequestOutput`` fields). ``metrics`` is set on
+    outputs that came through the queue, ``None`` in process."""
 
     request_id: str
     prompt: str | None
@@ -121,3 +138,4 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = None
+    metrics: RequestMetrics | None = None

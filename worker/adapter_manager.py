@@ -2,11 +2,14 @@
 
 A slot is a row of the slot stacks inside every ``LoRALinear``. A slot holding an adapter
 that a running sequence uses is pinned (reference count > 0); only idle slots are evicted.
+
+Below the CPU tier sits a negative cache: an adapter whose load failed is refused from
+memory, with the original reason, for ``adapter_failure_ttl`` seconds, so a thousand jobs
+naming a broken or missing adapter cost one disk (or hub) lookup, not a thousand.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,13 +23,17 @@ from lorafleet.producer.errors import (
     AdapterNotFoundError,
     AdapterPathForbiddenError,
     LoRADisabledError,
+    LoraFleetError,
 )
 from lorafleet.producer.types import LoRARequest
 from lorafleet.worker.config import EngineConfig
+from lorafleet.worker.hub import fetch_adapter, hub_cache_root, looks_like_hub_id
 from lorafleet.worker.model import CausalLM, LoRALinear
 from lorafleet.worker.peft_adapter import AdapterWeights, load_peft_adapter
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+#: Failed adapters remembered at once; beyond it the oldest failure is forgotten (and its
+#: adapter retried), so a flood of distinct bad names cannot grow the cache without bound.
+MAX_REMEMBERED_FAILURES = 4096
 
 
 @dataclass
@@ -35,6 +42,8 @@ class AdapterStats:
 
     disk_loads: int = 0
     disk_load_seconds: float = 0.0
+    disk_load_failures: int = 0
+    failure_cache_hits: int = 0
     cpu_hits: int = 0
     slot_hits: int = 0
     slot_loads: int = 0
@@ -61,6 +70,8 @@ class AdapterManager:
         self._clock = 0
         self.cpu: OrderedDict[int, AdapterWeights] = OrderedDict()
         self.identities: dict[int, tuple[str, str]] = {}
+        # (lora_name, lora_path) -> (monotonic expiry, the error its load raised)
+        self.failures: OrderedDict[tuple[str, str], tuple[float, LoraFleetError]] = OrderedDict()
         self.stats = AdapterStats()
 
     # -- identity and location -------------------------------------------------------------
@@ -88,54 +99,63 @@ class AdapterManager:
         return {self.served_model_name, Path(self.served_model_name).name, self.config.model}
 
     def _folder(self, req: LoRARequest) -> Path:
+        """The adapter's local folder, confined to the allowed roots (or, for a hub id, to
+        the hub cache). Raises typed errors naming the adapter."""
         path = Path(req.lora_path).expanduser()
+        # vLLM's order: an existing local folder first, else a hub id.
+        if looks_like_hub_id(req.lora_path) and not path.exists():
+            cfg = self.config
+            folder = fetch_adapter(
+                req.lora_path, req.lora_name, mode=cfg.hub, cache_dir=cfg.hub_cache_dir
+            )
+            return self._confined(req, folder, (str(hub_cache_root(cfg.hub_cache_dir)),))
         roots = self.config.adapter_roots
+        if roots == ():
+            raise AdapterPathForbiddenError(
+                f"adapter {req.lora_name!r}: this worker loads no local adapters (no adapter "
+                f"roots configured: set LORAFLEET_ADAPTER_ROOTS)"
+            )
         # Confinement is checked before existence: nothing is revealed about other paths.
-        if roots and not self._inside_roots(path.resolve()):
+        if roots is not None and not _inside(path.resolve(), roots):
             raise AdapterPathForbiddenError(
                 f"adapter {req.lora_name!r}: {req.lora_path!r} resolves outside the allowed "
                 f"adapter roots {list(roots)}"
             )
         if not path.exists():
-            if _HUB_ID.match(req.lora_path) and not req.lora_path.startswith("."):
-                raise AdapterNotFoundError(
-                    f"adapter {req.lora_name!r}: {req.lora_path!r} is not a local folder and "
-                    f"downloading adapters from a hub is disabled"
-                )
             raise AdapterNotFoundError(f"adapter {req.lora_name!r}: no folder at {req.lora_path!r}")
+        return self._confined(req, path, roots)
+
+    @staticmethod
+    def _confined(req: LoRARequest, path: Path, roots: tuple[str, ...] | None) -> Path:
         if not path.is_dir():
             raise AdapterNotFoundError(
                 f"adapter {req.lora_name!r}: {req.lora_path!r} is not a folder"
             )
-        if roots and not all(self._inside_roots(f.resolve()) for f in path.iterdir()):
+        if roots is not None and not all(_inside(f.resolve(), roots) for f in path.iterdir()):
             raise AdapterPathForbiddenError(
                 f"adapter {req.lora_name!r}: a file in {req.lora_path!r} links outside the "
                 f"allowed adapter roots {list(roots)}"
             )
         return path
 
-    def _inside_roots(self, real: Path) -> bool:
-        return any(real.is_relative_to(root) for root in self.config.adapter_roots)
-
     # -- CPU tier --------------------------------------------------------------------------
 
     def load(self, req: LoRARequest) -> AdapterWeights:
-        """The adapter's validated weights, from the CPU cache or from disk."""
+        """The adapter's validated weights, from the CPU cache or from disk. Raises the
+        typed error of a load that failed within ``adapter_failure_ttl`` without retrying."""
         self.check(req)
         cached = self.cpu.get(req.lora_int_id)
         if cached is not None:
             self.cpu.move_to_end(req.lora_int_id)
             self.stats.cpu_hits += 1
             return cached
+        self._raise_recent_failure(req)
         start = time.perf_counter()
-        weights = load_peft_adapter(
-            self._folder(req),
-            req.lora_name,
-            self.args,
-            self.config.max_lora_rank,
-            self.dtype,
-            self.config.max_adapter_bytes,
-        )
+        try:
+            weights = self._read(req)
+        except LoraFleetError as err:
+            self._remember_failure(req, err)
+            raise
         self.stats.disk_loads += 1
         self.stats.disk_load_seconds += time.perf_counter() - start
         self.identities[req.lora_int_id] = (req.lora_name, req.lora_path)
@@ -144,6 +164,49 @@ class AdapterManager:
             self.cpu.popitem(last=False)  # a slot keeps its own device copy
             self.stats.cpu_evictions += 1
         return weights
+
+    def _read(self, req: LoRARequest) -> AdapterWeights:
+        try:
+            return load_peft_adapter(
+                self._folder(req),
+                req.lora_name,
+                self.args,
+                self.config.max_lora_rank,
+                self.dtype,
+                self.config.max_adapter_bytes,
+            )
+        except LoraFleetError:
+            raise
+        except Exception as e:
+            # Unreadable files, odd paths, a parser choking on a hostile file: the request's
+            # fault, answered as a value. Left to propagate, it would fail the whole batch.
+            raise AdapterInvalidError(
+                f"adapter {req.lora_name!r}: cannot read {req.lora_path!r}: {type(e).__name__}: {e}"
+            ) from None
+
+    def _raise_recent_failure(self, req: LoRARequest) -> None:
+        key = (req.lora_name, req.lora_path)
+        failure = self.failures.get(key)
+        if failure is None:
+            return
+        expiry, err = failure
+        left = expiry - time.monotonic()
+        if left <= 0:
+            del self.failures[key]
+            return
+        self.stats.failure_cache_hits += 1
+        raise type(err)(f"{err.message} (remembered; the adapter is retried in {left:.0f}s)")
+
+    def _remember_failure(self, req: LoRARequest, err: LoraFleetError) -> None:
+        self.stats.disk_load_failures += 1
+        ttl = self.config.adapter_failure_ttl
+        if ttl <= 0:
+            return
+        key = (req.lora_name, req.lora_path)
+        self.failures[key] = (time.monotonic() + ttl, err)
+        self.failures.move_to_end(key)
+        while len(self.failures) > MAX_REMEMBERED_FAILURES:
+            self.failures.popitem(last=False)
 
     # -- device slots ----------------------------------------------------------------------
 
@@ -208,3 +271,7 @@ class AdapterManager:
         self.slot_ranks[slot] = adapter.rank
         self.slot_owner[slot] = lora_id
         self.stats.slot_loads += 1
+
+
+def _inside(real: Path, roots: tuple[str, ...]) -> bool:
+    return any(real.is_relative_to(root) for root in roots)

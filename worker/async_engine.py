@@ -12,13 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from lorafleet.producer.errors import InternalError, LoraFleetError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.config import EngineConfig
-from lorafleet.worker.engine import LLMEngine, StepOutput
+from lorafleet.worker.engine import LLMEngine, StepOutput, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """``AsyncEngine(config)`` loads the model (blocking); ``await start()`` begins stepping."""
+    """``AsyncEngine(config)`` loads the model (blocking); ``await start()`` begins stepping.
+
+    ``step_observer``, if set, is called on the engine thread with each successful step's
+    ``StepStats`` (metrics); it must be quick and must not raise.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = LLMEngine(config)
@@ -79,6 +83,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.step_observer: Callable[[StepStats], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -135,6 +140,9 @@ class AsyncEngine:
                 except Exception as e:  # a bug or device error: fail in-flight requests, live on
                     log.exception("engine step failed")
                     outputs.extend(self._fail_all(InternalError(f"engine step failed: {e!r}")))
+                else:
+                    if self.step_observer is not None:
+                        self.step_observer(self.engine.last_step)
             elif not outputs:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -155,6 +163,10 @@ class AsyncEngine:
                         rid, prompt, params, lora, arrival, prompt_token_ids=ids
                     )
                 except LoraFleetError as err:
+                    outputs.append(StepOutput(rid, "", [], True, "error", error=err))
+                except Exception as e:  # escaping here would end the engine thread for good
+                    log.exception("adding request %s failed", rid)
+                    err = InternalError(f"adding the request failed: {e!r}")
                     outputs.append(StepOutput(rid, "", [], True, "error", error=err))
             else:
                 out = self.engine.abort(cmd[1])

@@ -1,4 +1,5 @@
-"""The ``lorafleet`` command: ``demo``, ``worker``, ``generate``, ``redis``.
+"""The ``lorafleet`` command: ``demo``, ``worker``, ``generate``, ``redis``, ``loadtest``,
+``make-adapters``.
 
 Each subcommand imports what it needs when it runs, so ``lorafleet --help`` and the
 producer-only commands never load torch.
@@ -383,6 +384,184 @@ def _print_demo(
     return 0
 
 
+# -- loadtest ----------------------------------------------------------------------------
+
+
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
+    from lorafleet.producer import loadtest
+
+    p = sub.add_parser(
+        "loadtest",
+        help="drive workers with a synthetic workload; report throughput and latency",
+        description=(
+            "Send a workload through the queue (open loop at --rate, or closed loop with "
+            "--concurrency) and report throughput, goodput and queue wait / TTFT / "
+            "inter-token / end-to-end percentiles, overall and per adapter. With "
+            f"--redis-url (or ${URL_ENV}) running workers serve it; otherwise an embedded "
+            "Redis and one worker start for the run, on --model and --adapters-dir (default: "
+            "the shipped demo model and adapters)."
+        ),
+    )
+    fleet = p.add_argument_group("workers")
+    fleet.add_argument("--redis-url", help=f"Redis of running workers [{URL_ENV}]")
+    fleet.add_argument("--queue", help="queue name [LORAFLEET_QUEUE]")
+    fleet.add_argument("--model", help="model folder of the local worker (default: demo model)")
+    fleet.add_argument(
+        "--adapters-dir",
+        help="folder whose subfolders are PEFT adapters, as the workers see it "
+        "(default: the demo adapters)",
+    )
+    fleet.add_argument("--device", default="auto", help="device of the local worker")
+    fleet.add_argument("--max-loras", type=int, help="local worker: adapter slots")
+    fleet.add_argument("--max-cpu-loras", type=int, help="local worker: adapters in host memory")
+    fleet.add_argument("--max-num-seqs", type=int, help="local worker: requests per batch")
+    loadtest.add_arguments(p)
+    p.set_defaults(run=_run_loadtest)
+
+
+def _loadtest_assets(args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
+    """(model folder or None, adapter folders): the flags' or the shipped demo's."""
+    model = Path(args.model).resolve() if args.model else None
+    if args.adapters_dir:
+        root = Path(args.adapters_dir).resolve()
+        adapters = sorted(p.parent for p in root.glob("*/adapter_config.json"))
+        if not adapters:
+            raise SystemExit(f"lorafleet loadtest: no PEFT adapter folders in {root}")
+    elif model is None:
+        from lorafleet.worker import demo_assets
+
+        model = demo_assets.demo_model_dir()
+        adapters = list(demo_assets.demo_adapters().values())
+    else:
+        adapters = []
+    if args.num_adapters is not None:
+        if not 0 <= args.num_adapters <= len(adapters):
+            raise SystemExit(
+                f"lorafleet loadtest: --num-adapters {args.num_adapters}, but "
+                f"{len(adapters)} adapters were found"
+            )
+        adapters = adapters[: args.num_adapters]
+    return model, adapters
+
+
+def _run_loadtest(args: argparse.Namespace) -> int:
+    import uuid
+
+    from lorafleet.producer import loadtest
+
+    model, adapters = _loadtest_assets(args)
+    loras = [LoRARequest(p.name, stable_lora_id(p.name, str(p)), str(p)) for p in adapters]
+    url = args.redis_url or os.environ.get(URL_ENV)
+    if url:
+        from lorafleet.producer.keys import DEFAULT_QUEUE
+
+        queue = args.queue or os.environ.get("LORAFLEET_QUEUE") or DEFAULT_QUEUE
+        setup = {"redis": redact_url(url), "queue": queue, "workers": "running"}
+        return loadtest.run_command(args, url, queue, loras, setup)
+    if model is None:
+        raise SystemExit(
+            f"lorafleet loadtest: pass --redis-url (or set {URL_ENV}) to load running "
+            "workers, or --model / nothing to start a local one"
+        )
+    worker = {
+        k: v
+        for k, v in (
+            ("max_loras", args.max_loras),
+            ("max_cpu_loras", args.max_cpu_loras),
+            ("max_num_seqs", args.max_num_seqs),
+        )
+        if v is not None
+    }
+    try:
+        config = WorkerConfig.create(
+            model=str(model),
+            device=args.device,
+            adapter_roots=tuple(sorted({str(p.parent) for p in adapters})),
+            queue=args.queue or f"lorafleet:loadtest:{uuid.uuid4().hex[:8]}",
+            **worker,
+        )
+    except ConfigError as e:
+        raise SystemExit(f"lorafleet loadtest: {e}") from None
+    print(f"starting an embedded Redis and a worker for {model} ...", file=sys.stderr, flush=True)
+    with local_fleet(config, embedded_redis=True) as fleet:
+        setup = {
+            "redis": "embedded",
+            "workers": 1,
+            "model": str(model),
+            "device": fleet.device,
+            "max_loras": fleet.max_loras,
+            "max_cpu_loras": fleet.max_cpu_loras,
+            "max_num_seqs": fleet.max_num_seqs,
+        }
+        return loadtest.run_command(args, fleet.redis_url, fleet.queue, loras, setup)
+
+
+# -- make-adapters -----------------------------------------------------------------------
+
+
+def _add_make_adapters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-adapters",
+        help="write N random PEFT LoRA adapters that fit a model (for load tests)",
+        description=(
+            "Write COUNT random LoRA adapters for the model in --model, in PEFT's format "
+            "(adapter_config.json + adapter_model.safetensors), as OUT/adapter-0000, ... "
+            "Weights are random (seeded): use them to measure, not to generate text."
+        ),
+    )
+    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument("--count", type=int, required=True, help="number of adapters")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--out", required=True, help="folder to write the adapters into")
+    p.add_argument("--alpha", type=float, help="lora_alpha (default 2 x rank)")
+    p.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated target modules (default: all seven projections)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="adapter i uses seed SEED + i")
+    p.set_defaults(run=_run_make_adapters)
+
+
+def _run_make_adapters(args: argparse.Namespace) -> int:
+    import json
+
+    model = Path(args.model)
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lorafleet make-adapters: cannot read {model}/config.json: {e}") from None
+    if args.count < 1 or args.rank < 1:
+        raise SystemExit("lorafleet make-adapters: --count and --rank must be >= 1")
+    from lorafleet.worker.synthetic import build_random_adapter
+
+    out = Path(args.out)
+    width = max(4, len(str(args.count - 1)))
+    # std 1/sqrt(hidden) keeps each adapter's update a modest fraction of the base layer's
+    # output at any model width (a fixed std blows up activations on wide models).
+    std = config["hidden_size"] ** -0.5
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    started = time.monotonic()
+    for i in range(args.count):
+        try:
+            build_random_adapter(
+                model,
+                out / f"adapter-{i:0{width}d}",
+                rank=args.rank,
+                alpha=args.alpha or 2.0 * args.rank,
+                target_modules=targets,
+                seed=args.seed + i,
+                std=std,
+            )
+        except ValueError as e:
+            raise SystemExit(f"lorafleet make-adapters: {e}") from None
+    print(
+        f"wrote {args.count} rank-{args.rank} adapters for {model} to {out} "
+        f"in {time.monotonic() - started:.1f}s"
+    )
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------
 
 
@@ -395,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_generate(sub)
     _add_redis(sub)
+    _add_loadtest(sub)
+    _add_make_adapters(sub)
     return parser
 
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.worker.hub import HUB_MODES
+
 
 @dataclass
 class EngineConfig:
     """Settings of one engine (one process, one device).
 
     ``kv_cache_bytes`` is the memory budget of the paged KV cache; the number of blocks is
-    derived from it and the model shape. ``adapter_roots`` empty means any local path may be
-    loaded (the in-process ``LLM`` default); workers set it to confine adapters.
+    derived from it and the model shape. ``adapter_roots`` ``None`` means any local path may
+    be loaded (the in-process ``LLM`` default: its caller is the operator); a tuple confines
+    adapters to those folders, and an empty tuple allows no local adapter at all (a worker
+    whose ``LORAFLEET_ADAPTER_ROOTS`` is unset). ``hub`` says whether adapters named by a hub
+    id (``org/name``) are fetched: ``off``, ``offline`` (local hub cache only) or ``online``
+    (see ``lorafleet.worker.hub``). An adapter that failed to load is refused without
+    touching the disk again for ``adapter_failure_ttl`` seconds (0: always retry).
     ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
     ``LoRARequest.base_model_name`` must match (default: the model folder's name).
     """
@@ -29,8 +36,11 @@ class EngineConfig:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20
-    adapter_roots: tuple[str, ...] = ()
+    adapter_roots: tuple[str, ...] | None = None
     max_adapter_bytes: int = 2 * 2**30
+    adapter_failure_ttl: float = 30.0
+    hub: str = "off"
+    hub_cache_dir: str | None = None
     starvation_steps: int = 64
     served_model_name: str | None = None
     seed: int = 0
@@ -59,4 +69,9 @@ class EngineConfig:
             raise ValueError("kv_cache_bytes must be positive")
         if self.starvation_steps < 1:
             raise ValueError("starvation_steps must be >= 1")
-        self.adapter_roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)
+        if self.adapter_failure_ttl < 0:
+            raise ValueError(f"adapter_failure_ttl must be >= 0, got {self.adapter_failure_ttl}")
+        if self.hub not in HUB_MODES:
+            raise ValueError(f"hub must be one of {', '.join(HUB_MODES)}; got {self.hub!r}")
+        if self.adapter_roots is not None:
+            self.adapter_roots = tuple(str(Path(r).resolve()) for r in self.adapter_roots)

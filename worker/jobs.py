@@ -6,12 +6,16 @@ and the abort listener; ``generate`` runs one job on the engine and returns the 
 custom serializers cannot encode exceptions, and a raise would make arq retry a job that
 can never succeed. Only cancellation (shutdown, arq's job timeout) propagates, after the
 engine request has been aborted, so arq can re-queue the job.
+
+Reliability (see docs/pipeline.md): a ``Heartbeat`` keeps this worker's claims on its jobs
+short-lived, so a killed worker's jobs run again elsewhere within ``heartbeat_ttl``; a
+``Drain`` turns SIGTERM into a graceful drain; every job is checked against this worker's
+limits (``lorafleet.worker.validation``) before the engine sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -27,12 +31,16 @@ from lorafleet.producer.errors import (
     InternalError,
     LoraFleetError,
 )
-from lorafleet.producer.keys import WORKERS_KEY
+from lorafleet.producer.types import RequestMetrics
 from lorafleet.worker.aborts import AbortWatcher
+from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
+from lorafleet.worker.heartbeat import Heartbeat, current_arq_worker
 from lorafleet.worker.publisher import StreamPublisher
+from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
 
 if TYPE_CHECKING:
     from lorafleet.worker.async_engine import AsyncEngine
+    from lorafleet.worker.metrics import WorkerMetrics
     from lorafleet.worker.settings import WorkerConfig
 
 logger = logging.getLogger("lorafleet.worker")
@@ -46,6 +54,10 @@ class WorkerState:
     engine: AsyncEngine
     publisher: StreamPublisher
     aborts: AbortWatcher
+    metrics: WorkerMetrics
+    jobs: JobTracker
+    heartbeat: Heartbeat
+    limits: JobLimits
 
 
 def _load_engine(config: WorkerConfig) -> AsyncEngine:
@@ -59,12 +71,6 @@ def _load_engine(config: WorkerConfig) -> AsyncEngine:
     return AsyncEngine(config.engine_config(device))
 
 
-def _start_metrics(port: int) -> None:
-    from prometheus_client import start_http_server
-
-    start_http_server(port)
-
-
 async def startup(ctx: dict[str, Any]) -> None:
     """arq ``on_startup``: load and start the engine, then announce the worker."""
     config: WorkerConfig = ctx["config"]
@@ -76,11 +82,33 @@ async def startup(ctx: dict[str, Any]) -> None:
     await publisher.start()
     aborts = AbortWatcher(redis)
     await aborts.start()
-    if config.metrics_port:
-        _start_metrics(config.metrics_port)
-    ctx["lorafleet"] = WorkerState(config, engine, publisher, aborts)
+    # Imported here: the producer-only commands of the CLI import this module, and
+    # prometheus_client comes with the worker extra.
+    from lorafleet.worker.metrics import start_worker_metrics
+
+    metrics = start_worker_metrics(config, engine, redis)
+    worker = current_arq_worker()
+    tracker = JobTracker(redis)
     info = {"pid": os.getpid(), "model": config.model, "queue": config.queue, "since": time.time()}
-    await redis.hset(WORKERS_KEY, config.name, json.dumps(info))
+    heartbeat = Heartbeat(
+        redis,
+        worker,
+        name=config.name,
+        ttl=config.heartbeat_ttl,
+        info=info,
+        engine=engine,
+        jobs=tracker,
+    )
+    limits = JobLimits(engine.engine.max_model_len, config.max_prompt_chars)
+    ctx["lorafleet"] = WorkerState(
+        config, engine, publisher, aborts, metrics, tracker, heartbeat, limits
+    )
+    await heartbeat.start()  # registers the worker: from here on it takes jobs
+    Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
+    if not config.adapter_roots:
+        logger.warning(
+            "LORAFLEET_ADAPTER_ROOTS is not set: requests for local adapters are refused"
+        )
     logger.info(
         "lorafleet worker %s ready: model %s, queue %s, engine loaded in %.1fs",
         config.name,
@@ -96,11 +124,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state is None:
         return
     try:
-        await ctx["redis"].hdel(WORKERS_KEY, state.config.name)
+        await state.heartbeat.close()
     finally:
         await state.aborts.close()
         await state.publisher.close()
         await state.engine.stop()
+        await state.metrics.close()
 
 
 class _Stopper:
@@ -134,18 +163,23 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     state: WorkerState = ctx["lorafleet"]
     job_id: str = ctx["job_id"]
     attempt: int = ctx["job_try"]
-    reply_to = None
     try:
         job = decode_job(payload)
+        check_job(job, state.limits)
     except LoraFleetError as e:
         result = _error(job_id, e)
+        reply_to = salvage_reply_to(payload)
     else:
         reply_to = job.reply_to
+        state.metrics.job_started(job_id, job)
         try:
-            result = await _run(state, job_id, attempt, job)
+            async with state.jobs.track(job_id) as tracked:
+                result = await _run(state, job_id, attempt, job, tracked)
         except asyncio.CancelledError:
             state.publisher.forget(job_id)
+            state.metrics.job_cancelled(job_id)
             raise
+    state.metrics.job_finished(job_id, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt)
     await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
     return encode(result)
@@ -155,7 +189,9 @@ def _error(job_id: str, error: LoraFleetError) -> JobResult:
     return JobResult(request_id=job_id, error=error.to_info())
 
 
-async def _run(state: WorkerState, job_id: str, attempt: int, job: GenerateJob) -> JobResult:
+async def _run(
+    state: WorkerState, job_id: str, attempt: int, job: GenerateJob, tracked: TrackedJob
+) -> JobResult:
     if job.deadline is not None and time.time() >= job.deadline:
         return _error(
             job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue")
@@ -169,7 +205,7 @@ async def _run(state: WorkerState, job_id: str, attempt: int, job: GenerateJob) 
         delay = job.deadline - time.time()
         timer = asyncio.get_running_loop().call_later(delay, stopper.stop, DeadlineExceededError)
     try:
-        return await _generate(state, job_id, attempt, job, stopper)
+        return await _generate(state, job_id, attempt, job, stopper, tracked)
     finally:
         if timer is not None:
             timer.cancel()
@@ -177,18 +213,27 @@ async def _run(state: WorkerState, job_id: str, attempt: int, job: GenerateJob) 
 
 
 async def _generate(
-    state: WorkerState, job_id: str, attempt: int, job: GenerateJob, stopper: _Stopper
+    state: WorkerState,
+    job_id: str,
+    attempt: int,
+    job: GenerateJob,
+    stopper: _Stopper,
+    tracked: TrackedJob,
 ) -> JobResult:
     engine = state.engine
     completed = False
+    started = time.time()
     try:
         stream = engine.add_request(
             stopper.request_id, job.prompt, job.sampling_params, job.lora_request
         )
         stopper.mark_added()
+        state.jobs.sent_to_engine += 1
         async for delta in stream:
             if delta.text or delta.token_ids:
+                tracked.started = True  # visible now: a drain lets it finish
                 state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids))
+                state.metrics.job_tokens(job_id, len(delta.token_ids))
         output = await stream.result()
         completed = True
     except LoraFleetError as e:
@@ -207,4 +252,10 @@ async def _generate(
             return _error(job_id, DeadlineExceededError(f"job {job_id} reached its deadline"))
         return _error(job_id, AbortedError(f"job {job_id} was aborted"))
     output.request_id = job_id
+    output.metrics = RequestMetrics(
+        arrival_time=job.enqueued_at,
+        first_scheduled_time=started,
+        finished_time=time.time(),
+        time_in_queue=started - job.enqueued_at,
+    )
     return JobResult(request_id=job_id, output=output)

@@ -90,15 +90,15 @@ class WorkerProcess:
             assert self._proc is not None
             self._proc.send_signal(sig)
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (arq finishes or re-queues its jobs), then SIGKILL after ``timeout``.
-        Returns the exit code."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (the worker drains: see ``lorafleet.worker.drain``), then SIGKILL after
+        ``timeout`` (default: the drain timeout plus 10 s). Returns the exit code."""
         if self._proc is None:
             return None
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)
             try:
-                self._proc.wait(timeout)
+                self._proc.wait(self.config.drain_timeout + 10 if timeout is None else timeout)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()

@@ -23,12 +23,14 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lorafleet.producer.client import DEFAULT_URL
+from lorafleet.producer.client import DEFAULT_URL, redact_url
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
 from lorafleet.producer.keys import DEFAULT_QUEUE, GENERATE_FUNCTION
 from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S
 from lorafleet.worker import jobs
 from lorafleet.worker.config import EngineConfig
+from lorafleet.worker.hub import HUB_MODES
+from lorafleet.worker.redis_url import redis_settings_from_url
 
 
 class ConfigError(ValueError):
@@ -59,15 +61,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_MAX_NUM_SEQS", "max_num_seqs", "int", "Requests in one engine batch."),
     Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
     Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
-    Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (empty: any path)."),
+    Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
+    Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
+    Variable("LORAFLEET_HUB_CACHE", "hub_cache", "str", "Hub cache folder (default: huggingface_hub's, `$HF_HUB_CACHE`)."),
+    Variable("LORAFLEET_ADAPTER_FAILURE_TTL", "adapter_failure_ttl", "float", "Seconds an adapter that failed to load is refused without touching the disk (0: always retry)."),
+    Variable("LORAFLEET_MAX_PROMPT_CHARS", "max_prompt_chars", "int", "Longest prompt accepted, in characters, checked before tokenizing (default 16 x max_model_len)."),
     Variable("LORAFLEET_REDIS_URL", "redis_url", "str", "Redis to take jobs from (`redis://`, `rediss://`, `unix://`)."),
     Variable("LORAFLEET_QUEUE", "queue", "str", "arq queue name; producers must use the same."),
-    Variable("LORAFLEET_METRICS_PORT", "metrics_port", "int", "Port of the Prometheus `/metrics` endpoint (0: off)."),
+    Variable("LORAFLEET_METRICS_PORT", "metrics_port", "int", "Port of the Prometheus `/metrics` endpoint (0: off); one per worker on a host."),
+    Variable("LORAFLEET_METRICS_MAX_ADAPTERS", "metrics_max_adapters", "int", "Busiest adapters named in the metrics' `adapter` label; the rest count as `other`."),
     Variable("LORAFLEET_JOB_TIMEOUT", "job_timeout", "float", "Seconds one job may run before arq cancels it."),
     Variable("LORAFLEET_MAX_JOBS", "max_jobs", "int", "Jobs taken from the queue at once (default 2 x max_num_seqs, at least max_num_seqs)."),
     Variable("LORAFLEET_POLL_DELAY", "poll_delay", "float", "Seconds between queue polls when idle."),
     Variable("LORAFLEET_KEEP_RESULT", "keep_result", "float", "Seconds arq keeps a job's result."),
     Variable("LORAFLEET_MAX_TRIES", "max_tries", "int", "Runs of one job before arq gives up (re-runs follow worker crashes)."),
+    Variable("LORAFLEET_HEARTBEAT_TTL", "heartbeat_ttl", "float", "Seconds after which a dead worker's jobs run again elsewhere (its claims are refreshed every third of it)."),
+    Variable("LORAFLEET_DRAIN_TIMEOUT", "drain_timeout", "float", "On SIGTERM, seconds running jobs get to finish before they go back to the queue."),
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
@@ -88,14 +97,21 @@ class WorkerConfig:
     max_model_len: int | None = None
     kv_cache_mb: int | None = None
     adapter_roots: tuple[str, ...] = ()
+    hub: str = "off"
+    hub_cache: str | None = None
+    adapter_failure_ttl: float = 30.0
+    max_prompt_chars: int | None = None
     redis_url: str = DEFAULT_URL
     queue: str = DEFAULT_QUEUE
     metrics_port: int = 0
+    metrics_max_adapters: int = 20
     job_timeout: float = 600.0
     max_jobs: int | None = None
     poll_delay: float = 0.01
     keep_result: float = 3600.0
     max_tries: int = 5
+    heartbeat_ttl: float = 15.0
+    drain_timeout: float = 25.0
     stream_maxlen: int = DEFAULT_MAXLEN
     stream_ttl: int = DEFAULT_TTL_S
     name: str = ""
@@ -157,15 +173,22 @@ class WorkerConfig:
         for field in ("max_cpu_loras", "max_model_len", "kv_cache_mb", "max_jobs"):
             need(getattr(self, field) is None or getattr(self, field) >= 1, field, "must be >= 1")
         need(0 <= self.metrics_port < 65536, "metrics_port", "must be a port number (0: off)")
+        need(self.metrics_max_adapters >= 0, "metrics_max_adapters", "must be >= 0")
         need(self.job_timeout > 0, "job_timeout", "must be > 0")
         need(0 < self.poll_delay <= 5, "poll_delay", "must be in (0, 5] seconds")
         need(self.keep_result > 0, "keep_result", "must be > 0")
         need(self.stream_ttl >= 1, "stream_ttl", "must be >= 1")
+        need(self.hub in HUB_MODES, "hub", f"must be one of {', '.join(HUB_MODES)}")
+        need(self.adapter_failure_ttl >= 0, "adapter_failure_ttl", "must be >= 0")
         need(
-            self.redis_url.split("://", 1)[0] in ("redis", "rediss", "unix"),
-            "redis_url",
-            "must start with redis://, rediss:// or unix://",
+            self.max_prompt_chars is None or self.max_prompt_chars >= 1,
+            "max_prompt_chars",
+            "must be >= 1",
         )
+        # Below a second, a beat every third of it is too easily missed under load.
+        need(self.heartbeat_ttl >= 1, "heartbeat_ttl", "must be >= 1 second")
+        need(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
+        problems += _redis_url_problems(self.redis_url)
         need(bool(self.queue), "queue", "cannot be empty")
         for root in self.adapter_roots:
             if not Path(root).is_dir():
@@ -205,6 +228,9 @@ class WorkerConfig:
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             adapter_roots=self.adapter_roots,
+            adapter_failure_ttl=self.adapter_failure_ttl,
+            hub=self.hub,
+            hub_cache_dir=self.hub_cache,
             **extra,
         )
 
@@ -217,7 +243,7 @@ class WorkerConfig:
         redis-py retries a failed reconnect (connection refused) only for listed errors, and
         it reconnects outside a command's own retry loop.
         """
-        settings = RedisSettings.from_dsn(self.redis_url)
+        settings = redis_settings_from_url(self.redis_url)
         settings.conn_timeout = 5
         settings.conn_retries = 2**31
         settings.conn_retry_delay = 1
@@ -234,6 +260,20 @@ class WorkerConfig:
             if value != defaults.get(var.field):
                 env[var.env] = os.pathsep.join(value) if var.kind == "paths" else str(value)
         return env
+
+
+def _redis_url_problems(url: str) -> list[str]:
+    # The URL may hold a password: name it redacted.
+    if url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+        return [
+            "LORAFLEET_REDIS_URL must start with redis://, rediss:// or unix://, "
+            f"got {redact_url(url)!r}"
+        ]
+    try:
+        redis_settings_from_url(url)
+    except ValueError as e:
+        return [f"LORAFLEET_REDIS_URL {redact_url(url)!r}: {e}"]
+    return []
 
 
 def _paths(raw: str) -> tuple[str, ...]:

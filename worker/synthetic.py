@@ -52,11 +52,12 @@ def build_tokenizer(out_dir: str | Path) -> int:
     return len(vocab)
 
 
-def _config(arch: Arch, vocab_size: int, **overrides: object):
+def _config(arch: Arch, tokenizer_vocab: int, **overrides: object):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
+    # Special ids are the tokenizer's (its last three tokens), whatever the model's vocab.
     common: dict[str, object] = dict(
-        vocab_size=vocab_size,
+        vocab_size=tokenizer_vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -64,9 +65,9 @@ def _config(arch: Arch, vocab_size: int, **overrides: object):
         num_key_value_heads=2,
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
-        bos_token_id=vocab_size - 3,
-        eos_token_id=vocab_size - 2,
-        pad_token_id=vocab_size - 1,
+        bos_token_id=tokenizer_vocab - 3,
+        eos_token_id=tokenizer_vocab - 2,
+        pad_token_id=tokenizer_vocab - 1,
         tie_word_embeddings=False,
     )
     common.update(overrides)
@@ -92,14 +93,18 @@ def build_random_model(
     ``init_std`` above transformers' 0.02 keeps greedy logits well separated, so
     token-for-token comparisons are not decided by float rounding.
     ``config_overrides`` go to the config class (e.g. ``num_hidden_layers=4``,
-    ``rope_parameters={...}``, ``tie_word_embeddings=True``).
+    ``rope_parameters={...}``, ``tie_word_embeddings=True``). ``vocab_size`` may exceed the
+    tokenizer's 259 tokens (a real model's embedding size); ids past the tokenizer's decode
+    to nothing.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size = build_tokenizer(out)
-    config = _config(arch, vocab_size, initializer_range=init_std, **config_overrides)
+    tokenizer_vocab = build_tokenizer(out)
+    if int(config_overrides.get("vocab_size", tokenizer_vocab)) < tokenizer_vocab:
+        raise ValueError(f"vocab_size must be at least the tokenizer's {tokenizer_vocab}")
+    config = _config(arch, tokenizer_vocab, initializer_range=init_std, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(

@@ -1,0 +1,61 @@
+"""Load-test fixtures: adapters from `lorafleet make-adapters`, a real redis-server and a
+real worker subprocess serving them on the tiny llama (same pattern as tests/pipeline)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lorafleet.producer.redis_server import EmbeddedRedis
+from lorafleet.worker.cli import main
+from lorafleet.worker.launcher import WorkerProcess
+from lorafleet.worker.settings import WorkerConfig
+
+
+@dataclass(frozen=True)
+class MadeAdapters:
+    path: Path
+    count: int
+    rank: int
+
+
+@pytest.fixture(scope="session")
+def made_adapters(llama_dir, tmp_path_factory) -> MadeAdapters:
+    """Six rank-4 adapters written by `lorafleet make-adapters`."""
+    made = MadeAdapters(tmp_path_factory.mktemp("made") / "adapters", count=6, rank=4)
+    code = main(
+        ["make-adapters", "--model", str(llama_dir), "--count", str(made.count),
+         "--rank", str(made.rank), "--out", str(made.path), "--seed", "40"]
+    )  # fmt: skip
+    assert code == 0
+    return made
+
+
+@pytest.fixture(scope="session")
+def loadtest_redis():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def loadtest_worker(loadtest_redis, llama_dir, made_adapters, tmp_path_factory) -> WorkerProcess:
+    config = WorkerConfig.create(
+        model=str(llama_dir),
+        device="cpu",
+        adapter_roots=(str(made_adapters.path),),
+        redis_url=loadtest_redis.url,
+        queue=f"lorafleet:loadtest-test:{uuid.uuid4().hex[:8]}",
+        max_loras=4,
+        max_num_seqs=64,
+        max_model_len=256,
+    )
+    log = tmp_path_factory.mktemp("loadtest-worker") / "worker.log"
+    process = WorkerProcess(config, log_path=log).start()
+    try:
+        process.wait_ready(timeout=180)
+        yield process
+    finally:
+        process.stop()
