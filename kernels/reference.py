@@ -17,16 +17,36 @@ import torch
 
 from lorafleet.kernels.meta import LoRAMeta
 
-# Batches where T * S * R * width exceeds this many multiply-adds use per-slot matmuls.
+# Batches where T * A * R * width (A active slots) exceeds this many multiply-adds use
+# per-slot matmuls instead.
 DENSE_LIMIT = 1 << 24
 
 
 def _dense(meta: LoRAMeta, weights: torch.Tensor, num_slices: int = 1) -> bool:
-    """Whether one matmul against every slot's (and slice's) weights beats a matmul per
-    active slot: with few tokens and few slots (decode on CPU) the wasted FLOPs cost less
-    than the per-op overhead of one matmul per adapter."""
+    """Whether one matmul against every active slot's (and slice's) weights beats a matmul
+    per active slot: with few tokens and few adapters (decode on CPU) the wasted FLOPs cost
+    less than the per-op overhead of one matmul per adapter."""
     many = meta.num_active > 1 or num_slices > 1
-    return many and meta.num_tokens * weights.numel() * num_slices <= DENSE_LIMIT
+    work = meta.num_tokens * meta.num_active * weights[0].numel() * num_slices
+    return many and work <= DENSE_LIMIT
+
+
+def _active(meta: LoRAMeta, stack: torch.Tensor) -> torch.Tensor:
+    """The active slots' rows of a slot stack [S, ...] -> [A, ...] (a view when all are)."""
+    if meta.num_active == stack.shape[0]:
+        return stack
+    return stack.index_select(0, meta.active_slots.to(torch.int64))
+
+
+def _token_group(meta: LoRAMeta) -> torch.Tensor:
+    """[T] position of each token's slot among the active slots (0 for -1 rows)."""
+    if "token_group" not in meta.cache:
+        position = torch.zeros(meta.num_slots, dtype=torch.int64, device=meta.token_slots.device)
+        position[meta.active_slots.to(torch.int64)] = torch.arange(
+            meta.num_active, device=position.device
+        )
+        meta.cache["token_group"] = position.index_select(0, meta.token_slots.clamp(min=0))
+    return meta.cache["token_group"]
 
 
 def _active_rank(meta: LoRAMeta, max_rank: int) -> int:
@@ -37,14 +57,14 @@ def _active_rank(meta: LoRAMeta, max_rank: int) -> int:
 def _shrink_dense(
     x: torch.Tensor, lora_as: Sequence[torch.Tensor], meta: LoRAMeta, scale: float
 ) -> torch.Tensor:
-    """All slices against all slots in one matmul, then each token keeps its slot's part.
+    """All slices against all active slots in one matmul; each token keeps its slot's part.
     -> fp32 [n, T, R]."""
-    n, (slots, max_rank) = len(lora_as), lora_as[0].shape[:2]
+    n, max_rank, slots = len(lora_as), lora_as[0].shape[1], meta.num_active
     num_tokens, rank = x.shape[0], _active_rank(meta, max_rank)
-    live = [a[:, :rank] for a in lora_as]
-    stacked = torch.stack(live, dim=1) if n > 1 else live[0]  # [S, n, r, H]
-    every = x.float() @ stacked.reshape(slots * n * rank, -1).float().T  # [T, S*n*r]
-    mine = every.view(num_tokens, slots, n * rank).gather(1, _token_slot_index(meta, n * rank))
+    live = [_active(meta, a)[:, :rank] for a in lora_as]
+    stacked = torch.stack(live, dim=1) if n > 1 else live[0]  # [A, n, r, H]
+    every = x.float() @ stacked.reshape(slots * n * rank, -1).float().T  # [T, A*n*r]
+    mine = every.view(num_tokens, slots, n * rank).gather(1, _group_index(meta, n * rank))
     mine = mine.view(num_tokens, n, rank) * _row_scale(meta, rank, scale)
     buf = x.new_zeros(n, num_tokens, max_rank, dtype=torch.float32)
     buf[:, :, :rank] = mine.transpose(0, 1)
@@ -59,17 +79,17 @@ def _expand_dense(
     offsets: Sequence[int],
     add: bool,
 ) -> torch.Tensor:
-    """Every token's rank vectors placed in its slot's block of a [T, S*n*r] row, times a
-    block weight [S*n*r, N] whose slice i rows feed slice i's columns: one matmul."""
+    """Every token's rank vectors placed in its slot's block of a [T, A*n*r] row, times a
+    block weight [A*n*r, N] whose slice i rows feed slice i's columns: one matmul."""
     n, num_tokens = len(lora_bs), out.shape[0]
-    slots, rank = lora_bs[0].shape[0], _active_rank(meta, lora_bs[0].shape[2])
+    slots, rank = meta.num_active, _active_rank(meta, lora_bs[0].shape[2])
     rows = buf[..., :rank].float().transpose(0, 1) * _row_scale(meta, rank, 1.0)  # [T, n, r]
     wide = rows.new_zeros(num_tokens, slots, n * rank)
-    wide.scatter_(1, _token_slot_index(meta, n * rank), rows.reshape(num_tokens, 1, n * rank))
+    wide.scatter_(1, _group_index(meta, n * rank), rows.reshape(num_tokens, 1, n * rank))
     weight = out.new_zeros(slots, n * rank, out.shape[1], dtype=torch.float32)
     for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
         weight[:, i * rank : (i + 1) * rank, col : col + b.shape[1]] = (
-            b[:, :, :rank].float().transpose(1, 2)
+            _active(meta, b)[:, :, :rank].float().transpose(1, 2)
         )
     wide, weight = wide.view(num_tokens, -1), weight.view(slots * n * rank, -1)
     if add and out.dtype == torch.float32:  # -1 rows and other columns add exact zeros
@@ -84,9 +104,9 @@ def _expand_dense(
     return out
 
 
-def _token_slot_index(meta: LoRAMeta, width: int) -> torch.Tensor:
-    """[T, 1, width] index of each token's slot (0 for -1 rows), for gather/scatter."""
-    return meta.token_slots.clamp(min=0).view(-1, 1, 1).expand(-1, 1, width)
+def _group_index(meta: LoRAMeta, width: int) -> torch.Tensor:
+    """[T, 1, width] ``_token_group`` expanded for gather/scatter over active slots."""
+    return _token_group(meta).view(-1, 1, 1).expand(-1, 1, width)
 
 
 def _row_scale(meta: LoRAMeta, rank: int, scale: float) -> torch.Tensor | float:

@@ -30,7 +30,9 @@ PERCENTILES = (50, 90, 99)
 
 
 class RequestRecord(msgspec.Struct, kw_only=True):
-    """What the client saw of one request. Times are seconds since the run started.
+    """What the client saw of one request. Times are seconds since the run started:
+    ``sent`` when the client began submitting, ``enqueued`` when the job was in Redis,
+    ``finished`` when the result (or the error) arrived.
 
     ``chunks`` holds the arrival time of each streamed text delta (a token that ends inside
     a UTF-8 character streams with the next one). ``queue_wait`` is the time the job spent

@@ -10,12 +10,15 @@ flight. A warm-up batch (separate requests, not measured) goes first.
 Every request is streamed, as an interactive client would: the client records when it sent
 the request, each text delta's arrival and the end. ``RequestOutput.metrics`` adds when a
 worker took the job off the queue. ``lorafleet.producer.loadreport`` turns the records into
-the summary, the JSON report and the figure; ``lorafleet loadtest`` is the command line.
+the summary, the JSON report and the figure. The end of this module is the glue of the
+``lorafleet loadtest`` command (whose fleet and adapter flags live in the CLI).
 
 Example::
 
-    spec = LoadTestSpec(Workload(AdapterMix.parse("zipf:1.0", len(loras))), loras, rate=20)
+    mix = AdapterMix.parse("zipf:1.0", len(loras))
+    spec = LoadTestSpec(Workload(mix), loras, arrivals=Arrivals(rate=20.0), num_requests=500)
     records, elapsed = asyncio.run(run_load_test("redis://localhost:6379/0", spec))
+    print(format_summary(build_report(records, elapsed, description="zipf", config={})))
 """
 
 from __future__ import annotations
@@ -397,7 +400,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:
-    """The ``LoadTestSpec`` the flags describe (``ValueError`` for bad values)."""
+    """The ``LoadTestSpec`` the flags describe. Exits (``SystemExit``) with a message for a
+    bad value or a missing matplotlib, so call it before starting anything."""
+    try:
+        if args.plot:
+            require_matplotlib()
+        return _spec(args, loras)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"lorafleet loadtest: {e}") from None
+
+
+def _spec(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:
     prompts = (
         Prompts.from_file(args.prompts) if args.prompts else Prompts(Length.parse(args.prompt_len))
     )
@@ -431,21 +444,11 @@ def slo_from_args(args: argparse.Namespace) -> SLO:
 
 
 def run_command(
-    args: argparse.Namespace,
-    url: str,
-    queue_name: str,
-    loras: Sequence[LoRARequest],
-    setup: dict[str, Any],
+    args: argparse.Namespace, spec: LoadTestSpec, url: str, queue_name: str, setup: dict[str, Any]
 ) -> int:
-    """Run the load test the flags describe against ``url`` and print, write and plot the
-    report. ``setup`` (model, worker settings...) is recorded in the report's config.
-    Returns the exit status: 0 if every request succeeded, 1 otherwise."""
-    try:
-        spec = spec_from_args(args, loras)
-        if args.plot:
-            require_matplotlib()
-    except (ValueError, OSError, RuntimeError) as e:
-        raise SystemExit(f"lorafleet loadtest: {e}") from None
+    """Run ``spec`` (from ``spec_from_args(args, ...)``) against ``url`` and print, write
+    and plot the report as the flags ask. ``setup`` (model, worker settings...) is recorded
+    in the report's config. Returns the exit status: 0 if every request succeeded, else 1."""
     slo = slo_from_args(args)
     progress = None if args.quiet else Progress(spec.num_requests, spec.duration)
     records, elapsed = asyncio.run(
@@ -467,7 +470,7 @@ def run_command(
         "temperature": spec.temperature,
         "seed": args.seed,
         "request_timeout": spec.request_timeout,
-        "adapters": [lora.lora_name for lora in loras],
+        "adapters": [lora.lora_name for lora in spec.loras],
     }
     report = build_report(
         records,

@@ -137,6 +137,8 @@ class AdapterMix:
                 yield min(bisect.bisect_right(cumulative, x), self.num_adapters - 1)
 
     def describe(self) -> str:
+        if self.num_adapters == 0:
+            return "base model only"
         kind = f"zipf:{self.alpha:g}" if self.kind == "zipf" else self.kind
         base = f", {self.base_share:.0%} base model" if self.base_share else ""
         return f"{kind} over {self.num_adapters} adapters{base}"

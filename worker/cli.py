@@ -432,6 +432,11 @@ def _loadtest_assets(args: argparse.Namespace) -> tuple[Path | None, list[Path]]
 
         model = demo_assets.demo_model_dir()
         adapters = list(demo_assets.demo_adapters().values())
+    elif args.base_share < 1:
+        raise SystemExit(
+            "lorafleet loadtest: --model without --adapters-dir has no adapters to mix: pass "
+            "--adapters-dir, or --base-share 1 for the base model alone"
+        )
     else:
         adapters = []
     if args.num_adapters is not None:
@@ -451,13 +456,14 @@ def _run_loadtest(args: argparse.Namespace) -> int:
 
     model, adapters = _loadtest_assets(args)
     loras = [LoRARequest(p.name, stable_lora_id(p.name, str(p)), str(p)) for p in adapters]
+    spec = loadtest.spec_from_args(args, loras)  # exits on a bad flag before anything starts
     url = args.redis_url or os.environ.get(URL_ENV)
     if url:
         from lorafleet.producer.keys import DEFAULT_QUEUE
 
         queue = args.queue or os.environ.get("LORAFLEET_QUEUE") or DEFAULT_QUEUE
         setup = {"redis": redact_url(url), "queue": queue, "workers": "running"}
-        return loadtest.run_command(args, url, queue, loras, setup)
+        return loadtest.run_command(args, spec, url, queue, setup)
     if model is None:
         raise SystemExit(
             f"lorafleet loadtest: pass --redis-url (or set {URL_ENV}) to load running "
@@ -493,7 +499,7 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             "max_cpu_loras": fleet.max_cpu_loras,
             "max_num_seqs": fleet.max_num_seqs,
         }
-        return loadtest.run_command(args, fleet.redis_url, fleet.queue, loras, setup)
+        return loadtest.run_command(args, spec, fleet.redis_url, fleet.queue, setup)
 
 
 # -- make-adapters -----------------------------------------------------------------------

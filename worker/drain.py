@@ -11,8 +11,14 @@ over. A ``Drain`` replaces it once the worker is up:
    for it is given back, so the next run is the same attempt and nothing anyone could see
    happened ("untouched");
 3. let the jobs that are generating finish, for up to ``grace`` seconds;
-4. then stop as arq would: jobs still running are cancelled and re-queued as their next
-   attempt (clients following their stream restart at that attempt).
+4. then stop: jobs still running are cancelled and re-queued as their next attempt
+   (clients following their stream restart at that attempt), and the worker closes once
+   arq has recorded every job's outcome.
+
+Step 4 is not arq's ``handle_sig``: that cancels arq's per-job tasks even while they write
+a finished job's result (``asyncio.shield`` protects the write, not the task), which fails
+arq's close, skips ``on_shutdown`` and can leave a finished job to run again. Cancelling the
+job coroutines alone lets arq record each outcome before the worker closes.
 
 A second signal during the grace period skips the rest of it; signals after that are
 ignored (arq is already stopping, and cancelling its clean-up would leave claims behind). A
@@ -98,7 +104,7 @@ class Drain:
         self._grace = grace
         self._on_start = on_start
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stopper: asyncio.Task[None] | None = None
 
     def install(self) -> None:
         """Take SIGTERM and SIGINT over from arq (``add_signal_handler`` replaces its
@@ -107,19 +113,33 @@ class Drain:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
+    @property
+    def _stopping(self) -> bool:
+        return self._stopper is not None
+
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stopping:
             logger.info("%s: already stopping", sig.name)
         elif self._task is not None:
             logger.warning("%s again: stopping now; running jobs go back to the queue", sig.name)
-            self._stop(sig)
+            self._stopper = asyncio.get_running_loop().create_task(self._stop())
         else:
             self._task = asyncio.get_running_loop().create_task(self._drain(sig))
 
-    def _stop(self, sig: signal.Signals) -> None:
-        """arq's own shutdown: cancel (and so re-queue) what still runs, then close."""
-        self._stopping = True
-        self._worker.handle_sig(sig)
+    async def _stop(self) -> None:
+        """Cancel the job coroutines still running (arq re-queues each), wait until arq has
+        recorded every outcome, then end arq's main loop (arq then closes the worker)."""
+        worker = self._worker
+        worker.allow_pick_jobs = False
+        while self._busy():
+            # Jobs arq is still starting reach job_tasks on a later round. A job cancelled
+            # once (e.g. released by the drain) is left to finish its clean-up.
+            for task in list(worker.job_tasks.values()):
+                if not task.cancelling():
+                    task.cancel()
+            await asyncio.sleep(0.05)
+        if worker.main_task is not None:
+            worker.main_task.cancel()
 
     def _busy(self) -> bool:
         return any(not task.done() for task in self._worker.tasks.values())
@@ -143,4 +163,5 @@ class Drain:
             self._jobs.released,
             left,
         )
-        self._stop(sig)
+        self._stopper = asyncio.current_task()
+        await self._stop()

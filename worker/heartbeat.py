@@ -44,22 +44,6 @@ logger = logging.getLogger("lorafleet.worker")
 STALE_AFTER_TTLS = 3
 
 
-def current_arq_worker() -> Worker:
-    """The arq ``Worker`` running the current ``on_startup`` hook.
-
-    arq hands its hooks only ``ctx``, never the worker, but the hook is awaited from the
-    worker's main task, whose coroutine is ``Worker.main``; its frame holds ``self``. The
-    heartbeat needs the worker for the jobs it holds and the drain for its signal handling.
-    Raises ``RuntimeError`` when not called from a hook of an arq worker.
-    """
-    task = asyncio.current_task()
-    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
-    worker = frame.f_locals.get("self") if frame is not None else None
-    if not isinstance(worker, Worker):
-        raise RuntimeError("lorafleet's startup must run as the on_startup hook of an arq worker")
-    return worker
-
-
 def engine_snapshot(engine: AsyncEngine) -> dict[str, int]:
     """Counters of the engine, read from the event loop while the engine thread runs: each
     value is exact, the set is not one atomic snapshot (good enough for liveness and

@@ -33,8 +33,9 @@ from lorafleet.producer.errors import (
 )
 from lorafleet.producer.types import RequestMetrics
 from lorafleet.worker.aborts import AbortWatcher
+from lorafleet.worker.arq_fixes import current_arq_worker, survive_lost_claims
 from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
-from lorafleet.worker.heartbeat import Heartbeat, current_arq_worker
+from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.publisher import StreamPublisher
 from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
 
@@ -88,6 +89,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
     metrics = start_worker_metrics(config, engine, redis)
     worker = current_arq_worker()
+    survive_lost_claims(worker)
     tracker = JobTracker(redis)
     info = {"pid": os.getpid(), "model": config.model, "queue": config.queue, "since": time.time()}
     heartbeat = Heartbeat(

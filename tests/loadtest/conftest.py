@@ -34,13 +34,15 @@ def made_adapters(llama_dir, tmp_path_factory) -> MadeAdapters:
     return made
 
 
-@pytest.fixture(scope="session")
+# Module scope: the worker and its Redis stop when the e2e module ends instead of polling
+# through the rest of the session.
+@pytest.fixture(scope="module")
 def loadtest_redis():
     with EmbeddedRedis() as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loadtest_worker(loadtest_redis, llama_dir, made_adapters, tmp_path_factory) -> WorkerProcess:
     config = WorkerConfig.create(
         model=str(llama_dir),
