@@ -16,7 +16,7 @@ small, and collapse when other processes share the cores). ``--gpu``: a random m
 like Llama-3.2-1B (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab
 128256, tied embeddings) in bf16 on CUDA; no hub download. It stops at once without CUDA.
 
-    python benchmarks/run_all.py --out docs/benchmark-rows.md
+    python benchmarks/run_all.py --out rows.md   # then merge the rows into BENCHMARKS.md
     python benchmarks/run_all.py --gpu --out gpu-rows.md
     python benchmarks/run_all.py --only adapters --counts 1,8 --requests 64   # one section
 """
