@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
+from redis.exceptions import WatchError
 
 from lorafleet.producer.codec import GenerateJob, JobResult, arq_deserialize, arq_serialize, encode
 from lorafleet.producer.errors import (
@@ -196,10 +197,16 @@ class Client:
 
     @contextlib.contextmanager
     def _transport(self) -> Iterator[None]:
-        """Turn Redis connection failures into ``QueueUnavailableError``."""
+        """Turn Redis connection failures into ``QueueUnavailableError``.
+
+        ``WatchError`` is one of them here: arq's enqueue handles the WatchError of a lost
+        race itself, so one that escapes is redis-py refusing to retry a command on a
+        connection whose WATCH was lost (Redis restarting). Resubmitting with the same
+        ``job_id`` is safe: it is an idempotency key.
+        """
         try:
             yield
-        except REDIS_ERRORS as e:
+        except (*REDIS_ERRORS, WatchError) as e:
             raise QueueUnavailableError(
                 f"Redis at {redact_url(self.url)} is unavailable: {e or type(e).__name__}"
             ) from e

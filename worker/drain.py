@@ -80,16 +80,13 @@ class JobTracker:
         finally:
             del self._jobs[task]
 
-    def release_unstarted(self) -> int:
-        """Cancel every tracked job that has produced no output; return how many."""
-        released = 0
+    def release_unstarted(self) -> None:
+        """Cancel every tracked job that has produced no output (once each)."""
         for job in self._jobs.values():
             if not job.started and not job.released:
                 job.released = True
                 job.task.cancel()
-                released += 1
-        self.released += released
-        return released
+                self.released += 1
 
 
 class Drain:

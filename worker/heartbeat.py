@@ -11,9 +11,10 @@ within ``ttl`` and another worker runs the jobs again as their next attempt. arq
 timeout still bounds how long one job may run; it no longer bounds recovery.
 
 The same beat writes this worker's entry in ``lorafleet:workers`` (a JSON object: pid,
-model, queue, ``heartbeat`` time, ``state`` ``ready`` or ``draining``, jobs held and an
-``engine`` snapshot: KV blocks, adapter slots, adapter load counters) and removes entries
-whose beat stopped three TTLs ago, so the registry lists live workers only.
+model, queue, ``heartbeat`` time and ``ttl``, ``state`` ``ready`` or ``draining``, jobs held,
+jobs ``sent_to_engine`` and ``released`` by a drain, and an ``engine`` snapshot: requests,
+KV blocks, adapter slots, adapter load counters) and removes entries whose beat stopped
+three TTLs ago, so the registry lists live workers only.
 
 Trade-off: a worker that cannot reach Redis, or whose event loop stalls, for longer than the
 TTL loses its claims, and its jobs may then run twice. Clients still see one result per job

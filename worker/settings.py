@@ -64,6 +64,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
     Variable("LORAFLEET_HUB_CACHE", "hub_cache", "str", "Hub cache folder (default: huggingface_hub's, `$HF_HUB_CACHE`)."),
+    Variable("LORAFLEET_MAX_ADAPTER_MB", "max_adapter_mb", "int", "Largest adapter weights file accepted, MiB."),
     Variable("LORAFLEET_ADAPTER_FAILURE_TTL", "adapter_failure_ttl", "float", "Seconds an adapter that failed to load is refused without touching the disk (0: always retry)."),
     Variable("LORAFLEET_MAX_PROMPT_CHARS", "max_prompt_chars", "int", "Longest prompt accepted, in characters, checked before tokenizing (default 16 x max_model_len)."),
     Variable("LORAFLEET_REDIS_URL", "redis_url", "str", "Redis to take jobs from (`redis://`, `rediss://`, `unix://`)."),
@@ -99,6 +100,7 @@ class WorkerConfig:
     adapter_roots: tuple[str, ...] = ()
     hub: str = "off"
     hub_cache: str | None = None
+    max_adapter_mb: int = 2048
     adapter_failure_ttl: float = 30.0
     max_prompt_chars: int | None = None
     redis_url: str = DEFAULT_URL
@@ -180,6 +182,7 @@ class WorkerConfig:
         need(self.stream_ttl >= 1, "stream_ttl", "must be >= 1")
         need(self.hub in HUB_MODES, "hub", f"must be one of {', '.join(HUB_MODES)}")
         need(self.adapter_failure_ttl >= 0, "adapter_failure_ttl", "must be >= 0")
+        need(self.max_adapter_mb >= 1, "max_adapter_mb", "must be >= 1")
         need(
             self.max_prompt_chars is None or self.max_prompt_chars >= 1,
             "max_prompt_chars",
@@ -228,6 +231,7 @@ class WorkerConfig:
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
             adapter_roots=self.adapter_roots,
+            max_adapter_bytes=self.max_adapter_mb * 2**20,
             adapter_failure_ttl=self.adapter_failure_ttl,
             hub=self.hub,
             hub_cache_dir=self.hub_cache,

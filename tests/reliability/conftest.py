@@ -5,20 +5,19 @@ Workers here use a 3 s heartbeat TTL, so a dead worker's jobs come back within s
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from reliability_support import HEARTBEAT_TTL, MAX_MODEL_LEN
 
 from lorafleet.producer import LoRARequest
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.worker.launcher import WorkerProcess
 from lorafleet.worker.settings import WorkerConfig
-
-HEARTBEAT_TTL = 3.0
-MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +78,8 @@ def start_worker(tmp_path_factory) -> Iterator[Callable[..., WorkerProcess]]:
         return process
 
     yield start
+    for process in started:  # all drain at once, then each is waited for
+        process.signal(signal.SIGTERM)
     for process in started:
         process.stop(timeout=5)
 
@@ -92,4 +93,6 @@ def rel_redis() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="session")
 def shared_worker(rel_redis, make_config, start_worker) -> WorkerProcess:
     """One worker for the bad-input, negative-cache and deadline tests."""
-    return start_worker(make_config(rel_redis.url))
+    return start_worker(
+        make_config(rel_redis.url, max_adapter_mb=1, max_num_seqs=64, kv_cache_mb=32)
+    )

@@ -22,6 +22,11 @@ from lorafleet.producer.stream import FIELD, StreamEvent, decode_event
 
 T = TypeVar("T")
 
+#: Heartbeat TTL of the test workers: a dead worker's jobs come back within seconds.
+HEARTBEAT_TTL = 3.0
+#: The tiny test model's context (its max_position_embeddings).
+MAX_MODEL_LEN = 512
+
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll ``check`` until it returns something truthy (returned); ``AssertionError``

@@ -15,8 +15,8 @@ from lorafleet.producer.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.slow
 
-PARAMS = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-NUM_JOBS = 60
+PARAMS = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+NUM_JOBS = 40
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import time
 
 import pytest
 import redis
-from conftest import HEARTBEAT_TTL
-from reliability_support import stream_events, wait_until
+from reliability_support import HEARTBEAT_TTL, registry_entry, stream_events, wait_until
 
 from lorafleet.producer import Client, SamplingParams
 from lorafleet.producer.keys import arq_job_key
@@ -72,6 +71,13 @@ def test_sigkill_mid_batch_reruns_every_job_once_within_the_ttl(
             recovered_in = time.monotonic() - killed_at
             outputs = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
             texts = await asyncio.wait_for(asyncio.gather(*followers), 10)
+            # The live worker removes the dead one from the registry (3 TTLs of silence).
+            await asyncio.to_thread(
+                wait_until,
+                lambda: registry_entry(url, config.name) is None,
+                3 * HEARTBEAT_TTL + 5 - (time.monotonic() - killed_at),
+                "the dead worker to leave the registry",
+            )
             return ids, outputs, texts, recovered_in
 
     ids, outputs, texts, recovered_in = asyncio.run(scenario())
