@@ -218,7 +218,7 @@ def test_abort_before_start_and_deadlines(client):
         client.submit("too late", GREEDY, deadline=time.time() - 1).result(timeout=10)
     params = SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True)
     with pytest.raises(DeadlineExceededError):
-        client.submit("slow", params, timeout=0.3).result(timeout=10)
+        client.submit("slow", params, timeout=0.05).result(timeout=10)
 
 
 def test_job_id_is_an_idempotency_key(client, worker):
