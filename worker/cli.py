@@ -122,9 +122,7 @@ def local_fleet(config: WorkerConfig, *, embedded_redis: bool) -> Iterator[Worke
         if embedded_redis:
             server = stack.enter_context(EmbeddedRedis())
             config = replace(config, redis_url=server.url)
-        worker = WorkerProcess(config)
-        stack.callback(worker.stop)
-        worker.start().wait_ready()
+        worker = stack.enter_context(WorkerProcess(config))
         yield worker.config
 
 

@@ -34,8 +34,14 @@ class WorkerProcess:
     """A worker child process for ``config`` (a name is assigned if it has none)."""
 
     def __init__(
-        self, config: WorkerConfig, *, log_path: str | Path | None = None, arq_cli: bool = False
+        self,
+        config: WorkerConfig,
+        *,
+        log_path: str | Path | None = None,
+        arq_cli: bool = False,
+        ready_timeout: float = 120.0,
     ) -> None:
+        self.ready_timeout = ready_timeout  # used by ``with``; loading a model can be slow
         self.config = (
             config if config.name else replace(config, name=f"worker-{uuid.uuid4().hex[:8]}")
         )
@@ -111,7 +117,12 @@ class WorkerProcess:
             return "(no log)"
 
     def __enter__(self) -> Self:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready(timeout=self.ready_timeout)
+        except BaseException:
+            self.stop()  # a worker that never became ready must not outlive the block
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

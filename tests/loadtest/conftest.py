@@ -55,9 +55,5 @@ def loadtest_worker(loadtest_redis, llama_dir, made_adapters, tmp_path_factory) 
         max_model_len=256,
     )
     log = tmp_path_factory.mktemp("loadtest-worker") / "worker.log"
-    process = WorkerProcess(config, log_path=log).start()
-    try:
-        process.wait_ready(timeout=180)
+    with WorkerProcess(config, log_path=log, ready_timeout=180) as process:
         yield process
-    finally:
-        process.stop()

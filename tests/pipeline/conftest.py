@@ -74,12 +74,8 @@ def worker(redis_server, make_worker_config, tmp_path_factory) -> WorkerProcess:
     stopped with SIGTERM at the end. A start-up failure shows the end of its log."""
     config = make_worker_config(redis_server.url)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = WorkerProcess(config, log_path=log).start()
-    try:
-        process.wait_ready(timeout=180)
+    with WorkerProcess(config, log_path=log, ready_timeout=180) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture

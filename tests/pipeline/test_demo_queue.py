@@ -33,13 +33,9 @@ def demo_worker(redis_server, tmp_path_factory):
         max_loras=2,  # four adapters through two slots: slots turn over during the run
         max_num_seqs=64,
     )
-    process = WorkerProcess(config, log_path=tmp_path_factory.mktemp("demo") / "worker.log")
-    process.start()
-    try:
-        process.wait_ready(timeout=180)
+    log = tmp_path_factory.mktemp("demo") / "worker.log"
+    with WorkerProcess(config, log_path=log, ready_timeout=180) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_each_adapter_does_its_task_through_the_queue(demo_worker):
