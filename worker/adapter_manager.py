@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,26 +28,12 @@ from lorafleet.producer.types import LoRARequest
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.hub import fetch_adapter, hub_cache_root, looks_like_hub_id
 from lorafleet.worker.model import CausalLM, LoRALinear
+from lorafleet.worker.outputs import AdapterStats
 from lorafleet.worker.peft_adapter import AdapterWeights, load_peft_adapter
 
 #: Failed adapters remembered at once; beyond it the oldest failure is forgotten (and its
 #: adapter retried), so a flood of distinct bad names cannot grow the cache without bound.
 MAX_REMEMBERED_FAILURES = 4096
-
-
-@dataclass
-class AdapterStats:
-    """Monotonic counters, read by metrics."""
-
-    disk_loads: int = 0
-    disk_load_seconds: float = 0.0
-    disk_load_failures: int = 0
-    failure_cache_hits: int = 0
-    cpu_hits: int = 0
-    slot_hits: int = 0
-    slot_loads: int = 0
-    cpu_evictions: int = 0
-    slot_evictions: int = 0
 
 
 class AdapterManager:

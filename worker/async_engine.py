@@ -1,26 +1,58 @@
-"""Asyncio front of the engine: the engine steps on its own thread, callers await streams.
+"""Asyncio front of the engine: the engine steps in its own process, callers await streams.
 
-The step loop must not run on the event loop: a forward pass blocks for milliseconds to
-seconds, and the worker's event loop keeps polling Redis and publishing tokens meanwhile.
-Commands (add, abort) cross into the engine thread through a queue; outputs come back with
-``loop.call_soon_threadsafe``, once per step.
+The step loop must not run in the worker's process: a forward pass is milliseconds to
+seconds of mostly-Python work that, sharing one GIL with the event loop, stalls Redis
+polling and token publishing and halves the jobs a worker can take per second. So the
+engine runs in ``lorafleet.worker.engine_process``, connected by a socket pair; this side
+only pickles commands and unpickles step outputs, all on the event loop (no threads).
+
+Commands (add, abort) are batched per event-loop tick into one frame. The engine answers
+each step with the outputs and a snapshot of its counters (``snapshot``), which metrics and
+heartbeats read instead of reaching into the engine.
+
+If the engine process dies, every open stream fails with ``InternalError``; ``on_exit``, if
+given, is called first with the exit status (the worker exits there, so arq re-runs its
+jobs elsewhere rather than failing them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import queue
-import threading
+import pickle
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from lorafleet.producer.errors import InternalError, LoraFleetError
+from lorafleet.producer.errors import InternalError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.config import EngineConfig
-from lorafleet.worker.engine import LLMEngine, StepOutput, StepStats
+from lorafleet.worker.engine_link import (
+    HEADER_SIZE,
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineFailed,
+    EngineInfo,
+    EngineReady,
+    EngineSnapshot,
+    EngineUpdate,
+    Shutdown,
+    pack,
+    read_header,
+)
+from lorafleet.worker.outputs import StepOutput, StepStats
 
 log = logging.getLogger(__name__)
+
+#: Seconds ``stop()`` waits for the engine process to exit before killing it.
+STOP_TIMEOUT_S = 10.0
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not load the model (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -69,32 +101,86 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """``AsyncEngine(config)`` loads the model (blocking); ``await start()`` begins stepping.
+    """``await start()`` launches the engine process and waits until the model is loaded
+    (raising ``EngineStartError`` if it cannot be); ``await stop()`` ends it.
 
-    ``step_observer``, if set, is called on the engine thread with each successful step's
-    ``StepStats`` (metrics); it must be quick and must not raise.
+    ``step_observer``, if set, is called on the event loop with each step's ``StepStats``
+    (metrics); it must be quick and must not raise. ``info`` (after ``start``) holds the
+    facts fixed at load; ``snapshot`` the engine's counters as of its latest step.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
-        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._streams: dict[str, RequestStream] = {}
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(
+        self, config: EngineConfig, on_exit: Callable[[int | None], None] | None = None
+    ) -> None:
+        self.config = config
+        self.on_exit = on_exit
         self.step_observer: Callable[[StepStats], None] | None = None
+        self.info: EngineInfo | None = None
+        self.snapshot = EngineSnapshot()
+        self._streams: dict[str, RequestStream] = {}
+        self._pending: list[Command] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._receiving: asyncio.Task[None] | None = None
+        self._running = False  # ready and neither stopped nor dead
+        self._stopping = False
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="lorafleet-engine", daemon=True)
-        self._thread.start()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",  # never import a folder of the current directory as a package
+                "-m",
+                "lorafleet.worker.engine_process",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        self._reader, self._writer = await asyncio.open_connection(sock=ours)
+        self._writer.write(pack(self.config))
+        try:
+            first = await self._receive()
+        except asyncio.IncompleteReadError:
+            code = await self._process.wait()
+            raise EngineStartError(
+                f"the engine process exited with status {code} while loading"
+            ) from None
+        if isinstance(first, EngineFailed):
+            await self._process.wait()
+            raise EngineStartError(f"loading the engine failed: {first.message}")
+        assert isinstance(first, EngineReady), first
+        self.info = first.info
+        self._running = True
+        self._receiving = asyncio.create_task(self._receive_forever(), name="lorafleet-engine")
 
     async def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        """Stop the engine process; streams still open fail with ``InternalError``."""
+        self._stopping = True
+        self._running = False
+        if self._process is None:
+            return
+        if self._writer is not None and not self._writer.is_closing():
+            self._send(Shutdown())
+            self._flush()
+        try:
+            await asyncio.wait_for(self._process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the engine process did not stop in %.0fs; killing it", STOP_TIMEOUT_S)
+            self._process.kill()
+            await self._process.wait()
+        if self._receiving is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiving
+        if self._writer is not None:
+            self._writer.close()
+        self._fail_all("the engine was stopped")
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id (None before ``start``)."""
+        return self._process.pid if self._process is not None else None
 
     @property
     def num_requests(self) -> int:
@@ -108,83 +194,67 @@ class AsyncEngine:
         lora_request: LoRARequest | None = None,
         arrival_time: float | None = None,
     ) -> RequestStream:
-        """Queue a request. Checks that need no disk (prompt length, LoRA enabled, id
-        conflicts) raise here; adapter file errors arrive through the stream."""
+        """Queue a request. Anything wrong with it (prompt too long, adapter errors) arrives
+        as the stream's error; only a request id already in flight raises here."""
         if request_id in self._streams:
             raise InternalError(f"request id {request_id!r} is already in flight")
-        ids = self.engine.encode(prompt)
-        self.engine.check_prompt(ids)
-        if lora_request is not None:
-            self.engine.adapters.check(lora_request)
+        if not self._running:
+            raise InternalError("the engine is not running")
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
-        self._commands.put(
-            ("add", request_id, prompt, sampling_params, lora_request, arrival_time, ids)
-        )
-        self._wake.set()
+        self._send(AddRequest(request_id, prompt, sampling_params, lora_request, arrival_time))
         return stream
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream finishes with ``finish_reason == "abort"``."""
-        self._commands.put(("abort", request_id))
-        self._wake.set()
+        if request_id in self._streams:
+            self._send(AbortRequest(request_id))
 
-    # -- engine thread ---------------------------------------------------------------------
+    # -- the socket ------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            outputs = self._drain_commands()
-            if self.engine.has_unfinished():
-                try:
-                    outputs.extend(self.engine.step())
-                except Exception as e:  # a bug or device error: fail in-flight requests, live on
-                    log.exception("engine step failed")
-                    outputs.extend(self._fail_all(InternalError(f"engine step failed: {e!r}")))
-                else:
-                    if self.step_observer is not None:
-                        self.step_observer(self.engine.last_step)
-            elif not outputs:
-                self._wake.wait(0.05)
-                self._wake.clear()
-            if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
+    def _send(self, command: Command) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(command)
 
-    def _drain_commands(self) -> list[StepOutput]:
-        outputs: list[StepOutput] = []
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return outputs
-            if cmd[0] == "add":
-                _, rid, prompt, params, lora, arrival, ids = cmd
-                try:
-                    self.engine.add_request(
-                        rid, prompt, params, lora, arrival, prompt_token_ids=ids
-                    )
-                except LoraFleetError as err:
-                    outputs.append(StepOutput(rid, "", [], True, "error", error=err))
-                except Exception as e:  # escaping here would end the engine thread for good
-                    log.exception("adding request %s failed", rid)
-                    err = InternalError(f"adding the request failed: {e!r}")
-                    outputs.append(StepOutput(rid, "", [], True, "error", error=err))
-            else:
-                out = self.engine.abort(cmd[1])
-                if out is not None:
-                    outputs.append(out)
+    def _flush(self) -> None:
+        if self._pending and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(pack(self._pending))
+        self._pending = []
 
-    def _fail_all(self, err: LoraFleetError) -> list[StepOutput]:
-        outputs = []
-        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
-            self.engine.scheduler.finish(seq)
-            outputs.append(StepOutput(seq.request_id, "", [], True, "error", error=err))
-        return outputs
+    async def _receive(self) -> object:
+        header = await self._reader.readexactly(HEADER_SIZE)
+        return pickle.loads(await self._reader.readexactly(read_header(header)))
 
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
+    async def _receive_forever(self) -> None:
+        try:
+            while True:
+                update = await self._receive()
+                self._deliver(update)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the engine process exited
+        self._running = False
+        code = await self._process.wait()
+        if self._stopping:
+            return
+        log.critical("the engine process exited unexpectedly with status %s", code)
+        if self.on_exit is not None:
+            self.on_exit(code)
+        self._fail_all(f"the engine process exited with status {code}")
+
+    def _deliver(self, update: EngineUpdate) -> None:
+        self.snapshot = update.snapshot
+        for out in update.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
             stream._push(out)
             if out.finished:
                 del self._streams[out.request_id]
+        if update.stats is not None and self.step_observer is not None:
+            self.step_observer(update.stats)
+
+    def _fail_all(self, reason: str) -> None:
+        for request_id, stream in list(self._streams.items()):
+            stream._push(StepOutput(request_id, "", [], True, "error", error=InternalError(reason)))
+        self._streams.clear()

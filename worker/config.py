@@ -12,6 +12,8 @@ from lorafleet.worker.hub import HUB_MODES
 class EngineConfig:
     """Settings of one engine (one process, one device).
 
+    ``device`` is a torch device name, or ``auto`` for CUDA when there is a GPU.
+    ``num_threads`` sets torch's CPU threads for the whole process (None: torch's default).
     ``kv_cache_bytes`` is the memory budget of the paged KV cache; the number of blocks is
     derived from it and the model shape. ``adapter_roots`` ``None`` means any local path may
     be loaded (the in-process ``LLM`` default: its caller is the operator); a tuple confines
@@ -34,6 +36,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
+    num_threads: int | None = None
     block_size: int = 16
     kv_cache_bytes: int = 256 * 2**20
     adapter_roots: tuple[str, ...] | None = None
@@ -57,6 +60,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_cpu_loras is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,33 +15,17 @@ from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.detokenizer import Detokenizer
 from lorafleet.worker.loader import load_model, read_model_args, resolve_dtype
 from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
+from lorafleet.worker.outputs import StepOutput, StepStats
 from lorafleet.worker.sampler import Sampler
 from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.sequence import SeqStatus, Sequence
 
 
-@dataclass
-class StepOutput:
-    """What one step produced for one request: new text and tokens, and on finish the
-    final ``RequestOutput`` (or the error that ended it)."""
-
-    request_id: str
-    delta_text: str
-    delta_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    output: RequestOutput | None = None
-    error: LoraFleetError | None = None
-
-
-@dataclass
-class StepStats:
-    """Facts about the last step, for metrics."""
-
-    num_seqs: int = 0
-    num_tokens: int = 0
-    num_adapters: int = 0
-    seconds: float = 0.0
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class LLMEngine:
@@ -50,9 +33,11 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         model_dir = Path(config.model)
         self.args, raw = read_model_args(model_dir)
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, raw)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = load_model(model_dir, self.dtype, self.device)

@@ -46,21 +46,19 @@ STALE_AFTER_TTLS = 3
 
 
 def engine_snapshot(engine: AsyncEngine) -> dict[str, int]:
-    """Counters of the engine, read from the event loop while the engine thread runs: each
-    value is exact, the set is not one atomic snapshot (good enough for liveness and
-    debugging; Prometheus metrics are the precise record)."""
-    core = engine.engine
-    stats = core.adapters.stats
+    """Counters of the engine as of its latest step (Prometheus metrics are the precise
+    record; this is for liveness and debugging)."""
+    snap = engine.snapshot
     return {
         "requests": engine.num_requests,
-        "running": len(core.scheduler.running),
-        "waiting": len(core.scheduler.waiting),
-        "free_blocks": core.blocks.num_free,
-        "num_blocks": core.blocks.num_blocks,
-        "slots_in_use": core.adapters.slots_in_use,
-        "adapter_disk_loads": stats.disk_loads,
-        "adapter_load_failures": stats.disk_load_failures,
-        "adapter_failure_cache_hits": stats.failure_cache_hits,
+        "running": snap.running,
+        "waiting": snap.waiting,
+        "free_blocks": snap.free_blocks,
+        "num_blocks": snap.num_blocks,
+        "slots_in_use": snap.slots_in_use,
+        "adapter_disk_loads": snap.adapters.disk_loads,
+        "adapter_load_failures": snap.adapters.disk_load_failures,
+        "adapter_failure_cache_hits": snap.adapters.failure_cache_hits,
     }
 
 

@@ -1,6 +1,6 @@
 """What a worker process runs under arq: start-up, the ``generate`` job, shut-down.
 
-``startup`` loads the engine (in a thread: loading blocks) and starts the stream publisher
+``startup`` starts the engine process and waits for its model to load, then starts the stream publisher
 and the abort listener; ``generate`` runs one job on the engine and returns the encoded
 ``JobResult``. Request-level failures are returned as error values, never raised: arq's
 custom serializers cannot encode exceptions, and a raise would make arq retry a job that
@@ -34,13 +34,13 @@ from lorafleet.producer.errors import (
 from lorafleet.producer.types import RequestMetrics
 from lorafleet.worker.aborts import AbortWatcher
 from lorafleet.worker.arq_fixes import current_arq_worker, survive_lost_claims
+from lorafleet.worker.async_engine import AsyncEngine
 from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.publisher import StreamPublisher
 from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
 
 if TYPE_CHECKING:
-    from lorafleet.worker.async_engine import AsyncEngine
     from lorafleet.worker.metrics import WorkerMetrics
     from lorafleet.worker.settings import WorkerConfig
 
@@ -61,15 +61,13 @@ class WorkerState:
     limits: JobLimits
 
 
-def _load_engine(config: WorkerConfig) -> AsyncEngine:
-    import torch
-
-    from lorafleet.worker.async_engine import AsyncEngine
-
-    device = None
-    if config.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AsyncEngine(config.engine_config(device))
+def _engine_exited(status: int | None) -> None:
+    """The engine process died: so does the worker, at once, without answering its jobs.
+    Its claims lapse within the heartbeat TTL and arq runs the jobs again on a healthy
+    worker; a supervisor (systemd, Kubernetes) restarts this one."""
+    logger.critical("engine process exited with status %s; the worker exits too", status)
+    logging.shutdown()
+    os._exit(70)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -77,7 +75,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx["config"]
     redis = ctx["redis"]
     started = time.monotonic()
-    engine = await asyncio.to_thread(_load_engine, config)
+    engine = AsyncEngine(config.engine_config(), on_exit=_engine_exited)
     await engine.start()
     publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
     await publisher.start()
@@ -91,7 +89,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     worker = current_arq_worker()
     survive_lost_claims(worker)
     tracker = JobTracker(redis)
-    info = {"pid": os.getpid(), "model": config.model, "queue": config.queue, "since": time.time()}
+    info = {
+        "pid": os.getpid(),
+        "engine_pid": engine.pid,
+        "model": config.model,
+        "queue": config.queue,
+        "since": time.time(),
+    }
     heartbeat = Heartbeat(
         redis,
         worker,
@@ -101,7 +105,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         engine=engine,
         jobs=tracker,
     )
-    limits = JobLimits(engine.engine.max_model_len, config.max_prompt_chars)
+    limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
     ctx["lorafleet"] = WorkerState(
         config, engine, publisher, aborts, metrics, tracker, heartbeat, limits
     )

@@ -5,7 +5,7 @@ Three sources feed one private ``CollectorRegistry``:
 - the job coroutines (``lorafleet.worker.jobs``) report each request's start, token deltas
   and result: queue wait, time to first token, inter-token latency, end-to-end latency,
   token counts, outcomes and error codes;
-- the engine thread reports every step (sequences, adapters and tokens in it, its time);
+- the engine process reports every step (sequences, adapters and tokens in it, its time);
 - at scrape time ``EngineCollector`` reads the engine's own counters and gauges (requests
   running and waiting, adapter slots and tiers, KV-cache usage, preemptions), so the engine
   needs no metrics code of its own.
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from lorafleet.worker.async_engine import AsyncEngine
-    from lorafleet.worker.engine import StepStats
+    from lorafleet.worker.outputs import StepStats
     from lorafleet.worker.settings import WorkerConfig
 
 logger = logging.getLogger("lorafleet.worker.metrics")
@@ -177,7 +177,7 @@ class WorkerMetrics:
 
     Contract: the ``job_*`` methods run on the event loop, one ``job_started`` (optional)
     then any ``job_tokens`` then exactly one of ``job_finished`` / ``job_cancelled`` per
-    job id; ``observe_step`` runs on the engine thread and never raises for valid stats.
+    job id; ``observe_step`` runs as each step's report arrives and never raises for valid stats.
     """
 
     def __init__(self, worker: str, *, max_adapters: int) -> None:
@@ -353,7 +353,7 @@ class WorkerMetrics:
         self.prompt_tokens.remove(self.worker, name)
         self.generation_tokens.remove(self.worker, name)
 
-    # -- engine (engine thread) ------------------------------------------------------------
+    # -- engine steps --------------------------------------------------------------------
 
     def observe_step(self, stats: StepStats) -> None:
         """One engine step ran; steps that scheduled nothing are not observed."""
@@ -412,11 +412,8 @@ class WorkerMetrics:
 
 
 class EngineCollector(Collector):
-    """Engine state read at scrape time (from the HTTP server's thread).
-
-    Reads are of plain ints and container lengths that the engine thread updates; each is
-    atomic under the GIL, and a scrape that straddles a step is off by one step at most.
-    """
+    """Engine state read at scrape time (from the HTTP server's thread): the engine
+    process's snapshot as of its latest step, and the facts fixed at load."""
 
     def __init__(self, worker: str, engine: AsyncEngine, queue: str) -> None:
         self.worker = worker
@@ -424,17 +421,17 @@ class EngineCollector(Collector):
         self.queue = queue
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine.engine
-        adapters, stats = engine.adapters, engine.adapters.stats
+        info, snap = self.engine.info, self.engine.snapshot
+        stats, config = snap.adapters, info.config
         gauges = (
-            ("lorafleet_requests_running", "Requests in the running batch.", len(engine.scheduler.running)),
-            ("lorafleet_requests_waiting", "Requests waiting for admission in the engine.", len(engine.scheduler.waiting)),
-            ("lorafleet_adapter_slots", "Adapter slots on the device (max_loras).", adapters.num_slots),
-            ("lorafleet_adapter_slots_used", "Adapter slots pinned by running requests.", adapters.slots_in_use),
-            ("lorafleet_adapter_cpu_cache_adapters", "Adapters held in the CPU cache.", len(adapters.cpu)),
-            ("lorafleet_adapter_cpu_cache_capacity", "Adapters the CPU cache holds at most.", engine.config.max_cpu_loras),
-            ("lorafleet_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", engine.blocks.usage),
-            ("lorafleet_kv_cache_blocks", "KV-cache blocks in all.", engine.blocks.num_blocks),
+            ("lorafleet_requests_running", "Requests in the running batch.", snap.running),
+            ("lorafleet_requests_waiting", "Requests waiting for admission in the engine.", snap.waiting),
+            ("lorafleet_adapter_slots", "Adapter slots on the device (max_loras).", config.max_loras),
+            ("lorafleet_adapter_slots_used", "Adapter slots pinned by running requests.", snap.slots_in_use),
+            ("lorafleet_adapter_cpu_cache_adapters", "Adapters held in the CPU cache.", snap.cpu_adapters),
+            ("lorafleet_adapter_cpu_cache_capacity", "Adapters the CPU cache holds at most.", config.max_cpu_loras),
+            ("lorafleet_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", snap.kv_cache_usage),
+            ("lorafleet_kv_cache_blocks", "KV-cache blocks in all.", snap.num_blocks),
         )  # fmt: skip
         for name, doc, value in gauges:
             yield self._gauge(name, doc, value)
@@ -469,29 +466,29 @@ class EngineCollector(Collector):
         yield self._counter(
             "lorafleet_preemptions",
             "Running requests preempted for lack of KV-cache blocks (recomputed later).",
-            {(): engine.scheduler.num_preemptions},
+            {(): snap.preemptions},
         )
-        info = GaugeMetricFamily(
+        family = GaugeMetricFamily(
             "lorafleet_worker_info",
             "Configuration of the worker's engine.",
             labels=["worker", *_CONFIG_LABELS],
         )
-        info.add_metric([self.worker, *self._config_values()], 1)
-        yield info
+        family.add_metric([self.worker, *self._config_values()], 1)
+        yield family
 
     def _config_values(self) -> list[str]:
-        engine = self.engine.engine
-        config = engine.config
+        info = self.engine.info
+        config = info.config
         return [
             config.model,
-            str(engine.device),
-            str(engine.dtype).removeprefix("torch."),
+            info.device,
+            info.dtype,
             self.queue,
             str(config.max_loras),
             str(config.max_cpu_loras),
             str(config.max_lora_rank),
             str(config.max_num_seqs),
-            str(engine.max_model_len),
+            str(info.max_model_len),
         ]
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -33,6 +33,12 @@ from lorafleet.worker.hub import HUB_MODES
 from lorafleet.worker.redis_url import redis_settings_from_url
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """The worker configuration is invalid; the message lists every problem."""
 
@@ -60,6 +66,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_MAX_LORA_RANK", "max_lora_rank", "int", "Largest adapter rank accepted."),
     Variable("LORAFLEET_MAX_NUM_SEQS", "max_num_seqs", "int", "Requests in one engine batch."),
     Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
+    Variable("LORAFLEET_ENGINE_THREADS", "engine_threads", "int", "CPU threads of the engine process's torch (default: all cores but one, which the worker's event loop keeps)."),
     Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
@@ -97,6 +104,7 @@ class WorkerConfig:
     max_num_seqs: int = 128
     max_model_len: int | None = None
     kv_cache_mb: int | None = None
+    engine_threads: int | None = None
     adapter_roots: tuple[str, ...] = ()
     hub: str = "off"
     hub_cache: str | None = None
@@ -172,7 +180,13 @@ class WorkerConfig:
         )
         for field in ("max_loras", "max_lora_rank", "max_num_seqs", "max_tries", "stream_maxlen"):
             need(getattr(self, field) >= 1, field, "must be >= 1")
-        for field in ("max_cpu_loras", "max_model_len", "kv_cache_mb", "max_jobs"):
+        for field in (
+            "max_cpu_loras",
+            "max_model_len",
+            "kv_cache_mb",
+            "max_jobs",
+            "engine_threads",
+        ):
             need(getattr(self, field) is None or getattr(self, field) >= 1, field, "must be >= 1")
         need(0 <= self.metrics_port < 65536, "metrics_port", "must be a port number (0: off)")
         need(self.metrics_max_adapters >= 0, "metrics_max_adapters", "must be >= 0")
@@ -216,20 +230,21 @@ class WorkerConfig:
     def jobs_at_once(self) -> int:
         return self.max_jobs or 2 * self.max_num_seqs
 
-    def engine_config(self, device: str | None = None) -> EngineConfig:
-        """The engine's settings (``device`` overrides ``auto`` once torch is loaded)."""
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings (``device`` ``auto`` is resolved by the engine process)."""
         extra: dict[str, Any] = {}
         if self.kv_cache_mb is not None:
             extra["kv_cache_bytes"] = self.kv_cache_mb * 2**20
         return EngineConfig(
             model=self.model,
-            device=device or ("cpu" if self.device == "auto" else self.device),
+            device=self.device,
             dtype=self.dtype,
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
+            num_threads=self.engine_threads or max(1, _usable_cores() - 1),
             adapter_roots=self.adapter_roots,
             max_adapter_bytes=self.max_adapter_mb * 2**20,
             adapter_failure_ttl=self.adapter_failure_ttl,
