@@ -4,6 +4,7 @@ messages."""
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import msgspec
@@ -105,3 +106,16 @@ def test_the_worker_defaults_protect_the_fleet(model_dir):
     assert engine.adapter_roots == () and engine.hub == "off"
     assert config.heartbeat_ttl == 15 and config.drain_timeout == 25
     assert engine.adapter_failure_ttl == 30 and engine.max_adapter_bytes == 2 * 2**30
+
+
+def test_the_engine_process_leaves_a_core_to_the_event_loop(model_dir):
+    cores = len(os.sched_getaffinity(0))
+    assert WorkerConfig.create(model=str(model_dir)).engine_config().num_threads == max(
+        1, cores - 1
+    )
+    config = WorkerConfig.from_env(
+        {"LORAFLEET_MODEL": str(model_dir), "LORAFLEET_ENGINE_THREADS": "3"}
+    )
+    assert config.engine_config().num_threads == 3
+    with pytest.raises(ConfigError, match="LORAFLEET_ENGINE_THREADS must be >= 1"):
+        WorkerConfig.from_env({"LORAFLEET_MODEL": str(model_dir), "LORAFLEET_ENGINE_THREADS": "0"})
