@@ -31,6 +31,7 @@ from lorafleet.kernels import (
     lora_shrink_ref,
     lora_shrink_slices,
     lora_shrink_slices_ref,
+    reference,
     triton_available,
 )
 
@@ -267,6 +268,32 @@ def test_reference_matches_float64(case: Case) -> None:
     batch = make_batch(case)
     for add in (True, False):
         run_slices(batch, "cpu", lora_shrink_slices_ref, lora_expand_slices_ref, add)
+
+
+@pytest.mark.parametrize("plan", ["dense", "gather", "grouped"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_every_plan_matches_float64(
+    case: Case, plan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each CPU plan, forced on every case (the cost model alone would pick one per case)."""
+    monkeypatch.setattr(reference, "_plan", lambda *args: plan)
+    batch = make_batch(case)
+    for add in (True, False):
+        run_slices(batch, "cpu", lora_shrink_slices_ref, lora_expand_slices_ref, add)
+        run_single_slice(batch, add)
+
+
+def run_single_slice(batch: Batch, add: bool) -> None:
+    """The single-stack ops on the first slice (cases with one slice and no gaps)."""
+    if len(batch.lora_as) != 1 or batch.case.gap:
+        return
+    buf = lora_shrink_ref(batch.x, batch.lora_as[0], batch.meta, batch.case.scale)
+    check_shrink(batch, buf[None])
+    exact_buf = batch.shrink_truth().float()
+    out0 = poisoned_out(batch, add, "cpu")
+    out = out0.clone()
+    assert lora_expand_ref(exact_buf[0], batch.lora_bs[0], batch.meta, out, add=add) is out
+    check_expand(batch, exact_buf, out0, out, add)
 
 
 def test_reference_single_slice_and_whole_batch() -> None:
