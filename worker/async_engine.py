@@ -233,6 +233,9 @@ class AsyncEngine:
                 self._deliver(update)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the engine process exited
+        except Exception:  # a message we cannot read: the link is unusable, end the engine
+            log.exception("reading from the engine process failed")
+            self._process.kill()
         self._running = False
         code = await self._process.wait()
         if self._stopping:
