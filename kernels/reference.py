@@ -139,11 +139,11 @@ def _shrink_gather(
     max_rank = lora_as[0].shape[1]
     rank = _active_rank(meta, max_rank)
     slots, cols = _token_slots(meta), x.float().unsqueeze(2)  # [T, H, 1]
-    row_scale = _row_scale(meta, rank, scale)
+    row_scale = _row_scale_2d(meta, rank, scale)
     buf = x.new_zeros(len(lora_as), x.shape[0], max_rank, dtype=torch.float32)
     for i, a in enumerate(lora_as):
         mine = torch.bmm(a[:, :rank].index_select(0, slots).float(), cols).squeeze(2)
-        buf[i, :, :rank] = mine * (row_scale if isinstance(row_scale, float) else row_scale[:, 0])
+        buf[i, :, :rank] = mine * row_scale
     return buf
 
 
@@ -157,10 +157,9 @@ def _expand_gather(
 ) -> torch.Tensor:
     """Each token's rank vector times its own slot's B, gathered: one bmm per slice."""
     rank = _active_rank(meta, lora_bs[0].shape[2])
-    slots, row_scale = _token_slots(meta), _row_scale(meta, rank, 1.0)
+    slots, row_scale = _token_slots(meta), _row_scale_2d(meta, rank, 1.0)
     for i, (b, col) in enumerate(zip(lora_bs, offsets, strict=True)):
-        rows = buf[i, :, :rank].float()
-        rows = rows * (row_scale if isinstance(row_scale, float) else row_scale[:, 0])
+        rows = buf[i, :, :rank].float() * row_scale
         weight = b[:, :, :rank].index_select(0, slots).float()  # [T, N_i, r]
         part = torch.bmm(weight, rows.unsqueeze(2)).squeeze(2)
         _write(out[:, col : col + b.shape[1]], part, meta, add)
@@ -196,6 +195,12 @@ def _row_scale(meta: LoRAMeta, rank: int, scale: float) -> torch.Tensor | float:
             mask = rows if mask is None else mask & rows
         meta.cache[key] = scale if mask is None else mask[:, None, :].float() * scale
     return meta.cache[key]
+
+
+def _row_scale_2d(meta: LoRAMeta, rank: int, scale: float) -> torch.Tensor | float:
+    """``_row_scale`` as [T, rank] (or a float), for per-slice [T, rank] rows."""
+    row_scale = _row_scale(meta, rank, scale)
+    return row_scale if isinstance(row_scale, float) else row_scale[:, 0]
 
 
 def _rank_mask(meta: LoRAMeta, rank: int) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ def test_outputs_deltas_and_snapshot_match_the_in_process_engine(llama_dir, adap
     for per_request, result in zip(deltas, results, strict=True):
         assert "".join(d.text for d in per_request) == result.outputs[0].text
         assert per_request[-1].finished and per_request[-1].finish_reason == "length"
-    assert info.device == "cpu" and info.dtype == "float32" and info.max_model_len == 512
+    assert info.config.device == "cpu" and info.dtype == "float32" and info.max_model_len == 512
     assert left == 0
     assert snap.running == snap.waiting == snap.slots_in_use == 0
     assert snap.num_blocks > 0 and snap.free_blocks == snap.num_blocks

@@ -53,11 +53,11 @@ Command = AddRequest | AbortRequest | Shutdown
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """Facts fixed at load: the config as resolved (device ``auto`` made concrete)."""
+    """Facts fixed at load: the config as resolved (device ``auto`` made concrete) and the
+    dtype the model loaded in (the config may say ``auto``)."""
 
     config: EngineConfig
     max_model_len: int
-    device: str
     dtype: str
 
 

@@ -129,7 +129,6 @@ def serve(sock: socket.socket) -> int:
     info = EngineInfo(
         config=replace(config, device=str(engine.device)),
         max_model_len=engine.max_model_len,
-        device=str(engine.device),
         dtype=str(engine.dtype).removeprefix("torch."),
     )
     sock.sendall(pack(EngineReady(info)))

@@ -481,7 +481,7 @@ class EngineCollector(Collector):
         config = info.config
         return [
             config.model,
-            info.device,
+            config.device,
             info.dtype,
             self.queue,
             str(config.max_loras),
