@@ -232,6 +232,29 @@ def bench(fn: Callable[[], object], device: str, graph: bool = False) -> float:
     return time.perf_counter() - start
 
 
+def host_time(fn: Callable[[], object], device: str, calls: int = 200) -> float | None:
+    """Host seconds per call when calls are issued back to back without waiting: the launch
+    overhead that an eager engine pays per op (CUDA only; None elsewhere)."""
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls
+
+
+def same_bytes_copy(num_bytes: int, device: str) -> float:
+    """Graph-replayed time of a device copy moving ``num_bytes`` (read + write): the floor
+    for an op that must move that many bytes, launch latency included."""
+    src = torch.empty(max(num_bytes // 2, 16), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src), device, graph=True)
+
+
 def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), from a large tensor copy."""
     numel = (1 << 28) if device == "cuda" else (1 << 20)  # 1 GiB of fp32 on the GPU
@@ -255,6 +278,8 @@ class Row:
     bytes: int
     gather_s: float | None = None
     loop_s: float | None = None
+    host_s: float | None = None
+    copy_s: float | None = None
     config: str = ""
 
 
@@ -329,6 +354,8 @@ def run_shape(inp: Inputs, ops_mod, device: str) -> list[Row]:
                 bytes=min_bytes(inp, op),
                 gather_s=bench(gather[op], device, graph=True) if gather_fits(inp) else None,
                 loop_s=bench(loop[op], device),
+                host_s=host_time(fn, device),
+                copy_s=same_bytes_copy(min_bytes(inp, op), device),
             )
         )
     return rows
@@ -389,22 +416,26 @@ def fmt_us(seconds: float | None) -> str:
 
 
 def print_table(rows: list[Row], copy_bw: float, header: str) -> None:
-    """Markdown table; GB/s, bandwidth share and speed-ups use the graph (kernel) times."""
+    """Markdown table; GB/s, bandwidth share and speed-ups use the graph (kernel) times.
+
+    ``copy us``: a graph-replayed device copy of the op's minimum bytes, the floor at that
+    size (small decode ops are bound by launch latency, not bandwidth). ``host us``: host
+    time per eager call issued back to back (launch overhead)."""
     print(header)
     print(f"Measured device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s\n")
     print(
-        "| shape | op | eager us | graph us | GB/s | % copy BW | gather+bmm us | vs gather "
-        "| loop-ref us | vs loop | config |"
+        "| shape | op | eager us | graph us | GB/s | % copy BW | copy us | gather+bmm us "
+        "| vs gather | loop-ref us | vs loop | host us | config |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         gbps = r.bytes / r.graph_s
         vs_gather = "-" if r.gather_s is None else f"{r.gather_s / r.graph_s:.1f}x"
         vs_loop = "-" if r.loop_s is None else f"{r.loop_s / r.graph_s:.1f}x"
         print(
             f"| {r.shape} | {r.op} | {fmt_us(r.eager_s)} | {fmt_us(r.graph_s)} | {gbps / 1e9:.0f} "
-            f"| {100 * gbps / copy_bw:.0f}% | {fmt_us(r.gather_s)} | {vs_gather} "
-            f"| {fmt_us(r.loop_s)} | {vs_loop} | {r.config} |"
+            f"| {100 * gbps / copy_bw:.0f}% | {fmt_us(r.copy_s)} | {fmt_us(r.gather_s)} "
+            f"| {vs_gather} | {fmt_us(r.loop_s)} | {vs_loop} | {fmt_us(r.host_s)} | {r.config} |"
         )
 
 

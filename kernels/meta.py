@@ -61,64 +61,84 @@ class LoRAMeta:
     @classmethod
     def from_token_slots(
         cls,
-        token_slots: torch.Tensor,
+        token_slots: torch.Tensor | Sequence[int],
         num_slots: int,
         slot_ranks: torch.Tensor | Sequence[int] | None = None,
+        device: torch.device | str | None = None,
     ) -> LoRAMeta:
         """Build the metadata. ``token_slots`` values must be in [-1, num_slots).
 
+        ``token_slots`` is an int tensor or a host sequence; the metadata lives on ``device``
+        (default: the tensor's device, or the CPU for a sequence). The bookkeeping runs on
+        the host and every int tensor reaches the device in one copy: on CUDA that is one
+        transfer per step instead of a dozen small kernels and syncs. Pass the engine's
+        host-side lists where it has them (no device round trip at all).
         ``slot_ranks`` (int tensor or sequence, [num_slots]) is each slot's true adapter rank;
         pass it when slots hold adapters of different ranks in one padded stack.
         """
-        if token_slots.dim() != 1:
-            raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
+        if isinstance(token_slots, torch.Tensor):
+            if token_slots.dim() != 1:
+                raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}")
+            device = token_slots.device if device is None else device
+            slots_host = token_slots.to("cpu", torch.int64)
+        else:
+            slots_host = torch.tensor(list(token_slots), dtype=torch.int64)
+        device = torch.device("cpu" if device is None else device)
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        slots = token_slots.to(torch.int64)
-        device = slots.device
-        if slots.numel():
-            lo, hi = int(slots.min()), int(slots.max())
+        if slots_host.numel():
+            lo, hi = int(slots_host.min()), int(slots_host.max())
             if lo < -1 or hi >= num_slots:
                 raise ValueError(
                     f"token_slots values must be in [-1, {num_slots}), got [{lo}, {hi}]"
                 )
+        ranks_host = None
+        if slot_ranks is not None:
+            ranks_host = tuple(int(r) for r in torch.as_tensor(slot_ranks).tolist())
+            if len(ranks_host) != num_slots:
+                raise ValueError(f"slot_ranks must have shape ({num_slots},)")
+            if min(ranks_host) < 0:
+                raise ValueError(f"slot_ranks must be >= 0, got {ranks_host}")
         # Sort key puts -1 tokens last while keeping slot order for the rest.
-        key = torch.where(slots < 0, torch.full_like(slots, num_slots), slots)
-        sorted_token_ids = torch.sort(key, stable=True).indices
+        key = torch.where(slots_host < 0, num_slots, slots_host)
+        sorted_ids = torch.sort(key, stable=True).indices
         counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
         starts = torch.cumsum(counts, 0) - counts
         active = torch.nonzero(counts, as_tuple=False).flatten()
-        counts_host = counts.tolist()
-        starts_host = starts.tolist()
-        active_host = active.tolist()
+        # One host buffer, one copy: int64 [slots | sorted ids], then int32 [counts | starts |
+        # active | ranks], as raw bytes; the device tensors are views into the copy.
+        wide = [slots_host, sorted_ids]
+        narrow = [counts, starts, active]
+        if ranks_host is not None:
+            narrow.append(torch.tensor(ranks_host))
+        wide_bytes = torch.cat(wide).view(torch.uint8)
+        packed = torch.cat([wide_bytes, torch.cat(narrow).to(torch.int32).view(torch.uint8)])
+        packed = packed.to(device)
+        wide_dev = packed[: wide_bytes.numel()].view(torch.int64).split([t.numel() for t in wide])
+        narrow_dev = (
+            packed[wide_bytes.numel() :].view(torch.int32).split([t.numel() for t in narrow])
+        )
+        slots, sorted_token_ids = wide_dev
+        counts_host, starts_host, active_host = counts.tolist(), starts.tolist(), active.tolist()
         groups = tuple(
             (s, sorted_token_ids[starts_host[s] : starts_host[s] + counts_host[s]])
             for s in active_host
         )
-        ranks_host = None
-        if slot_ranks is not None:
-            slot_ranks = torch.as_tensor(slot_ranks)
-            if slot_ranks.shape != (num_slots,):
-                raise ValueError(f"slot_ranks must have shape ({num_slots},)")
-            ranks_host = tuple(int(r) for r in slot_ranks.tolist())
-            if min(ranks_host) < 0:
-                raise ValueError(f"slot_ranks must be >= 0, got {ranks_host}")
-            slot_ranks = slot_ranks.to(device=device, dtype=torch.int32)
         return cls(
             token_slots=slots,
             num_slots=num_slots,
             sorted_token_ids=sorted_token_ids,
-            slot_counts=counts.to(torch.int32),
-            slot_starts=starts.to(torch.int32),
-            active_slots=active.to(torch.int32),
-            slot_ranks=slot_ranks,
-            num_tokens=int(slots.numel()),
+            slot_counts=narrow_dev[0],
+            slot_starts=narrow_dev[1],
+            active_slots=narrow_dev[2],
+            slot_ranks=narrow_dev[3] if ranks_host is not None else None,
+            num_tokens=int(slots_host.numel()),
             num_active=len(active_host),
             num_lora_tokens=int(sum(counts_host)),
             max_slot_tokens=max(counts_host, default=0),
             groups=groups,
             slot_ranks_host=ranks_host,
-            spans=_contiguous_spans(slots.tolist(), active_host, counts_host),
+            spans=_contiguous_spans(slots_host.tolist(), active_host, counts_host),
         )
 
 

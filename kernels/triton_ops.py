@@ -126,7 +126,9 @@ def default_shrink_config(
     programs = (
         triton.cdiv(max_slot_tokens, block_m) * triton.cdiv(rank, block_r) * num_slices * num_active
     )
-    split_k = max(1, min(triton.cdiv(hidden, block_k), 64, triton.cdiv(2 * sm_count, programs)))
+    # A power of two: SPLIT_K is compiled in, and decode batches vary their active-adapter
+    # count every step; any integer would compile a new variant mid-serving (about a second).
+    split_k = _prev_pow2(min(triton.cdiv(hidden, block_k), 64, triton.cdiv(2 * sm_count, programs)))
     if torch.are_deterministic_algorithms_enabled():
         split_k = 1  # split-K partial sums meet in fp32 atomics, in no fixed order
     num_warps = 8 if block_m >= 64 or block_m * block_r >= 4096 else 4
@@ -256,13 +258,6 @@ def _meta_args(meta: LoRAMeta) -> tuple[torch.Tensor, ...]:
     return meta.sorted_token_ids, meta.slot_counts, meta.slot_starts, meta.active_slots, ranks
 
 
-def _same_layout(stacks: list[torch.Tensor], dims: slice) -> list[torch.Tensor]:
-    """Stacks whose strides over ``dims`` agree (made contiguous when they do not)."""
-    if len({t.stride()[dims] for t in stacks}) == 1:
-        return stacks
-    return [t.contiguous() for t in stacks]
-
-
 def _chunks(n: int) -> list[range]:
     return [range(i, min(i + MAX_SLICES_PER_LAUNCH, n)) for i in range(0, n, MAX_SLICES_PER_LAUNCH)]
 
@@ -282,7 +277,89 @@ def _as_stacks(stacks: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list
     return stacks
 
 
+# --------------------------------------------------------------------------- launch plans
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch of a plan: the slices it covers, its grid, its non-tensor
+    arguments (in kernel order, after the meta pointers) and its compile-time arguments."""
+
+    part: range
+    grid: tuple[int, int, int]
+    scalars: tuple
+    consts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that depends on shapes, strides and the step's meta, not
+    on the data: built on a layer's first call and reused by every layer of the step with
+    the same shapes (the per-call host cost is what an eager engine pays per op)."""
+
+    launches: tuple[_Launch, ...]
+    contiguous: bool  # the slices' strides differ: launch on contiguous copies
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return (t.device, t.dtype, tuple(t.shape), t.stride())
+
+
+def _cached_plan(meta: LoRAMeta, key: tuple, build) -> _Plan:
+    plan = meta.cache.get(key)
+    if plan is None:
+        plan = meta.cache[key] = build()
+    return plan
+
+
 # --------------------------------------------------------------------------- shrink
+
+
+def _shrink_plan(
+    x: torch.Tensor,
+    stacks: list[torch.Tensor],
+    meta: LoRAMeta,
+    scale: float,
+    config: ShrinkConfig | None,
+    interpret: bool,
+) -> _Plan:
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
+    num_tokens, hidden = x.shape
+    num_slots, max_rank, a_hidden = stacks[0].shape
+    if any(a.shape != stacks[0].shape or a.dtype != stacks[0].dtype for a in stacks):
+        raise ValueError("all lora_as slices must share shape and dtype")
+    if a_hidden != hidden:
+        raise ValueError(f"x has H={hidden} but lora_a has H={a_hidden}")
+    _check_meta(meta, num_tokens, num_slots, x.device)
+    contiguous = len({t.stride() for t in stacks}) > 1
+    if meta.num_lora_tokens == 0 or max_rank == 0 or hidden == 0:
+        return _Plan((), contiguous)
+    cfg = config or default_shrink_config(
+        max_slot_tokens=meta.max_slot_tokens,
+        num_active=meta.num_active,
+        num_slices=min(len(stacks), MAX_SLICES_PER_LAUNCH),
+        hidden=hidden,
+        rank=max_rank,
+        elem_size=x.element_size(),
+        sm_count=0 if interpret else _sm_count(x.device),
+        interpret=interpret,
+    )
+    m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
+    r_tiles = triton.cdiv(max_rank, cfg.block_r)
+    consts = shrink_constexprs(
+        cfg, x.dtype, stacks[0].dtype, has_ranks=meta.slot_ranks is not None, interpret=interpret
+    )
+    a_strides = stacks[0].contiguous().stride() if contiguous else stacks[0].stride()
+    out_strides = (num_tokens * max_rank, max_rank, 1)  # the fp32 [n, T, R] result
+    scalars = (hidden, max_rank, float(scale), *x.stride(), *a_strides, *out_strides)
+    launches = tuple(
+        _Launch(
+            part, (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_active), scalars, consts
+        )
+        for part in _chunks(len(stacks))
+    )
+    return _Plan(launches, contiguous)
 
 
 def lora_shrink_slices_triton(
@@ -300,53 +377,24 @@ def lora_shrink_slices_triton(
     [n, T, R]; rows with slot -1 and rank columns past a slot's rank are zero.
     """
     stacks = _as_stacks(lora_as, "lora_as")
-    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
-    num_tokens, hidden = x.shape
-    num_slots, max_rank, a_hidden = stacks[0].shape
-    if any(a.shape != stacks[0].shape or a.dtype != stacks[0].dtype for a in stacks):
-        raise ValueError("all lora_as slices must share shape and dtype")
-    if a_hidden != hidden:
-        raise ValueError(f"x has H={hidden} but lora_a has H={a_hidden}")
-    _check_meta(meta, num_tokens, num_slots, x.device)
-
-    out = torch.zeros(len(stacks), num_tokens, max_rank, dtype=torch.float32, device=x.device)
-    if meta.num_lora_tokens == 0 or max_rank == 0 or hidden == 0:
-        return out
-    stacks = _same_layout(stacks, slice(0, 3))
     interpret = _run_interpreted(x.device)
-    cfg = config or default_shrink_config(
-        max_slot_tokens=meta.max_slot_tokens,
-        num_active=meta.num_active,
-        num_slices=min(len(stacks), MAX_SLICES_PER_LAUNCH),
-        hidden=hidden,
-        rank=max_rank,
-        elem_size=x.element_size(),
-        sm_count=0 if interpret else _sm_count(x.device),
-        interpret=interpret,
-    )
-    m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
-    r_tiles = triton.cdiv(max_rank, cfg.block_r)
-    consts = shrink_constexprs(
-        cfg, x.dtype, stacks[0].dtype, has_ranks=meta.slot_ranks is not None, interpret=interpret
-    )
+    key = ("triton_shrink", _layout(x), *map(_layout, stacks), scale, config, interpret)
+    plan = _cached_plan(meta, key, lambda: _shrink_plan(x, stacks, meta, scale, config, interpret))
+    max_rank = stacks[0].shape[1]
+    out = torch.zeros(len(stacks), x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    if plan.contiguous:
+        stacks = [t.contiguous() for t in stacks]
     shrink_kernel, _ = kernels(interpret)
-    a_strides = stacks[0].stride()
-    for part in _chunks(len(stacks)):
-        grid = (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_active)
-        dst = out[part.start : part.stop]
-        shrink_kernel[grid](
+    meta_args = _meta_args(meta)
+    for launch in plan.launches:
+        part = launch.part
+        shrink_kernel[launch.grid](
             x,
             *_pad3([stacks[i] for i in part]),
-            dst,
-            *_meta_args(meta),
-            hidden,
-            max_rank,
-            float(scale),
-            *x.stride(),
-            *a_strides,
-            *dst.stride(),
-            **consts,
+            out[part.start : part.stop],
+            *meta_args,
+            *launch.scalars,
+            **launch.consts,
         )
     return out
 
@@ -366,25 +414,16 @@ def lora_shrink_triton(
 # --------------------------------------------------------------------------- expand
 
 
-def lora_expand_slices_triton(
+def _expand_plan(
     buf: torch.Tensor,
-    lora_bs: Sequence[torch.Tensor] | torch.Tensor,
+    stacks: list[torch.Tensor],
     meta: LoRAMeta,
     out: torch.Tensor,
-    slice_offsets: Sequence[int] | None = None,
-    add: bool = True,
-    *,
-    config: ExpandConfig | None = None,
-) -> torch.Tensor:
-    """``out[t, off_i:off_i+N_i] (+)= buf[i, t] @ lora_bs[i][slot[t]].T`` with the Triton kernel.
-
-    buf [n, T, R] (fp32 as the shrink returns it, or the weights' dtype); ``lora_bs[i]``
-    [S, N_i, R], same dtype and R; out [T, N_total] fp16/bf16/fp32, written in place.
-    Slices may differ in width (q/k/v); offsets default to back to back. Rows with slot -1
-    and columns outside every slice are untouched. Returns ``out``.
-    """
-    stacks = _as_stacks(lora_bs, "lora_bs")
-    offsets = default_slice_offsets(stacks) if slice_offsets is None else list(slice_offsets)
+    offsets: list[int],
+    add: bool,
+    config: ExpandConfig | None,
+    interpret: bool,
+) -> _Plan:
     num_slots, _, max_rank = stacks[0].shape
     if any(
         b.shape[0] != num_slots or b.shape[2] != max_rank or b.dtype != stacks[0].dtype
@@ -406,12 +445,12 @@ def lora_expand_slices_triton(
                 f"slice at column {col} of width {b.shape[1]} overflows out [.., {out.shape[1]}]"
             )
     _check_meta(meta, num_tokens, num_slots, out.device)
+    contiguous = len({t.stride()[1:3] for t in stacks}) > 1
     if meta.num_lora_tokens == 0:
-        return out
-
-    stacks = _same_layout(stacks, slice(1, 3))
-    interpret = _run_interpreted(out.device)
-    expand_kernel = kernels(interpret)[1]
+        return _Plan((), contiguous)
+    if contiguous:
+        stacks = [t.contiguous() for t in stacks]
+    launches = []
     for part in _chunks(len(stacks)):
         chunk = [stacks[i] for i in part]
         max_cols = max(b.shape[1] for b in chunk)
@@ -428,28 +467,75 @@ def lora_expand_slices_triton(
             len(part),
             meta.num_active,
         )
-        src = buf[part.start : part.stop]
-        expand_kernel[grid](
-            src,
-            *_pad3(chunk),
-            out,
-            *_meta_args(meta),
+        src_strides = buf[part.start : part.stop].stride()
+        scalars = (
             max_rank,
             n_tiles,
             *_pad3([b.shape[1] for b in chunk]),
             *_pad3([offsets[i] for i in part]),
             *_pad3([b.stride(0) for b in chunk]),
             *chunk[0].stride()[1:],
-            *src.stride(),
+            *src_strides,
             *out.stride(),
-            **expand_constexprs(
-                cfg,
-                buf.dtype,
-                chunk[0].dtype,
-                has_ranks=meta.slot_ranks is not None,
-                add=add,
-                interpret=interpret,
-            ),
+        )
+        consts = expand_constexprs(
+            cfg,
+            buf.dtype,
+            chunk[0].dtype,
+            has_ranks=meta.slot_ranks is not None,
+            add=add,
+            interpret=interpret,
+        )
+        launches.append(_Launch(part, grid, scalars, consts))
+    return _Plan(tuple(launches), contiguous)
+
+
+def lora_expand_slices_triton(
+    buf: torch.Tensor,
+    lora_bs: Sequence[torch.Tensor] | torch.Tensor,
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    add: bool = True,
+    *,
+    config: ExpandConfig | None = None,
+) -> torch.Tensor:
+    """``out[t, off_i:off_i+N_i] (+)= buf[i, t] @ lora_bs[i][slot[t]].T`` with the Triton kernel.
+
+    buf [n, T, R] (fp32 as the shrink returns it, or the weights' dtype); ``lora_bs[i]``
+    [S, N_i, R], same dtype and R; out [T, N_total] fp16/bf16/fp32, written in place.
+    Slices may differ in width (q/k/v); offsets default to back to back. Rows with slot -1
+    and columns outside every slice are untouched. Returns ``out``.
+    """
+    stacks = _as_stacks(lora_bs, "lora_bs")
+    offsets = default_slice_offsets(stacks) if slice_offsets is None else list(slice_offsets)
+    interpret = _run_interpreted(out.device)
+    key = (
+        "triton_expand",
+        _layout(buf),
+        *map(_layout, stacks),
+        _layout(out),
+        tuple(offsets),
+        add,
+        config,
+        interpret,
+    )
+    plan = _cached_plan(
+        meta, key, lambda: _expand_plan(buf, stacks, meta, out, offsets, add, config, interpret)
+    )
+    if plan.contiguous:
+        stacks = [t.contiguous() for t in stacks]
+    expand_kernel = kernels(interpret)[1]
+    meta_args = _meta_args(meta)
+    for launch in plan.launches:
+        part = launch.part
+        expand_kernel[launch.grid](
+            buf[part.start : part.stop],
+            *_pad3([stacks[i] for i in part]),
+            out,
+            *meta_args,
+            *launch.scalars,
+            **launch.consts,
         )
     return out
 

@@ -554,6 +554,26 @@ def test_meta_slot_ranks() -> None:
         LoRAMeta.from_token_slots(torch.tensor([0]), 1, slot_ranks=[-1])
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+)
+def test_meta_from_a_host_list_equals_meta_from_a_tensor(device: str) -> None:
+    """The engine passes host lists; both forms give the same grouping, dtypes and device."""
+    slots = [2, -1, 0, 2, 2, -1, 0, 3]
+    a = LoRAMeta.from_token_slots(slots, 4, slot_ranks=[4, 0, 8, 16], device=device)
+    b = LoRAMeta.from_token_slots(torch.tensor(slots, device=device), 4, slot_ranks=[4, 0, 8, 16])
+    assert a.sorted_token_ids.tolist() == [2, 6, 0, 3, 4, 7, 1, 5]
+    assert a.slot_counts.tolist() == [2, 0, 3, 1] and a.slot_starts.tolist() == [0, 2, 2, 5]
+    assert a.active_slots.tolist() == [0, 2, 3] and a.slot_ranks.tolist() == [4, 0, 8, 16]
+    for name in ("token_slots", "sorted_token_ids", "slot_counts", "slot_starts", "active_slots"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.tolist() == y.tolist() and x.dtype == y.dtype and x.device == y.device, name
+        assert x.device.type == device
+    assert (a.num_lora_tokens, a.max_slot_tokens, a.num_active) == (6, 3, 3)
+    with pytest.raises(ValueError, match=r"in \[-1, 4\)"):
+        LoRAMeta.from_token_slots([0, 4], 4)
+
+
 # --------------------------------------------------------------------------- GPU compile
 
 
@@ -620,7 +640,13 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = lora_shrink(batch.x.cuda(), batch.lora_as[0].cuda(), batch.meta)
     out = torch.zeros(batch.x.shape[0], batch.lora_bs[0].shape[1], dtype=batch.dtype, device="cuda")
     lora_expand(buf, batch.lora_bs[0].cuda(), batch.meta, out)
-    assert calls == ["lora_shrink_triton", "lora_expand_triton"]
+    # The single-slice entry points delegate to the slices forms, both spied on.
+    assert calls == [
+        "lora_shrink_triton",
+        "lora_shrink_slices_triton",
+        "lora_expand_triton",
+        "lora_expand_slices_triton",
+    ]
 
 
 @needs_triton

@@ -14,8 +14,6 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
 from lorafleet.producer.errors import (
     AdapterConflictError,
     AdapterInvalidError,
@@ -47,8 +45,8 @@ class AdapterManager:
         if config.enable_lora:
             for linear in {id(lin): lin for lin, _ in self.linears.values()}.values():
                 linear.allocate_slots(self.num_slots, config.max_lora_rank)
-        device = next(model.parameters()).device
-        self.slot_ranks = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
+        # Host-side: the step's LoRAMeta uploads it with the rest of its metadata.
+        self.slot_ranks = [0] * self.num_slots
         self.slot_owner: list[int | None] = [None] * self.num_slots
         self.slot_refs = [0] * self.num_slots
         self.slot_used_at = [0] * self.num_slots

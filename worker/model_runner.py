@@ -97,7 +97,7 @@ class ModelRunner:
         lora = None
         if any(s >= 0 for s in token_slots):
             lora = LoRAMeta.from_token_slots(
-                self._tensor(token_slots), self.adapters.num_slots, self.adapters.slot_ranks
+                token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
             )
         ctx = StepContext(
             positions=self._tensor(positions),

@@ -1,0 +1,87 @@
+"""The engine on CUDA: compiled Triton kernels inside the real model, against PEFT on the CPU.
+
+Skipped without a CUDA device (CI has none); run on a GPU host with ``pytest -m gpu``.
+The reference is transformers + PEFT in fp32 on the CPU, as in ``test_engine_peft``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from test_engine_peft import MAX_TOKENS, PROMPTS, PeftReference, _mixed
+
+from lorafleet.producer import SamplingParams
+from lorafleet.worker import LLM
+from lorafleet.worker.async_engine import AsyncEngine
+from lorafleet.worker.config import EngineConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+
+def _prefill_logits(llm: LLM, requests) -> torch.Tensor:
+    """Last-token logits of one step that holds every request (float32, on the CPU)."""
+    engine = llm.engine
+    for i, lora in enumerate(requests):
+        engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], SamplingParams(), lora)
+    batch = engine.scheduler.schedule()
+    assert len(batch) == len(requests)
+    return engine.runner.execute(batch).float().cpu()
+
+
+def test_cuda_mixed_batch_equals_peft(llama_dir, adapter_factory):
+    """fp32 on CUDA, slots evicted and reloaded mid-run: token for token as PEFT."""
+    loras = [req for _, req in adapter_factory(llama_dir)]
+    ref = PeftReference(llama_dir, loras)
+    prompts, requests = _mixed(loras)
+    llm = LLM(str(llama_dir), device="cuda", dtype="float32", max_loras=2, max_lora_rank=64)
+    outs = llm.generate(prompts, GREEDY, requests)
+    assert llm.engine.adapters.stats.slot_evictions > 0
+    for prompt, lora, out in zip(prompts, requests, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_cuda_prefill_logits_match_peft(llama_dir, adapter_factory, dtype, tol):
+    """Every adapter and the base model in one step; norm-wise relative error per request
+    (bf16 weights and activations: about bf16's epsilon times a few layers)."""
+    loras = [req for _, req in adapter_factory(llama_dir)]
+    ref = PeftReference(llama_dir, loras)
+    requests = [None, *loras]
+    llm = LLM(str(llama_dir), device="cuda", dtype=dtype, max_loras=len(loras), max_lora_rank=64)
+    logits = _prefill_logits(llm, requests)
+    for i, lora in enumerate(requests):
+        expected = ref.last_logits(PROMPTS[i % len(PROMPTS)], lora)
+        err = float((logits[i] - expected).norm() / expected.norm())
+        assert err < tol, (dtype, lora, err)
+
+
+def test_engine_process_on_cuda_equals_in_process(llama_dir, adapter_factory):
+    """The worker's engine child process initialises CUDA itself and returns what the
+    in-process engine returns."""
+    adapters = [req for spec, req in adapter_factory(llama_dir) if spec.rank <= 16]
+    loras = [None, adapters[0], adapters[1], None, adapters[0]]
+    prompts = [f"prompt {i}" for i in range(len(loras))]
+    kw = dict(device="cuda", dtype="float32", max_loras=2, max_lora_rank=16)
+    expected = LLM(str(llama_dir), **kw).generate(prompts, GREEDY, lora_request=loras)
+
+    async def run():
+        engine = AsyncEngine(EngineConfig(model=str(llama_dir), **kw))
+        await engine.start()
+        try:
+            streams = [
+                engine.add_request(f"r{i}", p, GREEDY, lora)
+                for i, (p, lora) in enumerate(zip(prompts, loras, strict=True))
+            ]
+            return engine.info, [await s.result() for s in streams]
+        finally:
+            await engine.stop()
+
+    info, results = asyncio.run(run())
+    assert info.config.device.startswith("cuda") and info.dtype == "float32"
+    assert [r.outputs[0].token_ids for r in results] == [e.outputs[0].token_ids for e in expected]
