@@ -50,15 +50,19 @@ def workload(args, loras):
 
 
 def engine_runner(model: Path, prompts, requests, args):
+    sizing = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_bytes") if hasattr(args, k)}
     llm = LLM(
         str(model),
         max_loras=args.adapters,
         max_lora_rank=args.rank,
         device=args.device,
         dtype=args.dtype,
+        **sizing,
     )
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], params, requests[:2])  # warm-up
+    # Warm-up on the whole workload: on CUDA every kernel variant the batches need compiles
+    # here (about a second each), not inside a timed round.
+    llm.generate(prompts, params, requests)
 
     def run() -> float:
         start = time.perf_counter()

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt words (bytes tokenizer)")
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--targets", help="comma-separated projections (default: the suite's)")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
 
@@ -46,6 +47,7 @@ def main() -> None:
     from lorafleet.worker.synthetic import build_random_adapter, build_random_model
 
     mode = GPU if args.gpu else CPU
+    targets = args.targets.split(",") if args.targets else mode.targets
     shape = dict(mode.model_shape)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
@@ -58,7 +60,11 @@ def main() -> None:
             LoRARequest(
                 f"a{i}",
                 i + 1,
-                str(build_random_adapter(model, root / f"a{i}", rank=args.rank, seed=i)),
+                str(
+                    build_random_adapter(
+                        model, root / f"a{i}", rank=args.rank, target_modules=targets, seed=i
+                    )
+                ),
             )
             for i in range(args.adapters)
         ]

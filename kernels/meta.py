@@ -24,9 +24,9 @@ class LoRAMeta:
                                         adapter in a rank-64 stack costs rank-8 work); ``None``
                                         means every slot uses the full R
     ``slot_ranks_host`` is the same per-slot rank as a host tuple (for the torch path).
-    Host ints (``num_active``, ``max_slot_tokens``, ``num_lora_tokens``) size kernel grids
-    without a device sync per layer. ``groups`` holds (slot, token index tensor) pairs for
-    the torch reference path.
+    Host ints (``num_active``, ``max_slot_tokens``, ``num_lora_tokens``, ``active_mask``)
+    size kernel grids and skip untouched layers without a device sync per layer.
+    ``groups`` holds (slot, token index tensor) pairs for the torch reference path.
     """
 
     token_slots: torch.Tensor
@@ -42,6 +42,7 @@ class LoRAMeta:
     max_slot_tokens: int
     groups: tuple[tuple[int, torch.Tensor], ...]
     slot_ranks_host: tuple[int, ...] | None = None
+    active_mask: int = 0  # bit s set for each active slot s (host-side set test per layer)
     spans: tuple[tuple[int, int] | None, ...] = ()
     # Derived tensors the torch path reuses across layers (built lazily, per step).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
@@ -138,6 +139,7 @@ class LoRAMeta:
             max_slot_tokens=max(counts_host, default=0),
             groups=groups,
             slot_ranks_host=ranks_host,
+            active_mask=sum(1 << s for s in active_host),
             spans=_contiguous_spans(slots_host.tolist(), active_host, counts_host),
         )
 

@@ -305,6 +305,13 @@ def _layout(t: torch.Tensor) -> tuple:
     return (t.device, t.dtype, tuple(t.shape), t.stride())
 
 
+def _needs_ranks(meta: LoRAMeta, max_rank: int) -> bool:
+    """Whether any active slot's rank is below the stack's: only then do the kernels read
+    per-slot ranks (the engine always passes them; uniform-rank steps skip the lookup)."""
+    ranks = meta.slot_ranks_host
+    return ranks is not None and any(ranks[s] < max_rank for s, _ in meta.groups)
+
+
 def _cached_plan(meta: LoRAMeta, key: tuple, build) -> _Plan:
     plan = meta.cache.get(key)
     if plan is None:
@@ -348,7 +355,7 @@ def _shrink_plan(
     m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
     r_tiles = triton.cdiv(max_rank, cfg.block_r)
     consts = shrink_constexprs(
-        cfg, x.dtype, stacks[0].dtype, has_ranks=meta.slot_ranks is not None, interpret=interpret
+        cfg, x.dtype, stacks[0].dtype, has_ranks=_needs_ranks(meta, max_rank), interpret=interpret
     )
     a_strides = stacks[0].contiguous().stride() if contiguous else stacks[0].stride()
     out_strides = (num_tokens * max_rank, max_rank, 1)  # the fp32 [n, T, R] result
@@ -482,7 +489,7 @@ def _expand_plan(
             cfg,
             buf.dtype,
             chunk[0].dtype,
-            has_ranks=meta.slot_ranks is not None,
+            has_ranks=_needs_ranks(meta, max_rank),
             add=add,
             interpret=interpret,
         )

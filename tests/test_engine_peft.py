@@ -159,3 +159,37 @@ def test_triton_kernels_interpreted_equal_peft(arch, monkeypatch, model_factory,
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), requests)
     for prompt, lora, out in zip(prompts, requests, outs, strict=True):
         assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)
+
+
+def test_projections_no_active_adapter_targets_skip_the_lora_ops(
+    llama_dir, adapter_factory, monkeypatch
+):
+    """An adapter on q/v only runs LoRA ops on the fused qkv projection alone; one on the MLP
+    on gate/up and down alone; evicting a slot clears what its old adapter targeted."""
+    import lorafleet.worker.model as model_module
+
+    by_name = {spec.name: req for spec, req in adapter_factory(llama_dir)}
+    shrinks: list[int] = []
+    real = model_module.lora_shrink_slices
+
+    def counting(x, lora_as, meta, *rest):
+        shrinks.append(lora_as[0].shape[-1])  # in_features of the projection
+        return real(x, lora_as, meta, *rest)
+
+    monkeypatch.setattr(model_module, "lora_shrink_slices", counting)
+    llm = LLM(str(llama_dir), max_loras=1, max_lora_rank=64)  # one slot: each load evicts
+    layers = llm.engine.args.num_layers
+    hidden, inter = llm.engine.args.hidden_size, llm.engine.args.intermediate_size
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)  # two steps
+    for name, projections in [
+        ("r8_qv", [hidden]),  # qkv
+        ("r8_mlp", [hidden, inter]),  # gate_up, down
+        ("r4", [hidden, hidden, hidden, inter]),  # qkv, o, gate_up, down
+        ("r8_qv", [hidden]),
+    ]:
+        shrinks.clear()
+        llm.generate(["hello"], params, by_name[name])
+        assert sorted(shrinks) == sorted(projections * layers * 2), name
+    shrinks.clear()
+    llm.generate(["hello"], params)  # base model only: no LoRA op at all
+    assert shrinks == []

@@ -238,6 +238,9 @@ class AdapterManager:
         return min(idle, key=lambda s: self.slot_used_at[s])
 
     def _write_slot(self, slot: int, lora_id: int, adapter: AdapterWeights) -> None:
+        bit = 1 << slot
+        for linear, _ in self.linears.values():
+            linear.slot_mask &= ~bit
         for key, (linear, index) in self.linears.items():
             lora_a, lora_b = linear.lora_as[index][slot], linear.lora_bs[index][slot]
             pair = adapter.weights.get(key)
@@ -245,6 +248,7 @@ class AdapterManager:
                 lora_a.zero_()
                 lora_b.zero_()
                 continue
+            linear.slot_mask |= bit
             a, b = pair
             r = a.shape[0]
             lora_a[:r].copy_(a, non_blocking=True)

@@ -89,6 +89,10 @@ class LoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.lora_as: list[torch.Tensor] = []
         self.lora_bs: list[torch.Tensor] = []
+        # Bit s set: the adapter in slot s has weights for this projection. A step whose
+        # active slots miss every bit skips the LoRA ops here (adapters on q/k/v/o only
+        # leave the MLP alone); the AdapterManager keeps it in step with the slots.
+        self.slot_mask = 0
 
     def allocate_slots(self, num_slots: int, rank: int) -> None:
         kw = dict(dtype=self.weight.dtype, device=self.weight.device)
@@ -100,7 +104,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         meta = ctx.lora
-        if self.lora_as and meta is not None and meta.num_lora_tokens:
+        if meta is not None and self.slot_mask & meta.active_mask:
             buf = lora_shrink_slices(x, self.lora_as, meta)
             lora_expand_slices(buf, self.lora_bs, meta, y, self.offsets)
         return y
