@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from lorafleet.kernels import LoRAMeta
@@ -40,9 +42,6 @@ class ModelRunner:
             for _ in range(a.num_layers)
         ]
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext]:
         """Flatten the batch into input ids and the step's ``StepContext``."""
         bs = self.block_size
@@ -80,10 +79,11 @@ class ModelRunner:
         logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
         max_ctx = max(context_lens)
         max_blocks = -(-max_ctx // bs)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.int64)
+        rows = []
         for b, i in enumerate(order):
-            used = -(-context_lens[b] // bs)
-            tables[b, :used] = torch.tensor(batch.seqs[i].block_table[:used])
+            row = batch.seqs[i].block_table[: -(-context_lens[b] // bs)]
+            rows.append(row + [0] * (max_blocks - len(row)))
+        tables = torch.tensor(rows, dtype=torch.int64)  # one conversion, not one per sequence
         key_pos = torch.arange(max_ctx)
         kv_gather_index = tables[:, key_pos // bs] * bs + key_pos % bs
         q_pos = torch.tensor(starts)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
@@ -99,18 +99,27 @@ class ModelRunner:
             lora = LoRAMeta.from_token_slots(
                 token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
             )
+        # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
+        # waits for the stream on CUDA), then split into views.
+        flat = [ids, positions, slot_mapping, query_pad_index, logits_indices]
+        host = torch.tensor(list(itertools.chain.from_iterable(flat)), dtype=torch.int64)
+        packed = torch.cat([host, kv_gather_index.flatten()])
+        packed = packed.to(self.device, non_blocking=True)
+        input_ids, pos, slot_map, pad_index, logit_rows, gather = packed.split(
+            [*map(len, flat), kv_gather_index.numel()]
+        )
         ctx = StepContext(
-            positions=self._tensor(positions),
-            slot_mapping=self._tensor(slot_mapping),
-            query_pad_index=self._tensor(query_pad_index),
-            kv_gather_index=kv_gather_index.to(self.device, non_blocking=True),
+            positions=pos,
+            slot_mapping=slot_map,
+            query_pad_index=pad_index,
+            kv_gather_index=gather.view(kv_gather_index.shape),
             attn_mask=mask[:, None].to(self.device, non_blocking=True),
-            logits_indices=self._tensor(logits_indices),
+            logits_indices=logit_rows,
             num_seqs=len(batch),
             max_query_len=max_q,
             lora=lora,
         )
-        return self._tensor(ids), ctx
+        return input_ids, ctx
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
