@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -127,6 +128,36 @@ def test_engine_death_fails_open_streams_and_calls_on_exit(llama_dir):
 
     asyncio.run(run())
     assert exits == [-9]
+
+
+def test_a_hung_engine_is_killed_and_fails_open_streams(llama_dir):
+    """A stopped (not dead) engine process answers no step: past ``stall_timeout_s`` the
+    watchdog kills it and the death path runs. Idle time is never a stall."""
+    exits = []
+    timeout = 1.0
+
+    async def run():
+        engine = AsyncEngine(_config(llama_dir), on_exit=exits.append, stall_timeout_s=timeout)
+        await engine.start()
+        try:
+            await asyncio.sleep(2.5 * timeout)  # idle, no request waiting: not a stall
+            ok = await engine.add_request("fine", "hello", GREEDY).result()
+            assert not engine.stalled
+            stream = engine.add_request("wedged", "the engine freezes", LONG)
+            async for _ in stream:
+                os.kill(engine.pid, signal.SIGSTOP)
+                break
+            frozen_at = time.monotonic()
+            with pytest.raises(InternalError, match=r"hung \(no step in 1s\) and was killed"):
+                await asyncio.wait_for(stream.result(), 10 * timeout)
+            return ok, time.monotonic() - frozen_at, engine.stalled
+        finally:
+            await engine.stop()
+
+    ok, detected_after, stalled = asyncio.run(run())
+    assert len(ok.outputs[0].token_ids) == GREEDY.max_tokens
+    assert stalled and exits == [-9]
+    assert timeout <= detected_after < timeout + 3
 
 
 def test_stop_ends_the_engine_process(llama_dir):

@@ -12,7 +12,9 @@ heartbeats read instead of reaching into the engine.
 
 If the engine process dies, every open stream fails with ``InternalError``; ``on_exit``, if
 given, is called first with the exit status (the worker exits there, so arq re-runs its
-jobs elsewhere rather than failing them).
+jobs elsewhere rather than failing them). A hung engine (a wedged device, a deadlock) is
+made a dead one: with requests in flight, the engine answers every step, so when no answer
+comes for ``stall_timeout_s`` the engine process is killed and the same path runs.
 """
 
 from __future__ import annotations
@@ -110,10 +112,19 @@ class AsyncEngine:
     """
 
     def __init__(
-        self, config: EngineConfig, on_exit: Callable[[int | None], None] | None = None
+        self,
+        config: EngineConfig,
+        on_exit: Callable[[int | None], None] | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
+        """``stall_timeout_s``: seconds without a step answer, while requests are in flight,
+        after which the engine counts as hung and is killed (None or 0: never). It must
+        exceed the slowest legitimate step: a long prefill, a kernel compile, an adapter
+        read from a slow disk."""
         self.config = config
         self.on_exit = on_exit
+        self.stall_timeout_s = stall_timeout_s or None
+        self.stalled = False  # the watchdog killed the engine
         self.step_observer: Callable[[StepStats], None] | None = None
         self.info: EngineInfo | None = None
         self.snapshot = EngineSnapshot()
@@ -123,6 +134,8 @@ class AsyncEngine:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._receiving: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_answer = 0.0  # loop time of the last update, or of going busy
         self._running = False  # ready and neither stopped nor dead
         self._stopping = False
 
@@ -154,11 +167,15 @@ class AsyncEngine:
         self.info = first.info
         self._running = True
         self._receiving = asyncio.create_task(self._receive_forever(), name="lorafleet-engine")
+        if self.stall_timeout_s is not None:
+            self._watchdog = asyncio.create_task(self._watch(), name="lorafleet-engine-watchdog")
 
     async def stop(self) -> None:
         """Stop the engine process; streams still open fail with ``InternalError``."""
         self._stopping = True
         self._running = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._process is None:
             return
         if self._writer is not None and not self._writer.is_closing():
@@ -201,6 +218,8 @@ class AsyncEngine:
         if not self._running:
             raise InternalError("the engine is not running")
         stream = RequestStream(request_id)
+        if not self._streams:  # idle until now: the stall clock starts here
+            self._last_answer = asyncio.get_running_loop().time()
         self._streams[request_id] = stream
         self._send(AddRequest(request_id, prompt, sampling_params, lora_request, arrival_time))
         return stream
@@ -240,12 +259,18 @@ class AsyncEngine:
         code = await self._process.wait()
         if self._stopping:
             return
-        log.critical("the engine process exited unexpectedly with status %s", code)
+        reason = (
+            f"the engine process hung (no step in {self.stall_timeout_s:g}s) and was killed"
+            if self.stalled
+            else f"the engine process exited with status {code}"
+        )
+        log.critical("%s", reason)
         if self.on_exit is not None:
             self.on_exit(code)
-        self._fail_all(f"the engine process exited with status {code}")
+        self._fail_all(reason)
 
     def _deliver(self, update: EngineUpdate) -> None:
+        self._last_answer = asyncio.get_running_loop().time()
         self.snapshot = update.snapshot
         for out in update.outputs:
             stream = self._streams.get(out.request_id)
@@ -256,6 +281,25 @@ class AsyncEngine:
                 del self._streams[out.request_id]
         if update.stats is not None and self.step_observer is not None:
             self.step_observer(update.stats)
+
+    async def _watch(self) -> None:
+        """Kill the engine process when it has not answered a step in ``stall_timeout_s``
+        while requests wait on it; ``_receive_forever`` then sees it exit."""
+        loop = asyncio.get_running_loop()
+        timeout = self.stall_timeout_s
+        while self._running:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            silent = loop.time() - self._last_answer
+            if self._running and self._streams and silent > timeout:
+                log.critical(
+                    "the engine process answered no step in %.1fs with %d requests in flight;"
+                    " killing it as hung",
+                    silent,
+                    len(self._streams),
+                )
+                self.stalled = True
+                self._process.kill()
+                return
 
     def _fail_all(self, reason: str) -> None:
         for request_id, stream in list(self._streams.items()):

@@ -62,9 +62,9 @@ class WorkerState:
 
 
 def _engine_exited(status: int | None) -> None:
-    """The engine process died: so does the worker, at once, without answering its jobs.
-    Its claims lapse within the heartbeat TTL and arq runs the jobs again on a healthy
-    worker; a supervisor (systemd, Kubernetes) restarts this one."""
+    """The engine process died (or hung and was killed): so does the worker, at once,
+    without answering its jobs. Its claims lapse within the heartbeat TTL and arq runs the
+    jobs again on a healthy worker; a supervisor (systemd, Kubernetes) restarts this one."""
     logger.critical("engine process exited with status %s; the worker exits too", status)
     logging.shutdown()
     os._exit(70)
@@ -75,7 +75,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     config: WorkerConfig = ctx["config"]
     redis = ctx["redis"]
     started = time.monotonic()
-    engine = AsyncEngine(config.engine_config(), on_exit=_engine_exited)
+    engine = AsyncEngine(
+        config.engine_config(),
+        on_exit=_engine_exited,
+        stall_timeout_s=config.engine_stall_timeout,
+    )
     await engine.start()
     publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
     await publisher.start()

@@ -67,6 +67,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_MAX_NUM_SEQS", "max_num_seqs", "int", "Requests in one engine batch."),
     Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
     Variable("LORAFLEET_ENGINE_THREADS", "engine_threads", "int", "CPU threads of the engine process's torch (default: all cores but one, which the worker's event loop keeps)."),
+    Variable("LORAFLEET_ENGINE_STALL_TIMEOUT", "engine_stall_timeout", "float", "Seconds the engine process may go without finishing a step while requests wait on it; past that it counts as hung, is killed and the worker exits so its jobs run elsewhere (0: never)."),
     Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
@@ -105,6 +106,7 @@ class WorkerConfig:
     max_model_len: int | None = None
     kv_cache_mb: int | None = None
     engine_threads: int | None = None
+    engine_stall_timeout: float = 120.0
     adapter_roots: tuple[str, ...] = ()
     hub: str = "off"
     hub_cache: str | None = None
@@ -191,6 +193,7 @@ class WorkerConfig:
         need(0 <= self.metrics_port < 65536, "metrics_port", "must be a port number (0: off)")
         need(self.metrics_max_adapters >= 0, "metrics_max_adapters", "must be >= 0")
         need(self.job_timeout > 0, "job_timeout", "must be > 0")
+        need(self.engine_stall_timeout >= 0, "engine_stall_timeout", "must be >= 0 (0: never)")
         need(0 < self.poll_delay <= 5, "poll_delay", "must be in (0, 5] seconds")
         need(self.keep_result > 0, "keep_result", "must be > 0")
         need(self.stream_ttl >= 1, "stream_ttl", "must be >= 1")

@@ -75,6 +75,47 @@ def test_engine_death_ends_the_worker_and_its_jobs_run_again_once(
         assert [e.attempt for e in events if e.final] == [2]
 
 
+def test_hung_engine_ends_the_worker_and_its_jobs_run_again_once(
+    rel_redis, make_config, start_worker
+):
+    """SIGSTOP freezes the engine without killing it: the stall watchdog must turn the hang
+    into the death path (kill, worker exit 70), so the jobs run on the rescuer instead of
+    waiting out the job timeout."""
+    url = rel_redis.url
+    stall = 2.0
+    first = start_worker(make_config(url, engine_stall_timeout=stall))
+    engine_pid = registry_entry(url, first.config.name)["engine_pid"]
+    rescuer = start_worker(make_config(url, queue=first.config.queue))
+    rescuer.signal(signal.SIGSTOP)
+
+    async def scenario():
+        async with Client(url, queue_name=first.config.queue) as client:
+            handles = [await client.submit(f"engine hang {i}", LONG) for i in range(3)]
+            ids = [h.job_id for h in handles]
+            await asyncio.to_thread(
+                wait_until, lambda: all(stream_events(url, j) for j in ids), 30, "tokens"
+            )
+            os.kill(engine_pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            await asyncio.to_thread(
+                wait_until, lambda: not first.running, stall + 10, "the worker to exit"
+            )
+            exited_after = time.monotonic() - frozen_at
+            rescuer.signal(signal.SIGCONT)
+            outputs = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 60)
+            return ids, outputs, exited_after
+
+    ids, outputs, exited_after = asyncio.run(scenario())
+
+    assert first.stop() == 70
+    assert "hung (no step in 2s) and was killed" in first.log_tail()
+    assert stall <= exited_after < stall + 10
+    assert not _alive(engine_pid)
+    for job_id, output in zip(ids, outputs, strict=True):
+        assert len(output.outputs[0].token_ids) == LONG.max_tokens
+        assert [e.attempt for e in stream_events(url, job_id) if e.final] == [2]
+
+
 def test_killed_worker_leaves_no_engine_process(rel_redis, make_config, start_worker):
     worker = start_worker(make_config(rel_redis.url))
     engine_pid = registry_entry(rel_redis.url, worker.config.name)["engine_pid"]
