@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one bounded run, for a GPU host with lorafleet's worker
+# dependencies installed (CI has no GPU, so these run only here). PYTHON picks the
+# interpreter (default python3).
+#
+#     bash scripts/gpu_session.sh [RESULTS_DIR] [BUDGET_S] [STEP...]
+#
+# Steps (default: tests bench_kernels adapters profile), each cut off at what is left of
+# BUDGET_S (default 540 s, under a 10-minute call):
+#   tests          the compiled kernel and CUDA engine tests (about 65 s on an H100)
+#   bench_kernels  the kernel benchmark table (about 55 s)
+#   adapters       the GPU suite's adapter-count rows, 256 requests (about 255 s)
+#   peft           the GPU suite's PEFT row, 1 round (about 6 min: run it in its own call)
+#   profile        where an engine step's host time goes, 4 layers (about 60 s)
+# Logs and tables go to RESULTS_DIR (default ./gpu-results); a short summary is printed last.
+set -u
+out=${1:-gpu-results}
+budget=${2:-540}
+steps=("${@:3}")
+((${#steps[@]})) || steps=(tests bench_kernels adapters profile)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+start=$(date +%s)
+left() { echo $((budget - ($(date +%s) - start))); }
+
+step() { # step NAME MAX_SECONDS COMMAND...: runs COMMAND for at most min(MAX, time left)
+    local name=$1 max=$2
+    shift 2
+    local limit
+    limit=$(left)
+    ((limit > max)) && limit=$max
+    if ((limit < 20)); then
+        echo "== $name: skipped (no time left)"
+        return
+    fi
+    echo "== $name (at most ${limit}s)"
+    timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "   exit status $?"
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1
+for name in "${steps[@]}"; do
+    case $name in
+    tests) step tests 150 "$py" -m pytest -m gpu -p no:cacheprovider -q \
+        tests/test_kernels.py tests/test_engine_cuda.py ;;
+    bench_kernels) step bench_kernels 120 "$py" benchmarks/bench_kernels.py ;;
+    adapters) step adapters 320 "$py" benchmarks/run_all.py --gpu --only adapters \
+        --requests 256 --rounds 2 --tiers 128:512 --out "$out/adapters.md" ;;
+    peft) step peft 540 "$py" benchmarks/run_all.py --gpu --only peft --rounds 1 \
+        --out "$out/peft.md" ;;
+    profile) step profile 120 "$py" benchmarks/profile_engine.py --gpu --layers 4 --top 40 ;;
+    *) echo "unknown step $name (tests, bench_kernels, adapters, peft, profile)" && exit 2 ;;
+    esac
+done
+
+echo "== summary ($(($(date +%s) - start))s)"
+cat "$out/gpu.txt"
+tail -n 2 "$out/tests.log" 2>/dev/null
+grep -E "^\| decode T=(64|256) A=64 \| both" "$out/bench_kernels.log" 2>/dev/null
+grep -hE "adapters N=|peft:" "$out/adapters.log" "$out/peft.log" 2>/dev/null
+grep "###" "$out/profile.log" 2>/dev/null
