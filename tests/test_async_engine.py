@@ -132,7 +132,8 @@ def test_engine_death_fails_open_streams_and_calls_on_exit(llama_dir):
 
 def test_a_hung_engine_is_killed_and_fails_open_streams(llama_dir):
     """A stopped (not dead) engine process answers no step: past ``stall_timeout_s`` the
-    watchdog kills it and the death path runs. Idle time is never a stall."""
+    watchdog kills it and the death path runs. Idle time, and time the worker itself was
+    frozen, are never a stall."""
     exits = []
     timeout = 1.0
 
@@ -142,6 +143,16 @@ def test_a_hung_engine_is_killed_and_fails_open_streams(llama_dir):
         try:
             await asyncio.sleep(2.5 * timeout)  # idle, no request waiting: not a stall
             ok = await engine.add_request("fine", "hello", GREEDY).result()
+            assert not engine.stalled
+            # Worker and engine frozen together (Ctrl-Z, a paused VM; here a blocked loop):
+            # on resume the engine answers again, and is not blamed for the pause.
+            paused = engine.add_request("paused", "both frozen", LONG)
+            async for _ in paused:
+                os.kill(engine.pid, signal.SIGSTOP)
+                time.sleep(3 * timeout)
+                os.kill(engine.pid, signal.SIGCONT)
+                break
+            assert len((await paused.result()).outputs[0].token_ids) == LONG.max_tokens
             assert not engine.stalled
             stream = engine.add_request("wedged", "the engine freezes", LONG)
             async for _ in stream:

@@ -287,9 +287,18 @@ class AsyncEngine:
         while requests wait on it; ``_receive_forever`` then sees it exit."""
         loop = asyncio.get_running_loop()
         timeout = self.stall_timeout_s
+        tick = min(1.0, timeout / 4)
+        last_tick = loop.time()
         while self._running:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            silent = loop.time() - self._last_answer
+            await asyncio.sleep(tick)
+            now = loop.time()
+            # A late tick means this process was frozen or starved (SIGSTOP of the process
+            # group, a paused VM, a blocked loop): that time is not the engine's silence.
+            late = now - last_tick - tick
+            if late > 1.0:
+                self._last_answer += late
+            last_tick = now
+            silent = now - self._last_answer
             if self._running and self._streams and silent > timeout:
                 log.critical(
                     "the engine process answered no step in %.1fs with %d requests in flight;"

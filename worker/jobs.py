@@ -33,7 +33,7 @@ from lorafleet.producer.errors import (
 )
 from lorafleet.producer.types import RequestMetrics
 from lorafleet.worker.aborts import AbortWatcher
-from lorafleet.worker.arq_fixes import current_arq_worker, survive_lost_claims
+from lorafleet.worker.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.async_engine import AsyncEngine
 from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.heartbeat import Heartbeat
@@ -91,7 +91,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
     metrics = start_worker_metrics(config, engine, redis)
     worker = current_arq_worker()
-    survive_lost_claims(worker)
+    guard_claims(worker)
     tracker = JobTracker(redis)
     info = {
         "pid": os.getpid(),
