@@ -3,7 +3,8 @@
 Triton's interpreter accepts programs that a GPU compile rejects (``tl.dot`` tiles under
 16, operand dtype mixes), so CPU-only CI lowers the compiled flavour for real GPU targets
 here; ``ptxas`` ships inside the triton wheel. Run ``python -m
-lorafleet.kernels.triton_compile_check`` to print shared memory and spill counts per variant.
+lorafleet.kernels.triton_compile_check`` to print shared memory, spill counts and the widths
+of the async copies per variant.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ _META_PTRS = {
     "active_slots_ptr": "*i32",
     "slot_ranks_ptr": "*i32",
 }
+_DIVISIBLE_INTS = {
+    "hidden", "max_rank", "n0", "n1", "n2",
+    "stride_xt", "stride_as", "stride_ar", "stride_os", "stride_ot",
+    "stride_bs0", "stride_bs1", "stride_bs2", "stride_bn", "stride_ws", "stride_wt",
+}  # fmt: skip
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SHAPES = {"decode": (4, 64), "prefill": (512, 4)}  # (max tokens per slot, active slots)
 
@@ -121,8 +127,29 @@ def compile_variant(variant: Variant, arch: int) -> Any:
         "num_stages": consts.pop("num_stages"),
         "enable_fp_fusion": True,  # triton 3.9 default, stated to silence its warning
     }
-    src = ASTSource(kernel, signature=_signature(kernel.fn, ptrs, consts), constexprs=consts)
+    signature = _signature(kernel.fn, ptrs, consts)
+    # As a launch specialises them: torch's allocations are 16-byte aligned, and the
+    # heuristic shapes' sizes and strides (H = N = 4096, R in 16/64/128) divide by 16.
+    names = list(signature)
+    attrs = {
+        (names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if kind.startswith("*") or (kind == "i32" and name in _DIVISIBLE_INTS)
+    }
+    src = ASTSource(kernel, signature=signature, constexprs=consts, attrs=attrs)
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def async_copy_bytes(kernel: Any) -> dict[int, int]:
+    """How many ``cp.async`` global-to-shared copies of each width (bytes) the PTX holds.
+    The pipelined K/rank loops load through these: 16-byte copies are the fast path."""
+    widths = re.findall(
+        r"cp\.async\.\S+ \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+|\d+)", kernel.asm["ptx"]
+    )
+    counts: dict[int, int] = {}
+    for w in widths:
+        counts[int(w, 0)] = counts.get(int(w, 0), 0) + 1
+    return dict(sorted(counts.items(), reverse=True))
 
 
 def compile_variants(
@@ -147,8 +174,10 @@ def _resource_usage(cubin: bytes) -> str:
 def main() -> None:
     for variant, arch, kernel in compile_variants(archs=(80, 90)):
         usage = _resource_usage(kernel.asm["cubin"])
+        copies = " ".join(f"{n}x{b}B" for b, n in async_copy_bytes(kernel).items())
         print(
-            f"sm_{arch} {variant.name:32s} {variant.config}  shared {kernel.metadata.shared:6d} B  {usage}"
+            f"sm_{arch} {variant.name:32s} {variant.config}  shared {kernel.metadata.shared:6d} B"
+            f"  {usage}  cp.async {copies or '-'}"
         )
 
 

@@ -593,6 +593,23 @@ def test_kernels_compile_for_cuda_without_a_gpu() -> None:
     assert all(kernel.asm["cubin"] for _, _, kernel in compiled)
 
 
+@needs_triton
+def test_per_slot_rank_expand_loads_whole_rank_tiles_16_bytes_wide() -> None:
+    """With per-slot ranks, the expand once masked every rank tile against a rank read from
+    memory. B's rank axis is contiguous, so that compiled to 4-byte async copies, and the
+    kernel ran 1.8x slower than the padded one on an H100 (24.3 vs 13.8 us, BENCHMARKS.md).
+    Whole rank tiles must load 16 bytes wide; only a partial last tile is masked."""
+    from lorafleet.kernels.triton_compile_check import (
+        async_copy_bytes,
+        compile_variant,
+        heuristic_variants,
+    )
+
+    for variant in heuristic_variants(dtypes=("bf16",), ranks=(64,)):
+        if variant.kernel == "expand":
+            assert 16 in async_copy_bytes(compile_variant(variant, 90)), variant.name
+
+
 # --------------------------------------------------------------------------- GPU
 
 
