@@ -50,14 +50,14 @@ def workload(args, loras):
 
 
 def engine_runner(model: Path, prompts, requests, args):
-    sizing = {k: getattr(args, k) for k in ("max_num_seqs", "kv_cache_bytes") if hasattr(args, k)}
     llm = LLM(
         str(model),
         max_loras=args.adapters,
         max_lora_rank=args.rank,
         device=args.device,
         dtype=args.dtype,
-        **sizing,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_bytes=args.kv_cache_mb * 2**20,
     )
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     # Warm-up on the whole workload: on CUDA every kernel variant the batches need compiles
@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best of each kept")
+    ap.add_argument("--max-num-seqs", type=int, default=128, help="engine batch limit")
+    ap.add_argument("--kv-cache-mb", type=int, default=256, help="engine KV cache, MiB")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()

@@ -306,7 +306,7 @@ def peft_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[str]
         device=mode.device,
         dtype=mode.dtype,
         max_num_seqs=mode.max_num_seqs,
-        kv_cache_bytes=mode.kv_cache_mb * 2**20,
+        kv_cache_mb=mode.kv_cache_mb,
     )
     loras = adapter_requests(adapter_root, n_adapters)
     prompts, requests = workload(bench, loras)
