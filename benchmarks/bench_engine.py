@@ -58,6 +58,7 @@ def engine_runner(model: Path, prompts, requests, args):
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=args.kv_cache_mb * 2**20,
+        cuda_graphs=args.cuda_graphs,
     )
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     # Warm-up on the whole workload: on CUDA every kernel variant the batches need compiles
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=128, help="engine batch limit")
     ap.add_argument("--kv-cache-mb", type=int, default=256, help="engine KV cache, MiB")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (both sides)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="engine decode from CUDA graphs")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +144,7 @@ def main() -> None:
     print(
         f"workload: {args.requests} requests over {args.adapters} adapters (rank {args.rank}), "
         f"{args.new_tokens} new tokens each, llama hidden {args.hidden} x {args.layers} layers, "
-        f"{args.dtype} {args.device}"
+        f"{args.dtype} {args.device}{', CUDA graphs' if args.cuda_graphs else ''}"
     )
     print(f"best of {args.rounds} alternating rounds")
     print(f"lorafleet engine        : {ours:9.1f} tokens/s")

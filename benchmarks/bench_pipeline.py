@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4, help="adapters mixed with the base")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cuda-graphs", action="store_true", help="worker decodes from graphs")
     parser.add_argument("--noop-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_worker:
@@ -187,6 +188,7 @@ def main() -> None:
             redis_url=server.url,
             queue=PIPE_QUEUE,
             max_num_seqs=args.max_num_seqs,
+            cuda_graphs=args.cuda_graphs,
         )
         noop_proc = subprocess.Popen(
             [sys.executable, __file__, "--noop-worker", server.url, str(config.poll_delay),

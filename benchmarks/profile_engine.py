@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--targets", help="comma-separated projections (default: the suite's)")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--cuda-graphs", action="store_true", help="decode steps from CUDA graphs")
     args = ap.parse_args()
 
     sys.path.insert(0, str(BENCH_DIR))
@@ -76,6 +77,7 @@ def main() -> None:
             max_lora_rank=args.rank,
             max_num_seqs=mode.max_num_seqs,
             kv_cache_bytes=mode.kv_cache_mb * 2**20,
+            cuda_graphs=args.cuda_graphs,
         )
         prompts = [f"{i} " + "word " * (args.prompt_len // 5) for i in range(args.requests)]
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)

@@ -250,6 +250,7 @@ def adapters_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[
             max_lora_rank=mode.rank,
             max_num_seqs=mode.max_num_seqs,
             kv_cache_bytes=mode.kv_cache_mb * 2**20,
+            cuda_graphs=args.cuda_graphs,
         )
         for n in args.counts:
             prompts, params, indices = adapter_workload(n, mode, args)
@@ -307,6 +308,7 @@ def peft_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[str]
         dtype=mode.dtype,
         max_num_seqs=mode.max_num_seqs,
         kv_cache_mb=mode.kv_cache_mb,
+        cuda_graphs=args.cuda_graphs,
     )
     loras = adapter_requests(adapter_root, n_adapters)
     prompts, requests = workload(bench, loras)
@@ -342,7 +344,7 @@ def run_captured(cmd: Sequence[str], env: dict[str, str]) -> str:
 
 
 def pipeline_section(mode: Mode, args, env: dict[str, str]) -> list[str]:
-    cmd = ["python", "benchmarks/bench_pipeline.py", *mode.pipeline_args]
+    cmd = ["python", "benchmarks/bench_pipeline.py", *mode.pipeline_args, *graphs_flag(args)]
     out = run_captured([sys.executable, str(BENCH_DIR / "bench_pipeline.py"), *cmd[2:]], env)
     log("pipeline:\n" + out)
 
@@ -382,7 +384,7 @@ def loadtest_section(model: Path, mode: Mode, args, env: dict[str, str], root: P
         "--device", mode.device, "--adapter-mix", "zipf:1.0",
         "--max-loras", str(args.tiers[0].max_loras),
         "--max-cpu-loras", str(args.tiers[0].max_cpu_loras),
-        "--quiet", "--json", str(report_path), *mode.loadtest_args,
+        "--quiet", "--json", str(report_path), *mode.loadtest_args, *graphs_flag(args),
     ]  # fmt: skip
     out = run_captured([sys.executable, "-m", "lorafleet.worker.cli", *cmd[1:]], env)
     log("loadtest:\n" + out)
@@ -415,6 +417,10 @@ def mode_of(args) -> Mode:
     return GPU if args.gpu else CPU
 
 
+def graphs_flag(args) -> list[str]:
+    return ["--cuda-graphs"] if args.cuda_graphs else []
+
+
 def threads_prefix(args) -> str:
     return f"OMP_NUM_THREADS={args.threads} " if not args.gpu else ""
 
@@ -430,7 +436,11 @@ def section_command(args, section: str) -> str:
         ("--rounds", args.rounds, 3),
         ("--tiers", ",".join(map(str, args.tiers)), mode_of(args).tiers),
         ("--seed", args.seed, 0),
+        ("--cuda-graphs", args.cuda_graphs, False),
     ):
+        if value is True:
+            parts.append(flag)
+            continue
         if value != default:
             parts += [flag, str(value)]
     return shlex.join(parts)
@@ -459,7 +469,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="engines and workers decode from CUDA graphs (every section)",
+    )
     args = ap.parse_args(argv)
+    if args.cuda_graphs and not args.gpu:
+        ap.error("--cuda-graphs needs --gpu")
     args.tiers = [Tiers.parse(t) for t in (args.tiers or mode_of(args).tiers).split(",")]
     return args
 
@@ -483,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         f"Machine: {machine_line(mode, args.threads)}. "
         f"Model: random llama {json.dumps(mode.model_shape) if mode.model_shape else '(hidden 64, 2 layers, vocab 259)'}, "
-        f"{mode.dtype} on {mode.device}.",
+        f"{mode.dtype} on {mode.device}"
+        f"{', decode steps from CUDA graphs' if args.cuda_graphs else ', eager steps'}.",
         "",
     ]
     with tempfile.TemporaryDirectory(prefix="lorafleet-bench-") as tmp:

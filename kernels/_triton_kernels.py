@@ -9,10 +9,13 @@ and were wrapped in whichever flavour was current when triton was imported); the
 builtins only (``tl.full``, integer arithmetic).
 
 Layout shared by both kernels (see ``LoRAMeta``): tokens are grouped by adapter slot in
-``sorted_ids``; slot ``s`` owns ``sorted_ids[starts[s] : starts[s] + counts[s]]``. The grid
-is (token tile x output tile [x K split], slice, active slot): one program multiplies one
-tile of one slot's tokens by that slot's weights, so a batch mixing 64 adapters is one
-launch and no Python loop. Programs past their slot's token count or rank exit at once.
+``sorted_ids``, and the work list is a list of segments, runs of that order sharing one
+slot: segment ``g`` is slot ``seg_slots[g]``'s tokens
+``sorted_ids[seg_starts[g] : seg_starts[g] + seg_counts[g]]``. The grid is (token tile x
+output tile [x K split], slice, segment): one program multiplies one tile of one segment's
+tokens by its slot's weights, so a batch mixing 64 adapters is one launch and no Python
+loop. Programs past their segment's length or their slot's rank exit at once (a captured
+CUDA graph's grid covers the most segments a step can have; the unused ones are empty).
 
 Up to three slices (fused q/k/v, gate/up) share one launch; their base pointers arrive as
 separate arguments and are picked by ``program_id(1)`` (no device pointer table to build or
@@ -29,9 +32,9 @@ def lora_shrink_kernel(
     a2_ptr,
     out_ptr,
     sorted_ids_ptr,
-    slot_counts_ptr,
-    slot_starts_ptr,
-    active_slots_ptr,
+    seg_slots_ptr,
+    seg_starts_ptr,
+    seg_counts_ptr,
     slot_ranks_ptr,
     hidden,
     max_rank,
@@ -56,19 +59,20 @@ def lora_shrink_kernel(
 
     x [T, H] fp16/bf16/fp32; A [S, R, H] per slice; out fp32 [n_slices, T, R], zeroed by the
     caller (split-K programs accumulate with atomics, and skipped rank tiles stay zero).
-    Grid: (m_tiles * r_tiles * SPLIT_K, n_slices, num_active).
+    Grid: (m_tiles * r_tiles * SPLIT_K, n_slices, num_segments).
     """
     pid = tl.program_id(0)
     slice_id = tl.program_id(1)
-    slot = tl.load(active_slots_ptr + tl.program_id(2)).to(tl.int64)
+    seg = tl.program_id(2)
     num_r_tiles = (max_rank + BLOCK_R - 1) // BLOCK_R
     pid_k = pid % SPLIT_K
     pid_r = (pid // SPLIT_K) % num_r_tiles
     pid_m = pid // (SPLIT_K * num_r_tiles)
 
-    count = tl.load(slot_counts_ptr + slot)
+    count = tl.load(seg_counts_ptr + seg)
     if pid_m * BLOCK_M >= count:
         return
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     rank = max_rank
     if HAS_RANKS:
         rank = tl.minimum(tl.load(slot_ranks_ptr + slot), max_rank)
@@ -82,7 +86,7 @@ def lora_shrink_kernel(
     if slice_id == 2:
         a_ptr = a2_ptr
 
-    start = tl.load(slot_starts_ptr + slot)
+    start = tl.load(seg_starts_ptr + seg)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < count
     tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_mask, other=0)
@@ -127,9 +131,9 @@ def lora_expand_kernel(
     b2_ptr,
     out_ptr,
     sorted_ids_ptr,
-    slot_counts_ptr,
-    slot_starts_ptr,
-    active_slots_ptr,
+    seg_slots_ptr,
+    seg_starts_ptr,
+    seg_counts_ptr,
     slot_ranks_ptr,
     max_rank,
     num_n_tiles,
@@ -161,17 +165,18 @@ def lora_expand_kernel(
 
     buf [n_slices, T, R] (fp32 from the shrink, or the weights' dtype); B_i [S, N_i, R];
     out [T, N_total] any float dtype, fp32 accumulation, one cast on write. Only rows of
-    adapter tokens are touched. Grid: (m_tiles * num_n_tiles, n_slices, num_active).
+    adapter tokens are touched. Grid: (m_tiles * num_n_tiles, n_slices, num_segments).
     """
     pid = tl.program_id(0)
     slice_id = tl.program_id(1)
-    slot = tl.load(active_slots_ptr + tl.program_id(2)).to(tl.int64)
+    seg = tl.program_id(2)
     pid_n = pid % num_n_tiles
     pid_m = pid // num_n_tiles
 
-    count = tl.load(slot_counts_ptr + slot)
+    count = tl.load(seg_counts_ptr + seg)
     if pid_m * BLOCK_M >= count:
         return
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
 
     b_ptr = b0_ptr
     n_cols = n0
@@ -194,7 +199,7 @@ def lora_expand_kernel(
     if HAS_RANKS:
         rank = tl.minimum(tl.load(slot_ranks_ptr + slot), max_rank)
 
-    start = tl.load(slot_starts_ptr + slot)
+    start = tl.load(seg_starts_ptr + seg)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < count
     tok = tl.load(sorted_ids_ptr + start + offs_m, mask=m_mask, other=0)

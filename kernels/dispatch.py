@@ -66,7 +66,7 @@ def lora_shrink(
     """
     if use_triton(x.device):
         return _triton_ops().lora_shrink_triton(x, lora_a, meta, scale)
-    return lora_shrink_ref(x, lora_a, meta, scale)
+    return lora_shrink_ref(x, lora_a, meta.concrete(), scale)
 
 
 def lora_expand(
@@ -82,7 +82,7 @@ def lora_expand(
     """
     if use_triton(out.device):
         return _triton_ops().lora_expand_triton(buf, lora_b, meta, out, add)
-    return lora_expand_ref(buf, lora_b, meta, out, add)
+    return lora_expand_ref(buf, lora_b, meta.concrete(), out, add)
 
 
 def lora_shrink_slices(
@@ -91,7 +91,7 @@ def lora_shrink_slices(
     """Shrink for fused projections: x [T, H], ``lora_as[i]`` [S, R, H] -> fp32 [n, T, R]."""
     if use_triton(x.device):
         return _triton_ops().lora_shrink_slices_triton(x, lora_as, meta, scale)
-    return lora_shrink_slices_ref(x, lora_as, meta, scale)
+    return lora_shrink_slices_ref(x, lora_as, meta.concrete(), scale)
 
 
 def lora_expand_slices(
@@ -109,4 +109,4 @@ def lora_expand_slices(
     """
     if use_triton(out.device):
         return _triton_ops().lora_expand_slices_triton(buf, lora_bs, meta, out, slice_offsets, add)
-    return lora_expand_slices_ref(buf, lora_bs, meta, out, slice_offsets, add)
+    return lora_expand_slices_ref(buf, lora_bs, meta.concrete(), out, slice_offsets, add)

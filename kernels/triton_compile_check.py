@@ -36,9 +36,9 @@ from lorafleet.kernels.triton_ops import (
 
 _META_PTRS = {
     "sorted_ids_ptr": "*i64",
-    "slot_counts_ptr": "*i32",
-    "slot_starts_ptr": "*i32",
-    "active_slots_ptr": "*i32",
+    "seg_slots_ptr": "*i32",
+    "seg_starts_ptr": "*i32",
+    "seg_counts_ptr": "*i32",
     "slot_ranks_ptr": "*i32",
 }
 _DIVISIBLE_INTS = {
@@ -47,7 +47,7 @@ _DIVISIBLE_INTS = {
     "stride_bs0", "stride_bs1", "stride_bs2", "stride_bn", "stride_ws", "stride_wt",
 }  # fmt: skip
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_SHAPES = {"decode": (4, 64), "prefill": (512, 4)}  # (max tokens per slot, active slots)
+_SHAPES = {"decode": (4, 64), "prefill": (512, 4)}  # (tokens per segment, segments)
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,11 @@ def heuristic_variants(
 ) -> list[Variant]:
     """The tiles the default heuristics pick for decode and prefill batches on an H100."""
     out: list[Variant] = []
-    for dt, rank, (shape, (tokens, active)) in product(dtypes, ranks, _SHAPES.items()):
+    for dt, rank, (shape, (tokens, segments)) in product(dtypes, ranks, _SHAPES.items()):
         elem = _DTYPES[dt].itemsize
         sc = default_shrink_config(
-            max_slot_tokens=tokens,
-            num_active=active,
+            max_segment_tokens=tokens,
+            num_segments=segments,
             num_slices=1,
             hidden=hidden,
             rank=rank,
@@ -82,7 +82,7 @@ def heuristic_variants(
             interpret=False,
         )
         ec = default_expand_config(
-            max_slot_tokens=tokens, max_cols=hidden, rank=rank, elem_size=elem, interpret=False
+            max_segment_tokens=tokens, max_cols=hidden, rank=rank, elem_size=elem, interpret=False
         )
         out.append(Variant(f"shrink-{shape}-r{rank}-{dt}", "shrink", dt, "fp32", sc))
         out.append(Variant(f"expand-{shape}-r{rank}-{dt}", "expand", dt, "fp32", ec))

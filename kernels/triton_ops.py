@@ -93,8 +93,8 @@ def _sm_count(device: torch.device) -> int:
 
 def default_shrink_config(
     *,
-    max_slot_tokens: int,
-    num_active: int,
+    max_segment_tokens: int,
+    num_segments: int,
     num_slices: int,
     hidden: int,
     rank: int,
@@ -108,23 +108,26 @@ def default_shrink_config(
     Compiled: about 8K elements of activation plus weight tile per K step (4K for fp32),
     which ahead-of-time compiles for sm_80/sm_90 show to be spill-free, 8 warps once the
     token tile is 64 wide; and a hidden-dim split so that decode batches (one small token
-    tile per adapter) still put about two programs on each of ``sm_count`` SMs: decode
+    tile per segment) still put about two programs on each of ``sm_count`` SMs: decode
     shrink is a stream over the adapters' A rows and needs that parallelism. The split is
     off under ``torch.use_deterministic_algorithms(True)`` (its atomics add in any order).
     """
     if interpret:
         return ShrinkConfig(
-            block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 128),
+            block_m=_pow2_clamp(max_segment_tokens, MIN_TILE, 128),
             block_r=_pow2_clamp(rank, MIN_TILE, 128),
             block_k=_pow2_clamp(hidden, MIN_TILE, 4096),
         )
-    block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
+    block_m = _pow2_clamp(max_segment_tokens, MIN_TILE, 64)
     block_r = _pow2_clamp(rank, MIN_TILE, 128)
     elements = 8192 if elem_size <= 2 else 4096
     block_k = min(_prev_pow2(elements // (block_m + block_r)), 256, triton.next_power_of_2(hidden))
     block_k = max(block_k, 32)
     programs = (
-        triton.cdiv(max_slot_tokens, block_m) * triton.cdiv(rank, block_r) * num_slices * num_active
+        triton.cdiv(max_segment_tokens, block_m)
+        * triton.cdiv(rank, block_r)
+        * num_slices
+        * num_segments
     )
     # A power of two: SPLIT_K is compiled in, and decode batches vary their active-adapter
     # count every step; any integer would compile a new variant mid-serving (about a second).
@@ -136,7 +139,7 @@ def default_shrink_config(
 
 
 def default_expand_config(
-    *, max_slot_tokens: int, max_cols: int, rank: int, elem_size: int, interpret: bool
+    *, max_segment_tokens: int, max_cols: int, rank: int, elem_size: int, interpret: bool
 ) -> ExpandConfig:
     """Heuristic expand tiles.
 
@@ -148,11 +151,11 @@ def default_expand_config(
     """
     if interpret:
         return ExpandConfig(
-            block_m=_pow2_clamp(max_slot_tokens, MIN_TILE, 128),
+            block_m=_pow2_clamp(max_segment_tokens, MIN_TILE, 128),
             block_n=_pow2_clamp(max_cols, MIN_TILE, 4096),
             block_r=_pow2_clamp(rank, MIN_TILE, 128),
         )
-    block_m = _pow2_clamp(max_slot_tokens, MIN_TILE, 64)
+    block_m = _pow2_clamp(max_segment_tokens, MIN_TILE, 64)
     block_n = _pow2_clamp(max_cols, MIN_TILE, 128)
     num_warps = 8 if block_m * block_n >= 4096 else 4
     block_r = _pow2_clamp(rank, MIN_TILE, 32 if elem_size <= 2 else 16)
@@ -254,8 +257,8 @@ def _check_meta(meta: LoRAMeta, num_tokens: int, num_slots: int, device: torch.d
 
 
 def _meta_args(meta: LoRAMeta) -> tuple[torch.Tensor, ...]:
-    ranks = meta.slot_ranks if meta.slot_ranks is not None else meta.slot_counts
-    return meta.sorted_token_ids, meta.slot_counts, meta.slot_starts, meta.active_slots, ranks
+    ranks = meta.slot_ranks if meta.slot_ranks is not None else meta.seg_counts
+    return meta.sorted_token_ids, meta.seg_slots, meta.seg_starts, meta.seg_counts, ranks
 
 
 def _chunks(n: int) -> list[range]:
@@ -307,7 +310,10 @@ def _layout(t: torch.Tensor) -> tuple:
 
 def _needs_ranks(meta: LoRAMeta, max_rank: int) -> bool:
     """Whether any active slot's rank is below the stack's: only then do the kernels read
-    per-slot ranks (the engine always passes them; uniform-rank steps skip the lookup)."""
+    per-slot ranks (the engine always passes them; uniform-rank steps skip the lookup).
+    A static meta's ranks change between replays: always read them."""
+    if meta.static:
+        return True
     ranks = meta.slot_ranks_host
     return ranks is not None and any(ranks[s] < max_rank for s, _ in meta.groups)
 
@@ -343,8 +349,8 @@ def _shrink_plan(
     if meta.num_lora_tokens == 0 or max_rank == 0 or hidden == 0:
         return _Plan((), contiguous)
     cfg = config or default_shrink_config(
-        max_slot_tokens=meta.max_slot_tokens,
-        num_active=meta.num_active,
+        max_segment_tokens=meta.max_segment_tokens,
+        num_segments=meta.num_segments,
         num_slices=min(len(stacks), MAX_SLICES_PER_LAUNCH),
         hidden=hidden,
         rank=max_rank,
@@ -352,7 +358,7 @@ def _shrink_plan(
         sm_count=0 if interpret else _sm_count(x.device),
         interpret=interpret,
     )
-    m_tiles = triton.cdiv(meta.max_slot_tokens, cfg.block_m)
+    m_tiles = triton.cdiv(meta.max_segment_tokens, cfg.block_m)
     r_tiles = triton.cdiv(max_rank, cfg.block_r)
     consts = shrink_constexprs(
         cfg, x.dtype, stacks[0].dtype, has_ranks=_needs_ranks(meta, max_rank), interpret=interpret
@@ -362,7 +368,7 @@ def _shrink_plan(
     scalars = (hidden, max_rank, float(scale), *x.stride(), *a_strides, *out_strides)
     launches = tuple(
         _Launch(
-            part, (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_active), scalars, consts
+            part, (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_segments), scalars, consts
         )
         for part in _chunks(len(stacks))
     )
@@ -462,7 +468,7 @@ def _expand_plan(
         chunk = [stacks[i] for i in part]
         max_cols = max(b.shape[1] for b in chunk)
         cfg = config or default_expand_config(
-            max_slot_tokens=meta.max_slot_tokens,
+            max_segment_tokens=meta.max_segment_tokens,
             max_cols=max_cols,
             rank=max_rank,
             elem_size=out.element_size(),
@@ -470,9 +476,9 @@ def _expand_plan(
         )
         n_tiles = triton.cdiv(max_cols, cfg.block_n)
         grid = (
-            triton.cdiv(meta.max_slot_tokens, cfg.block_m) * n_tiles,
+            triton.cdiv(meta.max_segment_tokens, cfg.block_m) * n_tiles,
             len(part),
-            meta.num_active,
+            meta.num_segments,
         )
         src_strides = buf[part.start : part.stop].stride()
         scalars = (

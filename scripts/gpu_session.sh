@@ -5,19 +5,24 @@
 #
 #     bash scripts/gpu_session.sh [RESULTS_DIR] [BUDGET_S] [STEP...]
 #
-# Steps (default: tests bench_kernels adapters profile), each cut off at what is left of
+# Steps (default: tests bench_kernels adapters_graphs), each cut off at what is left of
 # BUDGET_S (default 540 s, under a 10-minute call):
-#   tests          the compiled kernel and CUDA engine tests (about 65 s on an H100)
-#   bench_kernels  the kernel benchmark table (about 55 s)
-#   adapters       the GPU suite's adapter-count rows, 256 requests (about 255 s)
-#   peft           the GPU suite's PEFT row, 1 round (about 6 min: run it in its own call)
-#   profile        where an engine step's host time goes, 4 layers (about 60 s)
+#   tests            the compiled kernel and CUDA engine tests (about 65 s on an H100)
+#   bench_kernels    the kernel benchmark table (about 55 s)
+#   adapters         the GPU suite's adapter-count rows, 256 requests, eager (about 255 s)
+#   adapters_graphs  the same rows with decode steps from CUDA graphs
+#   peft             the GPU suite's PEFT row, 1 round (about 6 min: run it in its own call)
+#   peft_graphs      the same with CUDA graphs
+#   profile          where an engine step's host time goes, 4 layers (about 60 s)
+#   profile_graphs   the same with decode steps from CUDA graphs
+# On a host without lorafleet's pure-Python dependencies, source scripts/gpu_host_env.sh
+# first.
 # Logs and tables go to RESULTS_DIR (default ./gpu-results); a short summary is printed last.
 set -u
 out=${1:-gpu-results}
 budget=${2:-540}
 steps=("${@:3}")
-((${#steps[@]})) || steps=(tests bench_kernels adapters profile)
+((${#steps[@]})) || steps=(tests bench_kernels adapters_graphs)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -47,10 +52,16 @@ for name in "${steps[@]}"; do
     bench_kernels) step bench_kernels 120 "$py" benchmarks/bench_kernels.py ;;
     adapters) step adapters 320 "$py" benchmarks/run_all.py --gpu --only adapters \
         --requests 256 --rounds 2 --tiers 128:512 --out "$out/adapters.md" ;;
+    adapters_graphs) step adapters_graphs 320 "$py" benchmarks/run_all.py --gpu --only adapters \
+        --requests 256 --rounds 2 --tiers 128:512 --cuda-graphs --out "$out/adapters_graphs.md" ;;
     peft) step peft 540 "$py" benchmarks/run_all.py --gpu --only peft --rounds 1 \
         --out "$out/peft.md" ;;
+    peft_graphs) step peft_graphs 540 "$py" benchmarks/run_all.py --gpu --only peft --rounds 1 \
+        --cuda-graphs --out "$out/peft_graphs.md" ;;
     profile) step profile 120 "$py" benchmarks/profile_engine.py --gpu --layers 4 --top 40 ;;
-    *) echo "unknown step $name (tests, bench_kernels, adapters, peft, profile)" && exit 2 ;;
+    profile_graphs) step profile_graphs 120 "$py" benchmarks/profile_engine.py --gpu --layers 4 \
+        --top 40 --cuda-graphs ;;
+    *) echo "unknown step $name (see the header)" && exit 2 ;;
     esac
 done
 
@@ -58,5 +69,7 @@ echo "== summary ($(($(date +%s) - start))s)"
 cat "$out/gpu.txt"
 tail -n 2 "$out/tests.log" 2>/dev/null
 grep -E "^\| decode T=(64|256) A=64 \| both" "$out/bench_kernels.log" 2>/dev/null
-grep -hE "adapters N=|peft:" "$out/adapters.log" "$out/peft.log" 2>/dev/null
-grep "###" "$out/profile.log" 2>/dev/null
+for name in adapters adapters_graphs peft peft_graphs; do
+    grep -hE "adapters N=|peft:" "$out/$name.log" 2>/dev/null | sed "s/^/$name: /"
+done
+grep -H "###" "$out/profile.log" "$out/profile_graphs.log" 2>/dev/null

@@ -46,6 +46,26 @@ def test_cuda_mixed_batch_equals_peft(llama_dir, adapter_factory):
         assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)
 
 
+def test_cuda_graph_decode_equals_peft(llama_dir, adapter_factory):
+    """Decode steps captured and replayed as CUDA graphs (fp32, slots evicted mid-run)."""
+    loras = [req for _, req in adapter_factory(llama_dir)]
+    ref = PeftReference(llama_dir, loras)
+    prompts, requests = _mixed(loras)
+    llm = LLM(
+        str(llama_dir),
+        device="cuda",
+        dtype="float32",
+        max_loras=2,
+        max_lora_rank=64,
+        cuda_graphs=True,
+    )
+    outs = llm.generate(prompts, GREEDY, requests)
+    graphs = llm.engine.runner.graphs
+    assert graphs.capture and graphs.replays > len(graphs.graphs) > 0
+    for prompt, lora, out in zip(prompts, requests, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2)])
 def test_cuda_prefill_logits_match_peft(llama_dir, adapter_factory, dtype, tol):
     """Every adapter and the base model in one step; norm-wise relative error per request

@@ -12,6 +12,7 @@ random runs force 16-wide tiles to exercise the K, rank, token and column tile l
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from lorafleet.kernels import (
     reference,
     triton_available,
 )
+from lorafleet.kernels.meta import static_segment_capacity
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -574,6 +576,74 @@ def test_meta_from_a_host_list_equals_meta_from_a_tensor(device: str) -> None:
         LoRAMeta.from_token_slots([0, 4], 4)
 
 
+def static_batch(batch: Batch, device: str) -> Batch:
+    """``batch`` with a static (capture-shaped) meta, first written for another step."""
+    case = batch.case
+    meta = LoRAMeta.for_capture(batch.x.shape[0], case.num_slots, device)
+    meta.write([case.num_slots - 1] * batch.x.shape[0], [case.rank] * case.num_slots)
+    meta.write(batch.token_slots.tolist(), batch.ranks())  # rewrites every table in place
+    return dataclasses.replace(batch, meta=meta)
+
+
+def test_static_meta_cuts_segments_and_pads_to_capacity() -> None:
+    slots = [2] * 37 + [-1, 0, -1] + [3] * 16
+    meta = LoRAMeta.for_capture(len(slots), 4, "cpu")
+    assert meta.static and meta.num_segments == static_segment_capacity(56, 4) == 7
+    assert meta.seg_counts.tolist() == [0] * 7  # nothing to do until written
+    meta.write(slots, [8, 8, 4, 16])
+    # slot 0: 1 token; slot 2: 37 tokens in 16 + 16 + 5; slot 3: 16; then empty segments
+    assert meta.seg_slots.tolist()[:5] == [0, 2, 2, 2, 3]
+    assert meta.seg_counts.tolist() == [1, 16, 16, 5, 16, 0, 0]
+    assert meta.seg_starts.tolist()[:5] == [0, 1, 17, 33, 38]
+    assert meta.active_slots.tolist() == [0, 2, 3, -1]
+    assert meta.slot_ranks.tolist() == [8, 8, 4, 16]
+    exact = LoRAMeta.from_token_slots(slots, 4, [8, 8, 4, 16])
+    assert meta.sorted_token_ids.tolist() == exact.sorted_token_ids.tolist()
+    concrete = meta.concrete()
+    assert [(s, idx.tolist()) for s, idx in concrete.groups] == [
+        (s, idx.tolist()) for s, idx in exact.groups
+    ]
+    with pytest.raises(ValueError, match=r"in \[-1, 4\)"):
+        meta.write([4] * len(slots), [8] * 4)
+    with pytest.raises(ValueError, match="56"):
+        meta.write([0], [8] * 4)
+    with pytest.raises(ValueError, match="slot_ranks"):
+        meta.write(slots, [8] * 3)
+    with pytest.raises(ValueError, match="static"):
+        exact.write(slots, [8] * 4)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 16, 17, 64, 255])
+@pytest.mark.parametrize("num_slots", [1, 3, 16, 128])
+def test_static_segment_capacity_is_enough_for_any_step(num_tokens: int, num_slots: int) -> None:
+    """The worst step: as many slots as can be active, every one one token past a segment
+    boundary, the rest on one slot."""
+    cap = static_segment_capacity(num_tokens, num_slots)
+    active = min(num_tokens, num_slots)
+    for spread in range(1, active + 1):
+        slots = [i % spread for i in range(num_tokens)]
+        counts = [slots.count(s) for s in range(spread)]
+        assert sum(-(-c // 16) for c in counts) <= cap, (num_tokens, num_slots, spread)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_interpreted_static_meta(case: Case) -> None:
+    """The CUDA-graph form: grids sized for capacity over 16-token segments, per-slot ranks
+    read from the device, tables rewritten in place between steps."""
+    ops = _triton_ops()
+    add = CASES.index(case) % 2 == 1
+    batch = static_batch(make_batch(case), "cpu")
+    run_slices(batch, "cpu", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, add)
+
+
+@needs_triton
+def test_static_meta_on_the_torch_path_reads_the_step_back() -> None:
+    case = CASE_BY_NAME["r64-bf16-mixed"]
+    batch = static_batch(make_batch(case), "cpu")
+    run_slices(batch, "cpu", lora_shrink_slices, lora_expand_slices, True)
+
+
 # --------------------------------------------------------------------------- GPU compile
 
 
@@ -632,6 +702,16 @@ def test_triton_compiled_cuda(case: Case, add: bool) -> None:
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_compiled_cuda_static_meta(case: Case) -> None:
+    ops = _triton_ops()
+    batch = static_batch(make_batch(case, "cuda"), "cuda")
+    run_slices(batch, "cuda", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_triton_compiled_cuda_decode_shape(dtype: str) -> None:
     """The benchmark's decode shape: 256 one-token sequences over 64 adapters, H=4096, r=16."""
@@ -670,8 +750,8 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_deterministic_mode_turns_split_k_off() -> None:
     ops = _triton_ops()
     kwargs = dict(
-        max_slot_tokens=4,
-        num_active=8,
+        max_segment_tokens=4,
+        num_segments=8,
         num_slices=1,
         hidden=4096,
         rank=16,

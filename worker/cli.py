@@ -413,6 +413,12 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     fleet.add_argument("--max-loras", type=int, help="local worker: adapter slots")
     fleet.add_argument("--max-cpu-loras", type=int, help="local worker: adapters in host memory")
     fleet.add_argument("--max-num-seqs", type=int, help="local worker: requests per batch")
+    fleet.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="local worker: decode steps from CUDA graphs",
+    )
     loadtest.add_arguments(p)
     p.set_defaults(run=_run_loadtest)
 
@@ -473,6 +479,7 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             ("max_loras", args.max_loras),
             ("max_cpu_loras", args.max_cpu_loras),
             ("max_num_seqs", args.max_num_seqs),
+            ("cuda_graphs", args.cuda_graphs),
         )
         if v is not None
     }

@@ -22,7 +22,9 @@ class EngineConfig:
     id (``org/name``) are fetched: ``off``, ``offline`` (local hub cache only) or ``online``
     (see ``lorafleet.worker.hub``). An adapter that failed to load is refused without
     touching the disk again for ``adapter_failure_ttl`` seconds (0: always retry).
-    ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
+    ``cuda_graphs`` replays decode steps from captured CUDA graphs (see
+    ``lorafleet.worker.decode_graphs``); on a CPU the same padded static path runs eagerly,
+    which only tests use. ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
     ``LoRARequest.base_model_name`` must match (default: the model folder's name).
     """
 
@@ -47,6 +49,7 @@ class EngineConfig:
     starvation_steps: int = 64
     served_model_name: str | None = None
     seed: int = 0
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:

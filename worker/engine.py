@@ -54,6 +54,8 @@ class LLMEngine:
         name = config.served_model_name or raw.get("_name_or_path") or model_dir.name
         self.adapters = AdapterManager(self.model, config, served_model_name=name)
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
+        if config.cuda_graphs:
+            self.runner.enable_decode_graphs(config.max_num_seqs, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
         eos = self.args.eos_token_ids or (

@@ -7,10 +7,13 @@ import itertools
 import torch
 
 from lorafleet.kernels import LoRAMeta
+from lorafleet.kernels.meta import int_tensor
 from lorafleet.worker.adapter_manager import AdapterManager
 from lorafleet.worker.context import StepContext
+from lorafleet.worker.decode_graphs import DecodeGraphs
 from lorafleet.worker.model import CausalLM
 from lorafleet.worker.scheduler import ScheduledBatch
+from lorafleet.worker.step_layout import StepLayout
 
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -20,6 +23,10 @@ def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
+    """Runs the model over a step's tokens. The KV cache holds one block more than the
+    ``BlockManager`` hands out: ``scratch_block``, where padded rows of a captured decode
+    graph write their keys and values."""
+
     def __init__(
         self,
         model: CausalLM,
@@ -33,7 +40,8 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         a = model.args
-        shape = (num_blocks * block_size, a.num_kv_heads, a.head_dim)
+        self.scratch_block = num_blocks
+        shape = ((num_blocks + 1) * block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -41,68 +49,44 @@ class ModelRunner:
             )
             for _ in range(a.num_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepContext]:
-        """Flatten the batch into input ids and the step's ``StepContext``."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        token_slots: list[int] = []
-        query_pad_index: list[int] = []
-        starts: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        max_q = max(batch.num_new_tokens)
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Replay decode steps of up to ``max_num_seqs`` sequences and ``max_model_len``
+        tokens of context from CUDA graphs (captured on first use per size bucket)."""
+        self.graphs = DecodeGraphs(self, max_num_seqs, max_model_len)
+
+    def layout(self, batch: ScheduledBatch) -> StepLayout:
         slots = [
             -1 if seq.lora_request is None else self.adapters.slot_of(seq.lora_id)
             for seq in batch.seqs
         ]
-        # Lay sequences out grouped by slot: each adapter's tokens form one contiguous run,
-        # so LoRA ops touch slices instead of gathering rows.
-        order = sorted(range(len(batch)), key=lambda i: slots[i])
-        last_token: dict[int, int] = {}
-        for b, i in enumerate(order):
-            seq, n, slot = batch.seqs[i], batch.num_new_tokens[i], slots[i]
-            start = seq.num_computed_tokens
-            table = seq.block_table
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            token_slots.extend([slot] * n)
-            query_pad_index.extend(range(b * max_q, b * max_q + n))
-            if batch.samples(i):
-                last_token[i] = len(ids) - 1
-            starts.append(start)
-            query_lens.append(n)
-            context_lens.append(start + n)
-        logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
-        max_ctx = max(context_lens)
-        max_blocks = -(-max_ctx // bs)
-        rows = []
-        for b, i in enumerate(order):
-            row = batch.seqs[i].block_table[: -(-context_lens[b] // bs)]
-            rows.append(row + [0] * (max_blocks - len(row)))
-        tables = torch.tensor(rows, dtype=torch.int64)  # one conversion, not one per sequence
-        key_pos = torch.arange(max_ctx)
-        kv_gather_index = tables[:, key_pos // bs] * bs + key_pos % bs
-        q_pos = torch.tensor(starts)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
-        ctx_len = torch.tensor(context_lens)[:, None, None]
-        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx_len)
-        window = self.model.args.sliding_window
-        if window is not None:
-            mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
-        pad_rows = torch.arange(max_q)[None, :] >= torch.tensor(query_lens)[:, None]
-        mask[:, :, 0] |= pad_rows  # padded query rows attend to one key: no NaN rows
+        return StepLayout.of(batch, slots, self.block_size)
+
+    def prepare(self, layout: StepLayout) -> tuple[torch.Tensor, StepContext]:
+        """Input ids and the step's ``StepContext``, at the layout's exact sizes."""
+        kv_gather_index, mask = layout.attention_tables(
+            layout.num_seqs,
+            max(layout.context_lens),
+            self.block_size,
+            fill_block=0,
+            window=self.model.args.sliding_window,
+        )
         lora = None
-        if any(s >= 0 for s in token_slots):
+        if any(s >= 0 for s in layout.token_slots):
             lora = LoRAMeta.from_token_slots(
-                token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
+                layout.token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
             )
         # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
         # waits for the stream on CUDA), then split into views.
-        flat = [ids, positions, slot_mapping, query_pad_index, logits_indices]
-        host = torch.tensor(list(itertools.chain.from_iterable(flat)), dtype=torch.int64)
+        flat = [
+            layout.ids,
+            layout.positions,
+            layout.slot_mapping,
+            layout.query_pad_index,
+            layout.logits_indices,
+        ]
+        host = int_tensor(list(itertools.chain.from_iterable(flat)))
         packed = torch.cat([host, kv_gather_index.flatten()])
         packed = packed.to(self.device, non_blocking=True)
         input_ids, pos, slot_map, pad_index, logit_rows, gather = packed.split(
@@ -113,18 +97,24 @@ class ModelRunner:
             slot_mapping=slot_map,
             query_pad_index=pad_index,
             kv_gather_index=gather.view(kv_gather_index.shape),
-            attn_mask=mask[:, None].to(self.device, non_blocking=True),
+            attn_mask=mask.to(self.device, non_blocking=True),
             logits_indices=logit_rows,
-            num_seqs=len(batch),
-            max_query_len=max_q,
+            num_seqs=layout.num_seqs,
+            max_query_len=layout.max_query_len,
             lora=lora,
         )
         return input_ids, ctx
 
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """float32 logits [N, vocab] of the tokens in ``ctx.logits_indices``."""
+        return self.model.compute_logits(self.model(input_ids, self.kv_caches, ctx))
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for the sampling sequences, in
-        batch order."""
-        input_ids, ctx = self.prepare(batch)
-        hidden = self.model(input_ids, self.kv_caches, ctx)
-        return self.model.compute_logits(hidden)
+        batch order. Decode steps replay a captured CUDA graph when graphs are on (the
+        result is then a view of the graph's output, valid until the next step)."""
+        layout = self.layout(batch)
+        if self.graphs is not None and self.graphs.fits(layout):
+            return self.graphs.run(layout)
+        return self.forward(*self.prepare(layout))

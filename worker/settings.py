@@ -49,7 +49,7 @@ class Variable:
 
     env: str
     field: str
-    kind: str  # "str" | "int" | "float" | "paths"
+    kind: str  # "str" | "int" | "float" | "bool" | "paths"
     help: str
 
     @property
@@ -68,6 +68,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
     Variable("LORAFLEET_ENGINE_THREADS", "engine_threads", "int", "CPU threads of the engine process's torch (default: all cores but one, which the worker's event loop keeps)."),
     Variable("LORAFLEET_ENGINE_STALL_TIMEOUT", "engine_stall_timeout", "float", "Seconds the engine process may go without finishing a step while requests wait on it; past that it counts as hung, is killed and the worker exits so its jobs run elsewhere (0: never)."),
+    Variable("LORAFLEET_CUDA_GRAPHS", "cuda_graphs", "bool", "Replay decode steps from captured CUDA graphs (`1`/`0`; CUDA only, off by default until measured on a GPU)."),
     Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
@@ -107,6 +108,7 @@ class WorkerConfig:
     kv_cache_mb: int | None = None
     engine_threads: int | None = None
     engine_stall_timeout: float = 120.0
+    cuda_graphs: bool = False
     adapter_roots: tuple[str, ...] = ()
     hub: str = "off"
     hub_cache: str | None = None
@@ -253,6 +255,7 @@ class WorkerConfig:
             adapter_failure_ttl=self.adapter_failure_ttl,
             hub=self.hub,
             hub_cache_dir=self.hub_cache,
+            cuda_graphs=self.cuda_graphs,
             **extra,
         )
 
@@ -302,16 +305,27 @@ def _paths(raw: str) -> tuple[str, ...]:
     return tuple(str(Path(p).expanduser().resolve()) for p in raw.split(os.pathsep) if p.strip())
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
     "int": int,
     "float": float,
+    "bool": _bool,
     "paths": _paths,
 }
 _KIND_NAMES = {
     "str": "text",
     "int": "an integer",
     "float": "a number",
+    "bool": "1 or 0 (true/false, yes/no, on/off)",
     "paths": "a list of folders",
 }
 

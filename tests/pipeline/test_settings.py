@@ -29,9 +29,11 @@ def test_defaults_and_types(model_dir, tmp_path):
         "LORAFLEET_POLL_DELAY": "0.02",
         "LORAFLEET_ADAPTER_ROOTS": f"{tmp_path}:{model_dir}",
         "LORAFLEET_REDIS_URL": "redis://example:6380/2",
+        "LORAFLEET_CUDA_GRAPHS": "yes",
     }
     config = WorkerConfig.from_env(env)
     assert config.max_loras == 8 and config.poll_delay == 0.02
+    assert config.cuda_graphs and config.engine_config().cuda_graphs
     assert config.adapter_roots == (str(tmp_path), str(model_dir))
     assert config.jobs_at_once == 2 * config.max_num_seqs
     assert WorkerConfig.from_env(config.to_env()) == config
@@ -52,6 +54,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "LORAFLEET_MAX_JOBS": "4",
         "LORAFLEET_ADAPTER_ROOTS": str(tmp_path / "nope"),
         "LORAFLEET_REDIS_URL": "http://localhost",
+        "LORAFLEET_CUDA_GRAPHS": "maybe",
     }
     with pytest.raises(ConfigError) as info:
         WorkerConfig.from_env(env)
@@ -63,6 +66,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "LORAFLEET_MAX_JOBS (4) must be >= LORAFLEET_MAX_NUM_SEQS (16)",
         "LORAFLEET_ADAPTER_ROOTS names",
         "LORAFLEET_REDIS_URL must start with redis://",
+        "LORAFLEET_CUDA_GRAPHS must be 1 or 0",
     ):
         assert needle in message
 

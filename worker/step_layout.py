@@ -1,0 +1,116 @@
+"""Host-side layout of one step: where each scheduled token goes, before any tensor exists.
+
+Built once per step by the ``ModelRunner`` and turned into device tensors either at their
+exact sizes (eager steps) or padded into a captured decode graph's static buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.kernels.meta import int_tensor
+from lorafleet.worker.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepLayout:
+    """The T tokens of a step from B sequences, laid out grouped by adapter slot.
+
+    Per token: ``ids``, ``positions``, ``slot_mapping`` (flat KV-cache row), ``token_slots``
+    (adapter slot, -1 = base model), ``query_pad_index`` (row in the padded [B * max_query_len]
+    queries). Per sequence, in layout order: ``block_tables`` (blocks covering its context),
+    ``starts`` (tokens cached before the step), ``query_lens``, ``context_lens``.
+    ``logits_indices`` lists, in batch order, the token whose next-token logits each sampling
+    sequence needs.
+    """
+
+    ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    token_slots: list[int]
+    query_pad_index: list[int]
+    logits_indices: list[int]
+    block_tables: list[list[int]]
+    starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    max_query_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.starts)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, each sampled: the shape CUDA graphs capture."""
+        return self.max_query_len == 1 and len(self.logits_indices) == self.num_seqs
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch, slots: list[int], block_size: int) -> StepLayout:
+        """Lay out ``batch``; ``slots[i]`` is sequence i's adapter slot (-1: none)."""
+        bs = block_size
+        max_q = max(batch.num_new_tokens)
+        layout = cls([], [], [], [], [], [], [], [], [], [], max_q)
+        # Sequences grouped by slot: each adapter's tokens form one contiguous run, so LoRA
+        # ops touch slices (or whole segments) instead of gathering rows.
+        order = sorted(range(len(batch)), key=lambda i: slots[i])
+        last_token: dict[int, int] = {}
+        for b, i in enumerate(order):
+            seq, n, slot = batch.seqs[i], batch.num_new_tokens[i], slots[i]
+            start = seq.num_computed_tokens
+            table = seq.block_table
+            layout.ids.extend(seq.token_ids[start : start + n])
+            layout.positions.extend(range(start, start + n))
+            layout.slot_mapping.extend(
+                table[p // bs] * bs + p % bs for p in range(start, start + n)
+            )
+            layout.token_slots.extend([slot] * n)
+            layout.query_pad_index.extend(range(b * max_q, b * max_q + n))
+            if batch.samples(i):
+                last_token[i] = len(layout.ids) - 1
+            layout.block_tables.append(table[: -(-(start + n) // bs)])
+            layout.starts.append(start)
+            layout.query_lens.append(n)
+            layout.context_lens.append(start + n)
+        layout.logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
+        return layout
+
+    def attention_tables(
+        self,
+        num_rows: int,
+        num_keys: int,
+        block_size: int,
+        fill_block: int,
+        window: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_gather_index int64 [num_rows, num_keys], attn_mask bool [num_rows, 1, max_q,
+        num_keys]) on the host.
+
+        Row b gathers sequence b's keys from the cache; keys past its context read block
+        ``fill_block`` and are masked. Rows past ``num_seqs`` (padding for a captured
+        graph) read ``fill_block`` too and attend to its first key only, as do padded
+        query rows, so no row of the softmax is empty (no NaN).
+        """
+        bs, n, max_q = block_size, self.num_seqs, self.max_query_len
+        pad = num_rows - n
+        num_blocks = -(-num_keys // bs)
+        flat: list[int] = []
+        for table in self.block_tables:
+            flat.extend(table)
+            flat.extend([fill_block] * (num_blocks - len(table)))
+        flat.extend([fill_block] * (num_blocks * pad))
+        tables = int_tensor(flat).view(num_rows, num_blocks)
+        key_pos = torch.arange(num_keys)
+        gather = tables[:, key_pos // bs] * bs + key_pos % bs
+        starts = torch.tensor(self.starts + [0] * pad)
+        q_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
+        ctx_len = torch.tensor(self.context_lens + [1] * pad)[:, None, None]
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx_len)
+        if window is not None:
+            mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
+        query_lens = torch.tensor(self.query_lens + [1] * pad)
+        pad_rows = torch.arange(max_q)[None, :] >= query_lens[:, None]
+        mask[:, :, 0] |= pad_rows  # padded query rows attend to one key: no NaN rows
+        return gather, mask[:, None]
