@@ -5,7 +5,7 @@
     python benchmarks/bench_kernels.py --sweep          # also try a few tile configs per shape
     python benchmarks/bench_kernels.py --interpret-smoke   # CPU, Triton interpreter, tiny shapes
 
-Per shape and op (shrink, expand, both) it reports the time with eager launches and with
+Per shape and op (shrink, expand, both = ``add_lora_slices``, the engine's op) it reports the time with eager launches and with
 CUDA-graph replays (kernel time without launch overhead, which is what kernels of a few
 microseconds are judged by); the bytes the op must move at least (activations and output
 once, each active adapter's weights once up to its rank) as GB/s and as a share of the
@@ -289,13 +289,9 @@ def ops_for(
     """The three measured callables for the Triton path on ``inp``."""
     x, a, b, meta, buf, out = inp.x, inp.lora_a, inp.lora_b, inp.meta, inp.buf, inp.out
 
-    def both() -> object:
-        return ops_mod.lora_expand_triton(
-            ops_mod.lora_shrink_triton(x, a, meta, config=shrink_cfg),
-            b,
-            meta,
-            out,
-            config=expand_cfg,
+    def both() -> object:  # the engine's op: shrink and expand through a private buffer
+        return ops_mod.add_lora_slices_triton(
+            x, [a], [b], meta, out, shrink_config=shrink_cfg, expand_config=expand_cfg
         )
 
     return {

@@ -1,12 +1,14 @@
 """LoRA ops over mixed-adapter batches.
 
-``lora_shrink`` / ``lora_expand`` (and the ``*_slices`` forms for fused projections) run the
+``lora_shrink`` / ``lora_expand`` (and the ``*_slices`` forms for fused projections, and
+``add_lora_slices``, both in one call, as a LoRA linear uses them) run the
 Triton kernels on CUDA tensors, the torch reference on CPU tensors, and the real kernels in
 Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` (read per call). Importing this
 package does not import ``triton``; without it every op runs the reference.
 """
 
 from lorafleet.kernels.dispatch import (
+    add_lora_slices,
     interpret_requested,
     lora_expand,
     lora_expand_slices,
@@ -25,6 +27,7 @@ from lorafleet.kernels.reference import (
 
 __all__ = [
     "LoRAMeta",
+    "add_lora_slices",
     "interpret_requested",
     "lora_expand",
     "lora_expand_ref",

@@ -47,8 +47,10 @@ def lora_shrink_kernel(
     stride_os,
     stride_ot,
     stride_or,
+    stride_ok,
     HAS_RANKS: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -57,8 +59,12 @@ def lora_shrink_kernel(
 ):
     """out[slice, t, r] (+)= scale * sum_h x[t, h] * A_slice[slot(t), r, h].
 
-    x [T, H] fp16/bf16/fp32; A [S, R, H] per slice; out fp32 [n_slices, T, R], zeroed by the
-    caller (split-K programs accumulate with atomics, and skipped rank tiles stay zero).
+    x [T, H] fp16/bf16/fp32; A [S, R, H] per slice. Two forms of the fp32 output:
+      - ``PARTIALS`` off: out [n_slices, T, R], zeroed by the caller (split-K programs
+        accumulate with atomics, and skipped rank tiles stay zero);
+      - ``PARTIALS`` on: out [SPLIT_K, n_slices, T, R] (``stride_ok`` apart), each K split
+        storing its partial sum, unzeroed: rows off the segments and columns past a slot's
+        rank are left as they were, for an expand that sums the partials and reads neither.
     Grid: (m_tiles * r_tiles * SPLIT_K, n_slices, num_segments).
     """
     pid = tl.program_id(0)
@@ -118,7 +124,9 @@ def lora_shrink_kernel(
         out_ptr + slice_id * stride_os + tok[:, None] * stride_ot + offs_r[None, :] * stride_or
     )
     mask = m_mask[:, None] & r_mask[None, :]
-    if SPLIT_K == 1:
+    if PARTIALS:
+        tl.store(out_tile + pid_k * stride_ok, acc, mask=mask)
+    elif SPLIT_K == 1:
         tl.store(out_tile, acc, mask=mask)
     else:
         tl.atomic_add(out_tile, acc, mask=mask, sem="relaxed")
@@ -151,10 +159,12 @@ def lora_expand_kernel(
     stride_ws,
     stride_wt,
     stride_wr,
+    stride_wk,
     stride_ot,
     stride_on,
     HAS_RANKS: tl.constexpr,
     ADD: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -163,7 +173,9 @@ def lora_expand_kernel(
 ):
     """out[t, col_i + n] (+)= sum_r buf[i, t, r] * B_i[slot(t), n, r] for each slice i.
 
-    buf [n_slices, T, R] (fp32 from the shrink, or the weights' dtype); B_i [S, N_i, R];
+    buf [n_slices, T, R] (fp32 from the shrink, or the weights' dtype), or with
+    ``NUM_PARTIALS`` > 1 that many such buffers ``stride_wk`` apart, summed on load (the
+    shrink's split-K partials); B_i [S, N_i, R];
     out [T, N_total] any float dtype, fp32 accumulation, one cast on write. Only rows of
     adapter tokens are touched. Grid: (m_tiles * num_n_tiles, n_slices, num_segments).
     """
@@ -219,6 +231,10 @@ def lora_expand_kernel(
     for r0 in range(0, full_end, BLOCK_R):
         rr = r0 + offs_r
         bt = tl.load(buf_rows + rr[None, :] * stride_wr, mask=m_mask[:, None], other=0.0)
+        for k in tl.static_range(1, NUM_PARTIALS):
+            bt += tl.load(
+                buf_rows + k * stride_wk + rr[None, :] * stride_wr, mask=m_mask[:, None], other=0.0
+            )
         wt = tl.load(b_cols + rr[:, None] * stride_br, mask=n_mask[None, :], other=0.0)
         if UPCAST:
             bt = bt.to(tl.float32)
@@ -227,9 +243,12 @@ def lora_expand_kernel(
     if full_end < rank:
         rr = full_end + offs_r
         r_mask = rr < rank
-        bt = tl.load(
-            buf_rows + rr[None, :] * stride_wr, mask=m_mask[:, None] & r_mask[None, :], other=0.0
-        )
+        bt_mask = m_mask[:, None] & r_mask[None, :]
+        bt = tl.load(buf_rows + rr[None, :] * stride_wr, mask=bt_mask, other=0.0)
+        for k in tl.static_range(1, NUM_PARTIALS):
+            bt += tl.load(
+                buf_rows + k * stride_wk + rr[None, :] * stride_wr, mask=bt_mask, other=0.0
+            )
         wt = tl.load(
             b_cols + rr[:, None] * stride_br, mask=r_mask[:, None] & n_mask[None, :], other=0.0
         )

@@ -110,3 +110,27 @@ def lora_expand_slices(
     if use_triton(out.device):
         return _triton_ops().lora_expand_slices_triton(buf, lora_bs, meta, out, slice_offsets, add)
     return lora_expand_slices_ref(buf, lora_bs, meta.concrete(), out, slice_offsets, add)
+
+
+def add_lora_slices(
+    x: torch.Tensor,
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """A LoRA linear's update in one call: ``out[t, off_i:off_i+N_i] += scale * x[t] @
+    lora_as[i][slot].T @ lora_bs[i][slot].T`` (shapes as the shrink and expand slices ops).
+
+    The same result as ``lora_expand_slices(lora_shrink_slices(...), ...)``; on the Triton
+    path the intermediate rank buffer is private, which saves its zeroing. Returns ``out``.
+    """
+    if use_triton(out.device):
+        return _triton_ops().add_lora_slices_triton(
+            x, lora_as, lora_bs, meta, out, slice_offsets, scale
+        )
+    meta = meta.concrete()
+    buf = lora_shrink_slices_ref(x, lora_as, meta, scale)
+    return lora_expand_slices_ref(buf, lora_bs, meta, out, slice_offsets, add=True)

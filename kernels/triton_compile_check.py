@@ -45,6 +45,7 @@ _DIVISIBLE_INTS = {
     "hidden", "max_rank", "n0", "n1", "n2",
     "stride_xt", "stride_as", "stride_ar", "stride_os", "stride_ot",
     "stride_bs0", "stride_bs1", "stride_bs2", "stride_bn", "stride_ws", "stride_wt",
+    "stride_ok", "stride_wk",
 }  # fmt: skip
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SHAPES = {"decode": (4, 64), "prefill": (512, 4)}  # (tokens per segment, segments)
@@ -59,6 +60,7 @@ class Variant:
     dtype: str  # activations and weights: "fp16" | "bf16" | "fp32"
     buf_dtype: str  # shrink output / expand input
     config: ShrinkConfig | ExpandConfig
+    num_partials: int = 1  # the engine's add_lora_slices: split-K partial buffers
 
 
 def heuristic_variants(
@@ -84,8 +86,9 @@ def heuristic_variants(
         ec = default_expand_config(
             max_segment_tokens=tokens, max_cols=hidden, rank=rank, elem_size=elem, interpret=False
         )
-        out.append(Variant(f"shrink-{shape}-r{rank}-{dt}", "shrink", dt, "fp32", sc))
-        out.append(Variant(f"expand-{shape}-r{rank}-{dt}", "expand", dt, "fp32", ec))
+        k = sc.split_k
+        out.append(Variant(f"shrink-{shape}-r{rank}-{dt}", "shrink", dt, "fp32", sc, k))
+        out.append(Variant(f"expand-{shape}-r{rank}-{dt}", "expand", dt, "fp32", ec, k))
         if dt != "fp32" and shape == "decode":  # 16-bit buffer: the native-dot path
             out.append(Variant(f"expand-{shape}-r{rank}-{dt}-{dt}buf", "expand", dt, dt, ec))
     return out
@@ -110,14 +113,27 @@ def compile_variant(variant: Variant, arch: int) -> Any:
     ptrs = dict(_META_PTRS)
     if variant.kernel == "shrink":
         kernel = shrink
-        consts = shrink_constexprs(variant.config, dtype, dtype, has_ranks=True, interpret=False)
+        consts = shrink_constexprs(
+            variant.config,
+            dtype,
+            dtype,
+            has_ranks=True,
+            interpret=False,
+            partials=variant.num_partials > 1,
+        )
         ptrs.update({p: "*" + variant.dtype for p in ("x_ptr", "a0_ptr", "a1_ptr", "a2_ptr")})
         ptrs["out_ptr"] = "*" + variant.buf_dtype
         consts.update(stride_xh=1, stride_ah=1, stride_or=1)
     else:
         kernel = expand
         consts = expand_constexprs(
-            variant.config, buf_dtype, dtype, has_ranks=True, add=True, interpret=False
+            variant.config,
+            buf_dtype,
+            dtype,
+            has_ranks=True,
+            add=True,
+            interpret=False,
+            num_partials=variant.num_partials,
         )
         ptrs.update({p: "*" + variant.dtype for p in ("b0_ptr", "b1_ptr", "b2_ptr", "out_ptr")})
         ptrs["buf_ptr"] = "*" + variant.buf_dtype

@@ -204,12 +204,15 @@ def shrink_constexprs(
     *,
     has_ranks: bool,
     interpret: bool,
+    partials: bool = False,
 ) -> dict[str, Any]:
-    """Compile-time arguments (and launch options) of one shrink launch."""
+    """Compile-time arguments (and launch options) of one shrink launch; ``partials``: each
+    K split stores its own partial sum (for ``add_lora_slices``) instead of adding atomically."""
     upcast, precision = _dot_mode(x_dtype, a_dtype, interpret)
     return dict(
         HAS_RANKS=has_ranks,
         SPLIT_K=cfg.split_k,
+        PARTIALS=partials,
         BLOCK_M=cfg.block_m,
         BLOCK_R=cfg.block_r,
         BLOCK_K=cfg.block_k,
@@ -228,12 +231,15 @@ def expand_constexprs(
     has_ranks: bool,
     add: bool,
     interpret: bool,
+    num_partials: int = 1,
 ) -> dict[str, Any]:
-    """Compile-time arguments (and launch options) of one expand launch."""
+    """Compile-time arguments (and launch options) of one expand launch; ``num_partials``
+    buffers are summed on load (a partials shrink's split-K sums)."""
     upcast, precision = _dot_mode(buf_dtype, b_dtype, interpret)
     return dict(
         HAS_RANKS=has_ranks,
         ADD=add,
+        NUM_PARTIALS=num_partials,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r,
@@ -302,6 +308,7 @@ class _Plan:
 
     launches: tuple[_Launch, ...]
     contiguous: bool  # the slices' strides differ: launch on contiguous copies
+    num_partials: int = 1  # a partials shrink's output buffers (its split-K)
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -335,6 +342,7 @@ def _shrink_plan(
     scale: float,
     config: ShrinkConfig | None,
     interpret: bool,
+    partials: bool = False,
 ) -> _Plan:
     if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be 2-D fp16/bf16/fp32, got {tuple(x.shape)} {x.dtype}")
@@ -361,18 +369,32 @@ def _shrink_plan(
     m_tiles = triton.cdiv(meta.max_segment_tokens, cfg.block_m)
     r_tiles = triton.cdiv(max_rank, cfg.block_r)
     consts = shrink_constexprs(
-        cfg, x.dtype, stacks[0].dtype, has_ranks=_needs_ranks(meta, max_rank), interpret=interpret
+        cfg,
+        x.dtype,
+        stacks[0].dtype,
+        has_ranks=_needs_ranks(meta, max_rank),
+        interpret=interpret,
+        partials=partials,
     )
     a_strides = stacks[0].contiguous().stride() if contiguous else stacks[0].stride()
     out_strides = (num_tokens * max_rank, max_rank, 1)  # the fp32 [n, T, R] result
-    scalars = (hidden, max_rank, float(scale), *x.stride(), *a_strides, *out_strides)
+    partial_stride = len(stacks) * num_tokens * max_rank if partials else 0
+    scalars = (
+        hidden,
+        max_rank,
+        float(scale),
+        *x.stride(),
+        *a_strides,
+        *out_strides,
+        partial_stride,
+    )
     launches = tuple(
         _Launch(
             part, (m_tiles * r_tiles * cfg.split_k, len(part), meta.num_segments), scalars, consts
         )
         for part in _chunks(len(stacks))
     )
-    return _Plan(launches, contiguous)
+    return _Plan(launches, contiguous, cfg.split_k if partials else 1)
 
 
 def lora_shrink_slices_triton(
@@ -395,6 +417,19 @@ def lora_shrink_slices_triton(
     plan = _cached_plan(meta, key, lambda: _shrink_plan(x, stacks, meta, scale, config, interpret))
     max_rank = stacks[0].shape[1]
     out = torch.zeros(len(stacks), x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    _launch_shrink(plan, x, stacks, meta, out, interpret)
+    return out
+
+
+def _launch_shrink(
+    plan: _Plan,
+    x: torch.Tensor,
+    stacks: list[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    interpret: bool,
+) -> None:
+    """Run a shrink plan into ``out``: fp32 [n, T, R], or [k, n, T, R] partials."""
     if plan.contiguous:
         stacks = [t.contiguous() for t in stacks]
     shrink_kernel, _ = kernels(interpret)
@@ -404,12 +439,11 @@ def lora_shrink_slices_triton(
         shrink_kernel[launch.grid](
             x,
             *_pad3([stacks[i] for i in part]),
-            out[part.start : part.stop],
+            out[..., part.start : part.stop, :, :],
             *meta_args,
             *launch.scalars,
             **launch.consts,
         )
-    return out
 
 
 def lora_shrink_triton(
@@ -448,9 +482,12 @@ def _expand_plan(
     if out.dim() != 2 or out.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"out must be 2-D fp16/bf16/fp32, got {tuple(out.shape)} {out.dtype}")
     num_tokens = out.shape[0]
-    if buf.shape != (len(stacks), num_tokens, max_rank):
+    # [n, T, R], or [k, n, T, R]: k partial sums of a split-K shrink, summed on load.
+    num_partials = buf.shape[0] if buf.dim() == 4 else 1
+    if buf.shape[-3:] != (len(stacks), num_tokens, max_rank) or buf.dim() not in (3, 4):
         raise ValueError(
-            f"buf must be [{len(stacks)}, {num_tokens}, {max_rank}], got {tuple(buf.shape)}"
+            f"buf must be [{len(stacks)}, {num_tokens}, {max_rank}] (or k partial sums of "
+            f"that), got {tuple(buf.shape)}"
         )
     for b, col in zip(stacks, offsets, strict=True):
         if col < 0 or col + b.shape[1] > out.shape[1]:
@@ -480,7 +517,7 @@ def _expand_plan(
             len(part),
             meta.num_segments,
         )
-        src_strides = buf[part.start : part.stop].stride()
+        src_strides = buf.stride()[-3:]
         scalars = (
             max_rank,
             n_tiles,
@@ -489,6 +526,7 @@ def _expand_plan(
             *_pad3([b.stride(0) for b in chunk]),
             *chunk[0].stride()[1:],
             *src_strides,
+            buf.stride(0) if num_partials > 1 else 0,
             *out.stride(),
         )
         consts = expand_constexprs(
@@ -498,6 +536,7 @@ def _expand_plan(
             has_ranks=_needs_ranks(meta, max_rank),
             add=add,
             interpret=interpret,
+            num_partials=num_partials,
         )
         launches.append(_Launch(part, grid, scalars, consts))
     return _Plan(tuple(launches), contiguous)
@@ -515,8 +554,8 @@ def lora_expand_slices_triton(
 ) -> torch.Tensor:
     """``out[t, off_i:off_i+N_i] (+)= buf[i, t] @ lora_bs[i][slot[t]].T`` with the Triton kernel.
 
-    buf [n, T, R] (fp32 as the shrink returns it, or the weights' dtype); ``lora_bs[i]``
-    [S, N_i, R], same dtype and R; out [T, N_total] fp16/bf16/fp32, written in place.
+    buf [n, T, R] (fp32 as the shrink returns it, or the weights' dtype; or [k, n, T, R],
+    k partial sums added on load); ``lora_bs[i]`` [S, N_i, R], same dtype and R; out [T, N_total] fp16/bf16/fp32, written in place.
     Slices may differ in width (q/k/v); offsets default to back to back. Rows with slot -1
     and columns outside every slice are untouched. Returns ``out``.
     """
@@ -536,6 +575,18 @@ def lora_expand_slices_triton(
     plan = _cached_plan(
         meta, key, lambda: _expand_plan(buf, stacks, meta, out, offsets, add, config, interpret)
     )
+    _launch_expand(plan, buf, stacks, meta, out, interpret)
+    return out
+
+
+def _launch_expand(
+    plan: _Plan,
+    buf: torch.Tensor,
+    stacks: list[torch.Tensor],
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    interpret: bool,
+) -> None:
     if plan.contiguous:
         stacks = [t.contiguous() for t in stacks]
     expand_kernel = kernels(interpret)[1]
@@ -543,14 +594,13 @@ def lora_expand_slices_triton(
     for launch in plan.launches:
         part = launch.part
         expand_kernel[launch.grid](
-            buf[part.start : part.stop],
+            buf[..., part.start : part.stop, :, :],
             *_pad3([stacks[i] for i in part]),
             out,
             *meta_args,
             *launch.scalars,
             **launch.consts,
         )
-    return out
 
 
 def lora_expand_triton(
@@ -568,3 +618,63 @@ def lora_expand_triton(
             f"lora_b [S, N, R] and out [T, N] disagree: {tuple(lora_b.shape)}, {tuple(out.shape)}"
         )
     return lora_expand_slices_triton(buf.unsqueeze(0), [lora_b], meta, out, [0], add, config=config)
+
+
+# --------------------------------------------------------------------------- shrink + expand
+
+
+def add_lora_slices_triton(
+    x: torch.Tensor,
+    lora_as: Sequence[torch.Tensor] | torch.Tensor,
+    lora_bs: Sequence[torch.Tensor] | torch.Tensor,
+    meta: LoRAMeta,
+    out: torch.Tensor,
+    slice_offsets: Sequence[int] | None = None,
+    scale: float = 1.0,
+    *,
+    shrink_config: ShrinkConfig | None = None,
+    expand_config: ExpandConfig | None = None,
+) -> torch.Tensor:
+    """``out[t, off_i:off_i+N_i] += scale * x[t] @ A_i[slot].T @ B_i[slot].T``: a LoRA
+    linear's whole update, shrink then expand, with the Triton kernels.
+
+    Shapes as ``lora_shrink_slices_triton`` and ``lora_expand_slices_triton``. The rank
+    buffer between them is private, so it is neither zeroed nor summed atomically: each
+    K split of the shrink stores its partial sum and the expand adds the partials as it
+    loads them. One kernel (the memset) fewer per call than the two ops, and split-K
+    becomes deterministic. Rows with slot -1 are untouched. Returns ``out``.
+    """
+    a_stacks = _as_stacks(lora_as, "lora_as")
+    b_stacks = _as_stacks(lora_bs, "lora_bs")
+    offsets = default_slice_offsets(b_stacks) if slice_offsets is None else list(slice_offsets)
+    if len(a_stacks) != len(b_stacks):
+        raise ValueError(f"{len(a_stacks)} lora_as slices but {len(b_stacks)} lora_bs slices")
+    interpret = _run_interpreted(x.device)
+    shrink_key = ("triton_add_shrink", _layout(x), *map(_layout, a_stacks), scale, shrink_config)
+    shrink = _cached_plan(
+        meta,
+        (*shrink_key, interpret),
+        lambda: _shrink_plan(x, a_stacks, meta, scale, shrink_config, interpret, partials=True),
+    )
+    max_rank = a_stacks[0].shape[1]
+    if b_stacks[0].shape[2] != max_rank:
+        raise ValueError(f"lora_as have rank {max_rank}, lora_bs {b_stacks[0].shape[2]}")
+    shape = (shrink.num_partials, len(a_stacks), x.shape[0], max_rank)
+    buf = torch.empty(shape, dtype=torch.float32, device=x.device)
+    expand_key = (
+        "triton_add_expand",
+        _layout(buf),
+        *map(_layout, b_stacks),
+        _layout(out),
+        tuple(offsets),
+        expand_config,
+        interpret,
+    )
+    expand = _cached_plan(
+        meta,
+        expand_key,
+        lambda: _expand_plan(buf, b_stacks, meta, out, offsets, True, expand_config, interpret),
+    )
+    _launch_shrink(shrink, x, a_stacks, meta, buf, interpret)
+    _launch_expand(expand, buf, b_stacks, meta, out, interpret)
+    return out

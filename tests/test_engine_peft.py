@@ -170,13 +170,13 @@ def test_projections_no_active_adapter_targets_skip_the_lora_ops(
 
     by_name = {spec.name: req for spec, req in adapter_factory(llama_dir)}
     shrinks: list[int] = []
-    real = model_module.lora_shrink_slices
+    real = model_module.add_lora_slices
 
-    def counting(x, lora_as, meta, *rest):
+    def counting(x, lora_as, *rest):
         shrinks.append(lora_as[0].shape[-1])  # in_features of the projection
-        return real(x, lora_as, meta, *rest)
+        return real(x, lora_as, *rest)
 
-    monkeypatch.setattr(model_module, "lora_shrink_slices", counting)
+    monkeypatch.setattr(model_module, "add_lora_slices", counting)
     llm = LLM(str(llama_dir), max_loras=1, max_lora_rank=64)  # one slot: each load evicts
     layers = llm.engine.args.num_layers
     hidden, inter = llm.engine.args.hidden_size, llm.engine.args.intermediate_size

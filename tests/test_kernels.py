@@ -24,6 +24,7 @@ import torch
 
 from lorafleet.kernels import (
     LoRAMeta,
+    add_lora_slices,
     lora_expand,
     lora_expand_ref,
     lora_expand_slices,
@@ -412,6 +413,53 @@ def test_triton_split_k_atomics(dtype: str) -> None:
     cfg = ops.ShrinkConfig(block_m=16, block_r=16, block_k=512, split_k=3)
     buf = ops.lora_shrink_slices_triton(batch.x, batch.lora_as, batch.meta, config=cfg)
     check_shrink(batch, buf)
+
+
+def check_add_lora(batch: Batch, device: str, fn, **config) -> None:
+    """``fn`` (an add_lora_slices form) against float64: x A^T B^T added to adapter rows,
+    slot -1 rows and gap columns untouched."""
+    out0 = poisoned_out(batch, True, device)
+    out = out0.clone()
+    lora_as = [a.to(device) for a in batch.lora_as]
+    lora_bs = [b.to(device) for b in batch.lora_bs]
+    x, meta, scale = batch.x.to(device), batch.meta, batch.case.scale
+    assert fn(x, lora_as, lora_bs, meta, out, batch.offsets, scale, **config) is out
+    check_expand(batch, batch.shrink_truth(), out0, out, True)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_add_lora_interpreted(case: Case) -> None:
+    """Shrink and expand in one call through a private, unzeroed rank buffer; odd cases
+    split K into 2 or 3 partial sums that the expand adds on load, on a static meta for
+    every third case."""
+    ops = _triton_ops()
+    batch = make_batch(case)
+    if CASES.index(case) % 3 == 0:
+        batch = static_batch(batch, "cpu")
+    config = {}
+    if CASES.index(case) % 2:
+        k = 2 + CASES.index(case) % 4 // 2
+        block_k = 256 if case.hidden > 1024 else 32
+        config["shrink_config"] = ops.ShrinkConfig(16, 16, block_k, split_k=k)
+    check_add_lora(batch, "cpu", ops.add_lora_slices_triton, **config)
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=str)
+def test_add_lora_reference(case: Case) -> None:
+    check_add_lora(make_batch(case), "cpu", add_lora_slices)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_add_lora_compiled_cuda(case: Case) -> None:
+    ops = _triton_ops()
+    batch = make_batch(case, "cuda")
+    if CASES.index(case) % 2:
+        batch = static_batch(batch, "cuda")
+    check_add_lora(batch, "cuda", ops.add_lora_slices_triton)
 
 
 ON_CPU_AND_CUDA = [

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.kernels import lora_expand_slices, lora_shrink_slices
+from lorafleet.kernels import add_lora_slices
 from lorafleet.worker.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -105,8 +105,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         meta = ctx.lora
         if meta is not None and self.slot_mask & meta.active_mask:
-            buf = lora_shrink_slices(x, self.lora_as, meta)
-            lora_expand_slices(buf, self.lora_bs, meta, y, self.offsets)
+            add_lora_slices(x, self.lora_as, self.lora_bs, meta, y, self.offsets)
         return y
 
 
