@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,17 @@ import torch
 #: Tokens per segment of a static meta: one 16-row kernel tile (the smallest a GPU dot
 #: takes), so a captured decode grid is one tile per segment.
 STATIC_SEGMENT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class HostTables:
+    """A step's slot tables as host lists: token slots [T], counts and starts [S], active
+    slots [A]."""
+
+    slots: list[int]
+    counts: list[int]
+    starts: list[int]
+    active: list[int]
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class LoRAMeta:
     ``slot_ranks_host`` is the same per-slot rank as a host tuple (for the torch path).
     Host ints (``num_segments``, ``max_segment_tokens``, ``num_lora_tokens``, ``active_mask``)
     size kernel grids and skip untouched layers without a device sync per layer.
-    ``groups`` holds (slot, token index tensor) pairs for the torch reference path.
+    ``groups`` and ``spans`` (built on first use) serve the torch reference path.
 
     A *static* meta (``for_capture``) has fixed-size tensors for CUDA-graph capture: it is
     rewritten in place (``write``) before each replay and its host ints are capacity bounds,
@@ -60,19 +72,38 @@ class LoRAMeta:
     seg_counts: torch.Tensor
     num_segments: int
     max_segment_tokens: int
-    groups: tuple[tuple[int, torch.Tensor], ...]
     slot_ranks_host: tuple[int, ...] | None = None
     active_mask: int = 0  # bit s set for each active slot s (host-side set test per layer)
-    spans: tuple[tuple[int, int] | None, ...] = ()
     static: bool = False
+    # Host copies of the slot tables (None for a static meta), for ``groups`` and ``spans``.
+    host: HostTables | None = field(default=None, compare=False, repr=False)
     # Derived tensors the torch path reuses across layers (built lazily, per step).
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
+        """(slot, token index tensor) per active slot, for the torch path; built on first
+        use, so the Triton path on CUDA never pays for it."""
+        h = self._host_tables()
+        ids = self.sorted_token_ids
+        return tuple((s, ids[h.starts[s] : h.starts[s] + h.counts[s]]) for s in h.active)
+
+    @functools.cached_property
+    def spans(self) -> tuple[tuple[int, int] | None, ...]:
+        """Per active slot, its (start, end) row range when its tokens are contiguous."""
+        h = self._host_tables()
+        return _contiguous_spans(h.slots, h.active, h.counts)
+
+    def _host_tables(self) -> HostTables:
+        if self.host is None:
+            raise ValueError("a static meta has no host tables: use meta.concrete()")
+        return self.host
 
     def span_of(self, group: int) -> tuple[int, int] | None:
         """(start, end) if group ``group``'s tokens are one contiguous run of rows, else None.
 
         The engine lays tokens out grouped by slot, so the torch path can use slices."""
-        return self.spans[group] if self.spans else None
+        return self.spans[group]
 
     def rank_of(self, slot: int, max_rank: int) -> int:
         """Effective rank of ``slot`` in a stack of rank ``max_rank`` (host side, no sync)."""
@@ -112,11 +143,8 @@ class LoRAMeta:
             narrow.append(torch.tensor(ranks_host))
         wide_dev, narrow_dev = _unpack(_pack(wide, narrow).to(device), wide, narrow)
         slots, sorted_token_ids = wide_dev
-        counts_host, starts_host, active_host = counts.tolist(), starts.tolist(), active.tolist()
-        groups = tuple(
-            (s, sorted_token_ids[starts_host[s] : starts_host[s] + counts_host[s]])
-            for s in active_host
-        )
+        host = HostTables(slots_host.tolist(), counts.tolist(), starts.tolist(), active.tolist())
+        counts_host, active_host = host.counts, host.active
         return cls(
             token_slots=slots,
             num_slots=num_slots,
@@ -134,10 +162,9 @@ class LoRAMeta:
             seg_counts=narrow_dev[3],
             num_segments=len(active_host),
             max_segment_tokens=max(counts_host, default=0),
-            groups=groups,
             slot_ranks_host=ranks_host,
             active_mask=sum(1 << s for s in active_host),
-            spans=_contiguous_spans(slots_host.tolist(), active_host, counts_host),
+            host=host,
         )
 
     @classmethod
@@ -167,7 +194,6 @@ class LoRAMeta:
             seg_counts=seg_counts,
             num_segments=seg_slots.numel(),
             max_segment_tokens=min(num_tokens, STATIC_SEGMENT_TOKENS),
-            groups=(),
             active_mask=(1 << num_slots) - 1,
             static=True,
         )

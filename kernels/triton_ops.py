@@ -322,7 +322,7 @@ def _needs_ranks(meta: LoRAMeta, max_rank: int) -> bool:
     if meta.static:
         return True
     ranks = meta.slot_ranks_host
-    return ranks is not None and any(ranks[s] < max_rank for s, _ in meta.groups)
+    return ranks is not None and any(ranks[s] < max_rank for s in meta.host.active)
 
 
 def _cached_plan(meta: LoRAMeta, key: tuple, build) -> _Plan:
