@@ -64,6 +64,8 @@ def engine_runner(model: Path, prompts, requests, args):
     # Warm-up on the whole workload: on CUDA every kernel variant the batches need compiles
     # here (about a second each), not inside a timed round.
     llm.generate(prompts, params, requests)
+    if args.cuda_graphs and llm.engine.runner.graphs is None:
+        raise SystemExit(f"CUDA graphs were turned off: {llm.engine.runner.graphs_error}")
 
     def run() -> float:
         start = time.perf_counter()

@@ -183,6 +183,15 @@ def log(message: str) -> None:
 # -- 1. throughput vs number of adapters ---------------------------------------------------
 
 
+def check_graphs(llm, args) -> None:
+    """With --cuda-graphs, stop rather than time eager steps if graphs were turned off."""
+    runner = llm.engine.runner
+    if args.cuda_graphs and runner.graphs is None:
+        raise SystemExit(f"CUDA graphs were turned off: {runner.graphs_error}")
+    if args.cuda_graphs:
+        log(f"CUDA graphs: {len(runner.graphs.graphs)} captured, {runner.graphs.replays} replays")
+
+
 def timed_tokens(llm, prompts, params, loras) -> float:
     """Output tokens/s of one ``generate`` call."""
     start = time.perf_counter()
@@ -258,6 +267,7 @@ def adapters_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[
             # Warm-up: one untimed pass, so the rounds see the adapter caches' steady state
             # (with more adapters than entries they still churn every round).
             llm.generate(prompts, params, chosen)
+            check_graphs(llm, args)
             stats = llm.engine.adapters.stats
             slot_loads, disk_loads = stats.slot_loads, stats.disk_loads
             base = ours = 0.0

@@ -111,3 +111,19 @@ def test_prefill_and_large_batches_stay_eager(llama_dir) -> None:
     llm.generate(["one two three"] * 3, SamplingParams(max_tokens=4, temperature=0))
     # 3 decode steps of 3 sequences, in the bucket of 3; the prefill ran eagerly.
     assert graphs.replays == 3 and {key[0] for key in graphs.graphs} == {3}
+
+
+def test_a_failed_capture_turns_graphs_off_and_serves_eagerly(llama_dir, monkeypatch) -> None:
+    from lorafleet.worker.decode_graphs import DecodeGraphs
+
+    def broken(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", broken)
+    prompts = ["hello there", "abc", "one two"]
+    want = LLM(str(llama_dir), enable_lora=False).generate(prompts, GREEDY)
+    llm = LLM(str(llama_dir), enable_lora=False, cuda_graphs=True)
+    got = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    runner = llm.engine.runner
+    assert runner.graphs is None and "stream is capturing" in runner.graphs_error

@@ -50,9 +50,15 @@ def _bucket(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
+class GraphCaptureError(RuntimeError):
+    """Capturing a decode graph failed; the step can still run eagerly."""
+
+
 @dataclass
 class _Graph:
-    """One bucket's replayable forward: ``replay()`` returns float32 logits [B, vocab]."""
+    """One bucket's replayable forward: ``replay()`` returns final hidden states [B, hidden]
+    (the logits, [B, vocab] in fp32, would cost every graph its own 0.5 MB per row of
+    memory; they are computed after the replay, in two launches)."""
 
     replay: Callable[[], torch.Tensor]
 
@@ -80,8 +86,9 @@ class DecodeGraphs:
         return layout.is_decode and layout.num_seqs <= self.batch_sizes[-1]
 
     def run(self, layout: StepLayout) -> torch.Tensor:
-        """float32 logits [num_seqs, vocab] of a decode step, in batch order: a view of the
-        graph's output, overwritten by the next replay."""
+        """Final hidden states [num_seqs, hidden] of a decode step's sequences, in batch
+        order: a view of the graph's output, overwritten by the next replay. Raises
+        ``GraphCaptureError`` if the step's graph could not be captured."""
         n = layout.num_seqs
         batch = _bucket(n, self.batch_sizes)
         blocks = _bucket(max(len(t) for t in layout.block_tables), self.block_counts)
@@ -94,7 +101,14 @@ class DecodeGraphs:
         key = (batch, blocks, targets)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(batch, blocks, uses_lora)
+            try:
+                graph = self._capture(batch, blocks, uses_lora)
+            except Exception as exc:  # whatever broke, the caller can still run it eagerly
+                raise GraphCaptureError(
+                    f"capturing the decode graph for {batch} sequences x {blocks} blocks "
+                    f"failed: {type(exc).__name__}: {exc}"
+                ) from exc
+            self.graphs[key] = graph
         self.replays += 1
         return graph.replay()[:n]
 
@@ -152,7 +166,7 @@ class DecodeGraphs:
             max_query_len=1,
             lora=lora,
         )
-        return self.runner.forward(ids, ctx)
+        return self.runner.model(ids, self.runner.kv_caches, ctx)
 
     def _capture(self, batch: int, blocks: int, uses_lora: bool) -> _Graph:
         lora = self._meta(batch) if uses_lora else None
@@ -167,10 +181,10 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(batch, blocks, lora)
+            hidden = self._forward(batch, blocks, lora)
 
         def replay() -> torch.Tensor:
             graph.replay()
-            return logits
+            return hidden
 
         return _Graph(replay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
@@ -10,10 +11,12 @@ from lorafleet.kernels import LoRAMeta
 from lorafleet.kernels.meta import int_tensor
 from lorafleet.worker.adapter_manager import AdapterManager
 from lorafleet.worker.context import StepContext
-from lorafleet.worker.decode_graphs import DecodeGraphs
+from lorafleet.worker.decode_graphs import DecodeGraphs, GraphCaptureError
 from lorafleet.worker.model import CausalLM
 from lorafleet.worker.scheduler import ScheduledBatch
 from lorafleet.worker.step_layout import StepLayout
+
+log = logging.getLogger(__name__)
 
 
 def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -50,6 +53,7 @@ class ModelRunner:
             for _ in range(a.num_layers)
         ]
         self.graphs: DecodeGraphs | None = None
+        self.graphs_error: str | None = None  # why graphs were turned off, if they were
 
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         """Replay decode steps of up to ``max_num_seqs`` sequences and ``max_model_len``
@@ -112,9 +116,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Run one step; returns float32 logits [N, vocab] for the sampling sequences, in
-        batch order. Decode steps replay a captured CUDA graph when graphs are on (the
-        result is then a view of the graph's output, valid until the next step)."""
+        batch order. Decode steps replay a captured CUDA graph when graphs are on; if a
+        capture fails, graphs are turned off (``graphs_error`` says why) and steps run
+        eagerly."""
         layout = self.layout(batch)
         if self.graphs is not None and self.graphs.fits(layout):
-            return self.graphs.run(layout)
+            try:
+                return self.model.compute_logits(self.graphs.run(layout))
+            except GraphCaptureError as err:
+                # A serving engine keeps serving: eager steps give the same tokens, slower.
+                log.warning("CUDA graphs turned off, decode steps run eagerly: %s", err)
+                self.graphs, self.graphs_error = None, str(err)
         return self.forward(*self.prepare(layout))
