@@ -48,6 +48,7 @@ class AdapterManager:
         # Host-side: the step's LoRAMeta uploads it with the rest of its metadata.
         self.slot_ranks = [0] * self.num_slots
         self.slot_owner: list[int | None] = [None] * self.num_slots
+        self._slot_by_id: dict[int, int] = {}  # slot_owner inverted: looked up per sequence
         self.slot_refs = [0] * self.num_slots
         self.slot_used_at = [0] * self.num_slots
         self._clock = 0
@@ -194,14 +195,11 @@ class AdapterManager:
     # -- device slots ----------------------------------------------------------------------
 
     def slot_of(self, lora_id: int) -> int | None:
-        try:
-            return self.slot_owner.index(lora_id)
-        except ValueError:
-            return None
+        return self._slot_by_id.get(lora_id)
 
     def has_room_for(self, lora_id: int) -> bool:
         """True if ``lora_id`` holds a slot or an idle slot could be taken for it."""
-        return lora_id in self.slot_owner or 0 in self.slot_refs
+        return lora_id in self._slot_by_id or 0 in self.slot_refs
 
     @property
     def slots_in_use(self) -> int:
@@ -256,7 +254,11 @@ class AdapterManager:
             lora_b[:, :r].copy_(b, non_blocking=True)
             lora_b[:, r:].zero_()
         self.slot_ranks[slot] = adapter.rank
+        old = self.slot_owner[slot]
+        if old is not None:
+            del self._slot_by_id[old]
         self.slot_owner[slot] = lora_id
+        self._slot_by_id[lora_id] = slot
         self.stats.slot_loads += 1
 
 

@@ -137,6 +137,8 @@ class Scheduler:
         return sorted(self.waiting, key=key)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> int:
+        if budget == 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return budget  # nothing can be admitted: skip ordering the whole queue
         bound = self.config.starvation_steps
         for seq in self._admission_order():
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
