@@ -277,7 +277,7 @@ def static_segment_capacity(num_tokens: int, num_slots: int) -> int:
 
 def _static_tables(
     slots: list[int], ranks: Sequence[int]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[list[int]], list[list[int]]]:
     """A static meta's host tables at capacity size: [slots, sorted ids] and [counts,
     starts, active (padded with -1), ranks, segment slots, starts, counts (padded with
     empty segments)]. Plain Python: it runs on every replayed step, and small torch ops
