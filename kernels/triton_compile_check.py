@@ -156,6 +156,35 @@ def compile_variant(variant: Variant, arch: int) -> Any:
     return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def compile_attention(dtype: str, head_dim: int, group: int, block_size: int, arch: int) -> Any:
+    """Compile the paged decode attention kernel for ``sm_{arch}`` as a launch specialises
+    it: pointers and the caches' row strides 16-byte aligned, unit strides along D."""
+    from lorafleet.kernels import triton_attention
+
+    fn = triton_attention.kernel(interpret=False)
+    consts = triton_attention.attention_constexprs(
+        _DTYPES[dtype], group, head_dim, block_size, interpret=False
+    )
+    options = {
+        "num_warps": consts.pop("num_warps"),
+        "num_stages": consts.pop("num_stages"),
+        "enable_fp_fusion": True,
+    }
+    ptrs = {p: "*" + dtype for p in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
+    ptrs.update(tables_ptr="*i64", lens_ptr="*i64")
+    signature = _signature(fn.fn, ptrs, consts)
+    aligned = {"stride_qb", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"}
+    aligned |= {"stride_ob", "stride_oh"}
+    names = list(signature)
+    attrs = {
+        (names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items()
+        if kind.startswith("*") or name in aligned
+    }
+    src = ASTSource(fn, signature=signature, constexprs=consts, attrs=attrs)
+    return compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def async_copy_bytes(kernel: Any) -> dict[int, int]:
     """How many ``cp.async`` global-to-shared copies of each width (bytes) the PTX holds.
     The pipelined K/rank loops load through these: 16-byte copies are the fast path."""
@@ -188,6 +217,13 @@ def _resource_usage(cubin: bytes) -> str:
 
 
 def main() -> None:
+    for dtype, arch in product(_DTYPES, (80, 90)):
+        kernel = compile_attention(dtype, head_dim=64, group=4, block_size=16, arch=arch)
+        usage = _resource_usage(kernel.asm["cubin"])
+        print(
+            f"sm_{arch} attention-decode-d64-g4-{dtype:5s}  shared {kernel.metadata.shared:6d} B"
+            f"  {usage}"
+        )
     for variant, arch, kernel in compile_variants(archs=(80, 90)):
         usage = _resource_usage(kernel.asm["cubin"])
         copies = " ".join(f"{n}x{b}B" for b, n in async_copy_bytes(kernel).items())

@@ -10,6 +10,7 @@
 #   tests            the compiled kernel and CUDA engine tests (about 65 s on an H100 before
 #                    the static-meta, add_lora and graph tests were added)
 #   bench_kernels    the kernel benchmark table (about 55 s)
+#   bench_attention  paged decode attention kernel vs the gather + SDPA path
 #   adapters         the GPU suite's adapter-count rows, 256 requests, eager (about 255 s)
 #   adapters_graphs  the same rows with decode steps from CUDA graphs
 #   peft             the GPU suite's PEFT row, 1 round (about 6 min: run it in its own call)
@@ -49,8 +50,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$
 for name in "${steps[@]}"; do
     case $name in
     tests) step tests 220 "$py" -m pytest -m gpu -p no:cacheprovider -q \
-        tests/test_kernels.py tests/test_engine_cuda.py ;;
+        tests/test_kernels.py tests/test_attention.py tests/test_engine_cuda.py ;;
     bench_kernels) step bench_kernels 120 "$py" benchmarks/bench_kernels.py ;;
+    bench_attention) step bench_attention 120 "$py" benchmarks/bench_attention.py ;;
     adapters) step adapters 320 "$py" benchmarks/run_all.py --gpu --only adapters \
         --requests 256 --rounds 2 --tiers 128:512 --out "$out/adapters.md" ;;
     adapters_graphs) step adapters_graphs 320 "$py" benchmarks/run_all.py --gpu --only adapters \
@@ -70,6 +72,7 @@ echo "== summary ($(($(date +%s) - start))s)"
 cat "$out/gpu.txt"
 tail -n 2 "$out/tests.log" 2>/dev/null
 grep -E "^\| decode T=(64|256) A=64 \| both" "$out/bench_kernels.log" 2>/dev/null
+grep -E "^\| [0-9]+ x [0-9]+ \|" "$out/bench_attention.log" 2>/dev/null
 for name in adapters adapters_graphs peft peft_graphs; do
     grep -hE "adapters N=|peft:" "$out/$name.log" 2>/dev/null | sed "s/^/$name: /"
 done

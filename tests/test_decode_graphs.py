@@ -70,7 +70,7 @@ def test_graph_key_follows_the_projections_adapters_target(llama_dir, adapter_fa
         want = eager_llm.generate(["hello there", "abc"], GREEDY, lora)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     keys = list(graph_llm.engine.runner.graphs.graphs)
-    targets = {key[2] for key in keys}
+    targets = {key[1] for key in keys}
     assert None in targets  # the base-only graph runs no LoRA op at all
     assert len(targets - {None}) == 2, keys  # q/v-only and MLP-only
 
@@ -94,7 +94,7 @@ def test_padded_rows_write_only_the_scratch_block(llama_dir) -> None:
     scratch_rows = set(range(runner.scratch_block * bs, (runner.scratch_block + 1) * bs))
     before = [k.clone() for k, _ in runner.kv_caches]
     engine.step()
-    assert runner.graphs.replays == 1 and set(runner.graphs.graphs) == {(6, 1, None)}
+    assert runner.graphs.replays == 1 and set(runner.graphs.graphs) == {(6, None)}
     for old, (new, _) in zip(before, runner.kv_caches, strict=True):
         changed = set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
         assert decode_rows <= changed and changed & scratch_rows

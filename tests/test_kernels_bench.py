@@ -16,10 +16,10 @@ from lorafleet.kernels import triton_available
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -41,3 +41,15 @@ def test_bench_without_cuda_exits_with_a_message() -> None:
     res = _run()
     assert res.returncode == 1
     assert "needs a CUDA GPU" in res.stderr
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_attention_bench_interpret_smoke_prints_a_table() -> None:
+    res = _run("--interpret-smoke", script=SCRIPT.with_name("bench_attention.py"))
+    assert res.returncode == 0, res.stderr
+    rows = [
+        line
+        for line in res.stdout.splitlines()
+        if line.startswith("| 2 x") or line.startswith("| 3 x")
+    ]
+    assert len(rows) == 2 and "copy bandwidth" in res.stdout

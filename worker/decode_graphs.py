@@ -1,17 +1,19 @@
-"""CUDA graphs for decode steps: one capture per size bucket, replayed with new inputs.
+"""CUDA graphs for decode steps: one capture per batch-size bucket, replayed with new inputs.
 
 An eager decode step launches a few hundred kernels from Python, and for a 1B model the
 launches take longer than the GPU work (measured in BENCHMARKS.md): the engine is
 host-bound. A graph replays the whole forward pass in one launch.
 
-A graph fixes shapes, pointers and grids, so a step is padded up to a bucket: batch size
-B and context width C (keys gathered per sequence) each round up to the next size in
-1, 2, 3, 4, 6, 8, 12, ... (at most 1.5x the work of the exact step). Inputs live in static
-buffers that every graph reads a prefix of; padded rows decode token 0 at position 0 on no
-adapter, write their K/V to the runner's scratch block and attend to one key there. The
-LoRA ops read a static ``LoRAMeta`` (see ``LoRAMeta.for_capture``) whose grids cover any
-mix of adapters. Which linears run LoRA ops at all is fixed at capture, so the graph key
-includes the set of linears that some loaded adapter targets.
+A graph fixes shapes, pointers and grids, so a step's batch is padded up to a bucket of
+1, 2, 3, 4, 6, 8, 12, ... sequences (at most 1.5x the rows of the exact step). Inputs live
+in static buffers that every graph reads a prefix of: token ids, positions, cache rows,
+context lengths and block tables as wide as ``max_model_len`` needs (decode attention reads
+a context's keys in place, bounded by its length, so no graph depends on context size).
+Padded rows decode token 0 at position 0 on no adapter, write their K/V to the runner's
+scratch block and attend to that one key. The LoRA ops read a static ``LoRAMeta`` (see
+``LoRAMeta.for_capture``) whose grids cover any mix of adapters. Which linears run LoRA
+ops at all is fixed at capture, so the graph key includes the set of linears that some
+loaded adapter targets.
 
 On a CPU there is nothing to capture: the same static buffers run eagerly, which is how
 the CPU tests check the padded layout against eager steps.
@@ -68,12 +70,11 @@ class DecodeGraphs:
         self.runner = runner
         self.block_size = bs = runner.block_size
         self.batch_sizes = size_buckets(max_num_seqs)
-        self.block_counts = size_buckets(-(-max_model_len // bs))
-        max_b, max_blocks = self.batch_sizes[-1], self.block_counts[-1]
+        max_b, max_blocks = self.batch_sizes[-1], -(-max_model_len // bs)
         device = runner.device
         self.inputs = torch.zeros(_INPUT_ROWS, max_b, dtype=torch.int64, device=device)
-        self.tables = torch.zeros(max_b * max_blocks, dtype=torch.int64, device=device)
-        self.key_pos = torch.arange(max_blocks * bs, device=device)
+        scratch = runner.scratch_block
+        self.tables = torch.full((max_b, max_blocks), scratch, dtype=torch.int64, device=device)
         self.rows = torch.arange(max_b, device=device)
         self.metas: dict[int, LoRAMeta] = {}  # per batch bucket, shared by its graphs
         self.graphs: dict[tuple, _Graph] = {}
@@ -92,22 +93,21 @@ class DecodeGraphs:
         ``GraphCaptureError`` if the step's graph could not be captured."""
         n = layout.num_seqs
         batch = _bucket(n, self.batch_sizes)
-        blocks = _bucket(max(len(t) for t in layout.block_tables), self.block_counts)
         uses_lora = any(s >= 0 for s in layout.token_slots)
         targets = tuple(lin.slot_mask != 0 for lin in self.linears) if uses_lora else None
-        self._write_inputs(layout, batch, blocks)
+        self._write_inputs(layout, batch)
         if uses_lora:
             meta = self._meta(batch)
             meta.write(layout.token_slots + [-1] * (batch - n), self.runner.adapters.slot_ranks)
-        key = (batch, blocks, targets)
+        key = (batch, targets)
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                graph = self._capture(batch, blocks, uses_lora)
+                graph = self._capture(batch, uses_lora)
             except Exception as exc:  # whatever broke, the caller can still run it eagerly
                 raise GraphCaptureError(
-                    f"capturing the decode graph for {batch} sequences x {blocks} blocks "
-                    f"failed: {type(exc).__name__}: {exc}"
+                    f"capturing the decode graph for {batch} sequences failed: "
+                    f"{type(exc).__name__}: {exc}"
                 ) from exc
             self.graphs[key] = graph
         self.replays += 1
@@ -120,9 +120,10 @@ class DecodeGraphs:
             meta = self.metas[batch] = LoRAMeta.for_capture(batch, slots, self.runner.device)
         return meta
 
-    def _write_inputs(self, layout: StepLayout, batch: int, blocks: int) -> None:
-        """Copy the step into the static buffers, padded to ``batch`` rows and ``blocks``
-        blocks per row."""
+    def _write_inputs(self, layout: StepLayout, batch: int) -> None:
+        """Copy the step into the static buffers, padded to ``batch`` rows. Block tables
+        are written as wide as this step's longest context; columns past it keep older
+        entries, which no context length reaches."""
         pad = batch - layout.num_seqs
         scratch = self.runner.scratch_block
         host = int_tensor(
@@ -138,54 +139,44 @@ class DecodeGraphs:
             + [1] * pad
         )
         self.inputs[:, :batch].copy_(host.view(_INPUT_ROWS, batch), non_blocking=True)
-        flat: list[int] = []
-        for table in layout.block_tables:
-            flat.extend(table)
-            flat.extend([scratch] * (blocks - len(table)))
-        flat.extend([scratch] * (blocks * pad))
-        self.tables[: batch * blocks].copy_(int_tensor(flat), non_blocking=True)
+        width = max(len(t) for t in layout.block_tables)
+        tables = layout.table_tensor(batch, width, fill_block=scratch)
+        self.tables[:batch, :width].copy_(tables, non_blocking=True)
 
-    def _forward(self, batch: int, blocks: int, lora: LoRAMeta | None) -> torch.Tensor:
-        """The captured work: attention tables from the static inputs, then the model."""
-        bs = self.block_size
+    def _forward(self, batch: int, lora: LoRAMeta | None) -> torch.Tensor:
+        """The captured work: the model over the static inputs' first ``batch`` rows."""
         ids, positions, slot_mapping, logits_rows, context_lens = self.inputs[:, :batch]
-        tables = self.tables[: batch * blocks].view(batch, blocks)
-        key_pos = self.key_pos[: blocks * bs]
-        gather = tables[:, key_pos // bs] * bs + key_pos % bs
-        mask = key_pos[None, :] < context_lens[:, None]  # a decode token sees its whole context
-        window = self.runner.model.args.sliding_window
-        if window is not None:
-            mask &= key_pos[None, :] > (context_lens[:, None] - 1) - window
         ctx = StepContext(
             positions=positions,
             slot_mapping=slot_mapping,
             query_pad_index=self.rows[:batch],
-            kv_gather_index=gather,
-            attn_mask=mask[:, None, None, :],
             logits_indices=logits_rows,
             num_seqs=batch,
             max_query_len=1,
+            block_size=self.block_size,
             lora=lora,
+            block_tables=self.tables[:batch],
+            context_lens=context_lens,
         )
         return self.runner.model(ids, self.runner.kv_caches, ctx)
 
-    def _capture(self, batch: int, blocks: int, uses_lora: bool) -> _Graph:
+    def _capture(self, batch: int, uses_lora: bool) -> _Graph:
         lora = self._meta(batch) if uses_lora else None
         if not self.capture:
-            return _Graph(lambda: self._forward(batch, blocks, lora))
+            return _Graph(lambda: self._forward(batch, lora))
         # Warm up outside the capture, on the capture stream: the first call compiles
         # Triton kernels and builds the launch plans the static meta caches for replays.
         stream = self.capture_stream
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
-            self._forward(batch, blocks, lora)
+            self._forward(batch, lora)
             # ``torch.cuda.graph`` would also run gc.collect() and empty_cache() around
             # every capture: a few hundred ms each in a serving process, for nothing here
             # (vLLM skips them too). capture_end also runs when the forward raises.
             graph.capture_begin(pool=self.pool)
             try:
-                hidden = self._forward(batch, blocks, lora)
+                hidden = self._forward(batch, lora)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)

@@ -2,8 +2,8 @@
 
 One readable file in the gpt-fast spirit. The batch is a flat list of T tokens from many
 sequences (prefill chunks and decode tokens mixed); per-step layout lives in ``StepContext``.
-Attention reads keys and values back from the paged KV cache by gathering each sequence's
-blocks, so prefill, chunked prefill and decode share one code path.
+Decode steps attend straight from the paged KV cache (``paged_decode_attention``); steps
+with prefill chunks gather each sequence's keys into a padded batch for torch's attention.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafleet.kernels import add_lora_slices
+from lorafleet.kernels.attention import paged_decode_attention
 from lorafleet.worker.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -159,6 +160,7 @@ class Attention(nn.Module):
             args.num_kv_heads,
             args.head_dim,
         )
+        self.sliding_window = args.sliding_window
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.qkv_proj = LoRALinear(
@@ -187,12 +189,19 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
 
         b, max_q = ctx.num_seqs, ctx.max_query_len
-        decode_only = max_q == 1  # one token per sequence: already in padded layout
-        if decode_only:
-            qp = q
-        else:
-            qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
-            qp.index_copy_(0, ctx.query_pad_index, q)
+        if max_q == 1:  # decode: one query per sequence, keys read in place from the cache
+            out = paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                ctx.block_tables,
+                ctx.context_lens,
+                ctx.block_size,
+                self.sliding_window,
+            )
+            return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), ctx)
+        qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
+        qp.index_copy_(0, ctx.query_pad_index, q)
         qp = qp.view(b, max_q, self.num_heads, self.head_dim).transpose(1, 2)
         gather_shape = (b, -1, self.num_kv_heads, self.head_dim)
         flat_index = ctx.kv_gather_index.view(-1)
@@ -202,9 +211,7 @@ class Attention(nn.Module):
             qp, keys, values, attn_mask=ctx.attn_mask, enable_gqa=True
         )  # [B, heads, max_q, d]
         out = out.transpose(1, 2).reshape(b * max_q, self.num_heads * self.head_dim)
-        if not decode_only:
-            out = out.index_select(0, ctx.query_pad_index)
-        return self.o_proj(out, ctx)
+        return self.o_proj(out.index_select(0, ctx.query_pad_index), ctx)
 
 
 class MLP(nn.Module):

@@ -69,18 +69,19 @@ class ModelRunner:
 
     def prepare(self, layout: StepLayout) -> tuple[torch.Tensor, StepContext]:
         """Input ids and the step's ``StepContext``, at the layout's exact sizes."""
-        kv_gather_index, mask = layout.attention_tables(
-            layout.num_seqs,
-            max(layout.context_lens),
-            self.block_size,
-            fill_block=0,
-            window=self.model.args.sliding_window,
-        )
         lora = None
         if any(s >= 0 for s in layout.token_slots):
             lora = LoRAMeta.from_token_slots(
                 layout.token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
             )
+        decode = layout.max_query_len == 1
+        if decode:  # the kernel reads keys in place: block tables and lengths only
+            width = max(len(t) for t in layout.block_tables)
+            tables = layout.table_tensor(layout.num_seqs, width, fill_block=0)
+            extra, mask = [layout.context_lens], None
+        else:
+            tables, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
+            extra = []
         # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
         # waits for the stream on CUDA), then split into views.
         flat = [
@@ -89,25 +90,27 @@ class ModelRunner:
             layout.slot_mapping,
             layout.query_pad_index,
             layout.logits_indices,
+            *extra,
         ]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
-        packed = torch.cat([host, kv_gather_index.flatten()])
-        packed = packed.to(self.device, non_blocking=True)
-        input_ids, pos, slot_map, pad_index, logit_rows, gather = packed.split(
-            [*map(len, flat), kv_gather_index.numel()]
-        )
+        packed = torch.cat([host, tables.flatten()]).to(self.device, non_blocking=True)
+        views = packed.split([*map(len, flat), tables.numel()])
+        table_view = views[-1].view(tables.shape)
         ctx = StepContext(
-            positions=pos,
-            slot_mapping=slot_map,
-            query_pad_index=pad_index,
-            kv_gather_index=gather.view(kv_gather_index.shape),
-            attn_mask=mask.to(self.device, non_blocking=True),
-            logits_indices=logit_rows,
+            positions=views[1],
+            slot_mapping=views[2],
+            query_pad_index=views[3],
+            logits_indices=views[4],
             num_seqs=layout.num_seqs,
             max_query_len=layout.max_query_len,
+            block_size=self.block_size,
             lora=lora,
+            block_tables=table_view if decode else None,
+            context_lens=views[5] if decode else None,
+            kv_gather_index=None if decode else table_view,
+            attn_mask=None if decode else mask.to(self.device, non_blocking=True),
         )
-        return input_ids, ctx
+        return views[0], ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """float32 logits [N, vocab] of the tokens in ``ctx.logits_indices``."""

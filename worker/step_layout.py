@@ -77,40 +77,35 @@ class StepLayout:
         layout.logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
         return layout
 
-    def attention_tables(
-        self,
-        num_rows: int,
-        num_keys: int,
-        block_size: int,
-        fill_block: int,
-        window: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kv_gather_index int64 [num_rows, num_keys], attn_mask bool [num_rows, 1, max_q,
-        num_keys]) on the host.
-
-        Row b gathers sequence b's keys from the cache; keys past its context read block
-        ``fill_block`` and are masked. Rows past ``num_seqs`` (padding for a captured
-        graph) read ``fill_block`` too and attend to its first key only, as do padded
-        query rows, so no row of the softmax is empty (no NaN).
-        """
-        bs, n, max_q = block_size, self.num_seqs, self.max_query_len
-        pad = num_rows - n
-        num_blocks = -(-num_keys // bs)
+    def table_tensor(self, num_rows: int, num_blocks: int, fill_block: int) -> torch.Tensor:
+        """int64 [num_rows, num_blocks] host tensor: each sequence's block table, then rows
+        of padding, every row filled out with ``fill_block``."""
         flat: list[int] = []
         for table in self.block_tables:
             flat.extend(table)
             flat.extend([fill_block] * (num_blocks - len(table)))
-        flat.extend([fill_block] * (num_blocks * pad))
-        tables = int_tensor(flat).view(num_rows, num_blocks)
+        flat.extend([fill_block] * (num_blocks * (num_rows - self.num_seqs)))
+        return int_tensor(flat).view(num_rows, num_blocks)
+
+    def attention_tables(
+        self, block_size: int, window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_gather_index int64 [B, C], attn_mask bool [B, 1, max_q, C]) on the host, for
+        steps with prefill chunks (C = the longest context).
+
+        Row b gathers sequence b's keys from the cache; keys past its context read block 0
+        and are masked; padded query rows attend to the first key only, so no row of the
+        softmax is empty (no NaN).
+        """
+        n, max_q, num_keys = self.num_seqs, self.max_query_len, max(self.context_lens)
+        tables = self.table_tensor(n, -(-num_keys // block_size), fill_block=0)
         key_pos = torch.arange(num_keys)
-        gather = tables[:, key_pos // bs] * bs + key_pos % bs
-        starts = torch.tensor(self.starts + [0] * pad)
-        q_pos = starts[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
-        ctx_len = torch.tensor(self.context_lens + [1] * pad)[:, None, None]
+        gather = tables[:, key_pos // block_size] * block_size + key_pos % block_size
+        q_pos = torch.tensor(self.starts)[:, None] + torch.arange(max_q)[None, :]  # [B, max_q]
+        ctx_len = torch.tensor(self.context_lens)[:, None, None]
         mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < ctx_len)
         if window is not None:
             mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
-        query_lens = torch.tensor(self.query_lens + [1] * pad)
-        pad_rows = torch.arange(max_q)[None, :] >= query_lens[:, None]
-        mask[:, :, 0] |= pad_rows  # padded query rows attend to one key: no NaN rows
+        pad_rows = torch.arange(max_q)[None, :] >= torch.tensor(self.query_lens)[:, None]
+        mask[:, :, 0] |= pad_rows
         return gather, mask[:, None]
