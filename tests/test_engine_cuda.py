@@ -66,6 +66,33 @@ def test_cuda_graph_decode_equals_peft(llama_dir, adapter_factory):
         assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora)
 
 
+def _first_decode_logits(llm: LLM, requests) -> torch.Tensor:
+    """Logits of the first decode step after a prefill step (float32, on the CPU)."""
+    engine = llm.engine
+    for i, lora in enumerate(requests):
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], params, lora)
+    engine.step()  # the prefill, eager
+    batch = engine.scheduler.schedule()
+    assert all(n == 1 for n in batch.num_new_tokens)
+    return engine.runner.execute(batch).float().cpu()
+
+
+def test_cuda_graph_decode_logits_match_eager_in_bf16(llama_dir, adapter_factory):
+    """The replayed decode step (padded batch, static LoRA metadata) against the eager one,
+    bf16: the same logits up to bf16 rounding of differently tiled kernels."""
+    loras = [req for _, req in adapter_factory(llama_dir)]
+    requests = [None, *loras, loras[0]]  # 7 sequences: padded to the bucket of 8
+    kw = dict(device="cuda", dtype="bfloat16", max_loras=len(loras), max_lora_rank=64)
+    eager = _first_decode_logits(LLM(str(llama_dir), **kw), requests)
+    graph_llm = LLM(str(llama_dir), cuda_graphs=True, **kw)
+    graph = _first_decode_logits(graph_llm, requests)
+    assert graph_llm.engine.runner.graphs.replays == 1 and graph.shape == eager.shape
+    for i in range(len(requests)):
+        err = float((graph[i] - eager[i]).norm() / eager[i].norm())
+        assert err < 3e-2, (i, err)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2)])
 def test_cuda_prefill_logits_match_peft(llama_dir, adapter_factory, dtype, tol):
     """Every adapter and the base model in one step; norm-wise relative error per request
