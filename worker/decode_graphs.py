@@ -21,6 +21,8 @@ the CPU tests check the padded layout against eager steps.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ from lorafleet.worker.step_layout import StepLayout
 if TYPE_CHECKING:
     from lorafleet.worker.model_runner import ModelRunner
 
+log = logging.getLogger(__name__)
 _INPUT_ROWS = 5  # ids, positions, slot mapping, logits rows, context lengths
 
 
@@ -102,6 +105,7 @@ class DecodeGraphs:
         key = (batch, targets)
         graph = self.graphs.get(key)
         if graph is None:
+            start = time.perf_counter()
             try:
                 graph = self._capture(batch, uses_lora)
             except Exception as exc:  # whatever broke, the caller can still run it eagerly
@@ -110,6 +114,13 @@ class DecodeGraphs:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             self.graphs[key] = graph
+            log.debug(
+                "captured the decode graph for %d sequences%s in %.0f ms (%d graphs)",
+                batch,
+                " with LoRA" if uses_lora else "",
+                1000 * (time.perf_counter() - start),
+                len(self.graphs),
+            )
         self.replays += 1
         return graph.replay()[:n]
 
