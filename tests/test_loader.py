@@ -56,3 +56,36 @@ def test_missing_folder_and_tiny_kv_budget(llama_dir, tmp_path):
         LLM(str(tmp_path / "nothing-here"))
     with pytest.raises(ValueError, match="kv_cache_bytes"):
         LLM(str(llama_dir), kv_cache_bytes=1024)
+
+
+def test_slot_writes_place_each_adapter_and_clear_what_it_leaves(llama_dir, adapter_factory):
+    """A slot that held a rank-64 adapter on every projection, rewritten with a rank-8 one
+    on q/v only: q/v rows hold the new A and B (B scaled), their columns past rank 8 and
+    every other projection of the slot are zero, and the other slot is untouched."""
+    from lorafleet.worker import LLM
+
+    by_name = {spec.name: req for spec, req in adapter_factory(llama_dir)}
+    llm = LLM(str(llama_dir), max_loras=2, max_lora_rank=64)
+    am = llm.engine.adapters
+    big, small = am.load(by_name["r64"]), am.load(by_name["r8_qv"])
+    assert big.flat.numel() * big.flat.element_size() == big.nbytes
+    am._write_slot(0, 1, big)
+    am._write_slot(1, 2, big)
+    slot1 = {
+        key: (lin.lora_as[i][1].clone(), lin.lora_bs[i][1].clone())
+        for key, (lin, i) in am.linears.items()
+    }
+    am._write_slot(0, 3, small)
+    targeted = {id(am.linears[key][0]) for key in small.weights}
+    for key, (linear, index) in am.linears.items():
+        assert bool(linear.slot_mask & 1) == (id(linear) in targeted), key
+        assert linear.slot_mask & 2, key
+        a, b = linear.lora_as[index][0], linear.lora_bs[index][0]
+        pair = small.weights.get(key)
+        if pair is None:
+            assert not a.any() and not b.any(), key
+        else:
+            assert torch.equal(a[:8], pair[0]) and torch.equal(b[:, :8], pair[1]), key
+            assert not a[8:].any() and not b[:, 8:].any(), key
+        assert torch.equal(linear.lora_as[index][1], slot1[key][0]), key
+        assert torch.equal(linear.lora_bs[index][1], slot1[key][1]), key

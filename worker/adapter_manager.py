@@ -14,6 +14,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
+
 from lorafleet.producer.errors import (
     AdapterConflictError,
     AdapterInvalidError,
@@ -39,11 +41,13 @@ class AdapterManager:
         self.args = model.args
         self.config = config
         self.served_model_name = served_model_name
-        self.dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
         self.num_slots = config.max_loras
         self.linears: dict[tuple[int, str], tuple[LoRALinear, int]] = model.lora_linears()
+        self._unique_linears = list({id(lin): lin for lin, _ in self.linears.values()}.values())
         if config.enable_lora:
-            for linear in {id(lin): lin for lin, _ in self.linears.values()}.values():
+            for linear in self._unique_linears:
                 linear.allocate_slots(self.num_slots, config.max_lora_rank)
         # Host-side: the step's LoRAMeta uploads it with the rest of its metadata.
         self.slot_ranks = [0] * self.num_slots
@@ -140,6 +144,8 @@ class AdapterManager:
         except LoraFleetError as err:
             self._remember_failure(req, err)
             raise
+        if self.device.type == "cuda":
+            weights = weights.pinned()  # slot loads then copy asynchronously
         self.stats.disk_loads += 1
         self.stats.disk_load_seconds += time.perf_counter() - start
         self.identities[req.lora_int_id] = (req.lora_name, req.lora_path)
@@ -236,23 +242,35 @@ class AdapterManager:
         return min(idle, key=lambda s: self.slot_used_at[s])
 
     def _write_slot(self, slot: int, lora_id: int, adapter: AdapterWeights) -> None:
+        """Load ``adapter`` into ``slot``: one host-to-device copy of its packed weights,
+        then one batched device copy into the slot rows and one batched zeroing of the rank
+        columns past its rank and of the projections it leaves alone (a few launches
+        instead of four small ops per projection and layer)."""
         bit = 1 << slot
-        for linear, _ in self.linears.values():
-            linear.slot_mask &= ~bit
+        masks = {id(lin): lin.slot_mask & ~bit for lin, _ in self.linears.values()}
+        weights = adapter.on(self.device)
+        targets: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        zeros: list[torch.Tensor] = []
         for key, (linear, index) in self.linears.items():
             lora_a, lora_b = linear.lora_as[index][slot], linear.lora_bs[index][slot]
-            pair = adapter.weights.get(key)
+            pair = weights.get(key)
             if pair is None:
-                lora_a.zero_()
-                lora_b.zero_()
+                zeros += [lora_a, lora_b]
                 continue
-            linear.slot_mask |= bit
+            masks[id(linear)] |= bit
             a, b = pair
             r = a.shape[0]
-            lora_a[:r].copy_(a, non_blocking=True)
-            lora_a[r:].zero_()
-            lora_b[:, :r].copy_(b, non_blocking=True)
-            lora_b[:, r:].zero_()
+            targets += [lora_a[:r], lora_b[:, :r]]
+            sources += [a, b]
+            if r < lora_a.shape[0]:
+                zeros += [lora_a[r:], lora_b[:, r:]]
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        if zeros:
+            torch._foreach_zero_(zeros)
+        for linear in self._unique_linears:
+            linear.slot_mask = masks[id(linear)]  # nn.Module attribute writes are slow: once each
         self.slot_ranks[slot] = adapter.rank
         old = self.slot_owner[slot]
         if old is not None:

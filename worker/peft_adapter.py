@@ -40,12 +40,45 @@ _UNSUPPORTED_CONFIG = {
 @dataclass(frozen=True)
 class AdapterWeights:
     """A validated adapter on the CPU. ``weights[(layer, module)] = (A [r, in],
-    B [out, r] already multiplied by ``scaling``)`` in the model's dtype."""
+    B [out, r] already multiplied by ``scaling``)`` in the model's dtype, all of them views
+    into one 1-D buffer ``flat``, so the adapter reaches a device in one copy (``on``)."""
 
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
+    flat: torch.Tensor
+
+    @classmethod
+    def pack(
+        cls,
+        rank: int,
+        scaling: float,
+        pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    ) -> AdapterWeights:
+        flat = torch.cat([t.flatten() for pair in pairs.values() for t in pair])
+        return cls(rank, scaling, _views(flat, pairs), flat.numel() * flat.element_size(), flat)
+
+    def pinned(self) -> AdapterWeights:
+        """The same adapter in page-locked memory: its copy to a GPU runs asynchronously."""
+        flat = self.flat.pin_memory()
+        return AdapterWeights(
+            self.rank, self.scaling, _views(flat, self.weights), self.nbytes, flat
+        )
+
+    def on(self, device: torch.device) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """``weights`` on ``device``: one copy of ``flat`` (none on the CPU), then views."""
+        return _views(self.flat.to(device, non_blocking=True), self.weights)
+
+
+def _views(
+    flat: torch.Tensor, like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Views of ``flat`` shaped as ``like``'s tensors, back to back in its order."""
+    shapes = [t.shape for pair in like.values() for t in pair]
+    parts = flat.split([s.numel() for s in shapes])
+    views = [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
+    return {key: (views[2 * i], views[2 * i + 1]) for i, key in enumerate(like)}
 
 
 def _read_config(folder: Path, name: str) -> dict:
@@ -148,7 +181,6 @@ def load_peft_adapter(
     if not halves:
         raise AdapterInvalidError(f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA tensors")
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    nbytes = 0
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             raise AdapterInvalidError(
@@ -167,5 +199,4 @@ def load_peft_adapter(
         a = a.to(dtype).contiguous()
         b = (b.float() * scaling).to(dtype).contiguous()
         weights[(layer, module)] = (a, b)
-        nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-    return AdapterWeights(rank=rank, scaling=scaling, weights=weights, nbytes=nbytes)
+    return AdapterWeights.pack(rank, scaling, weights)
