@@ -144,8 +144,6 @@ class AdapterManager:
         except LoraFleetError as err:
             self._remember_failure(req, err)
             raise
-        if self.device.type == "cuda":
-            weights = weights.pinned()  # slot loads then copy asynchronously
         self.stats.disk_loads += 1
         self.stats.disk_load_seconds += time.perf_counter() - start
         self.identities[req.lora_int_id] = (req.lora_name, req.lora_path)
