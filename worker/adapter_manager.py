@@ -242,8 +242,8 @@ class AdapterManager:
     def _write_slot(self, slot: int, lora_id: int, adapter: AdapterWeights) -> None:
         """Load ``adapter`` into ``slot``: one host-to-device copy of its packed weights,
         then one batched device copy into the slot rows and one batched zeroing of the rank
-        columns past its rank and of the projections it leaves alone (a few launches
-        instead of four small ops per projection and layer)."""
+        columns past its rank and of the projections it leaves alone (a few calls instead
+        of four small ops per projection and layer, two of them host-to-device copies)."""
         bit = 1 << slot
         masks = {id(lin): lin.slot_mask & ~bit for lin, _ in self.linears.values()}
         weights = adapter.on(self.device)

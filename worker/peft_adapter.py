@@ -59,15 +59,12 @@ class AdapterWeights:
         flat = torch.cat([t.flatten() for pair in pairs.values() for t in pair])
         return cls(rank, scaling, _views(flat, pairs), flat.numel() * flat.element_size(), flat)
 
-    def pinned(self) -> AdapterWeights:
-        """The same adapter in page-locked memory: its copy to a GPU runs asynchronously."""
-        flat = self.flat.pin_memory()
-        return AdapterWeights(
-            self.rank, self.scaling, _views(flat, self.weights), self.nbytes, flat
-        )
-
     def on(self, device: torch.device) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """``weights`` on ``device``: one copy of ``flat`` (none on the CPU), then views."""
+        """``weights`` on ``device``: one copy of ``flat`` (none on the CPU), then views.
+
+        ``flat`` stays in pageable memory: pinning every cached adapter would lock up to
+        max_cpu_loras adapters' worth of host RAM. One copy instead of one per tensor is
+        the saving (each pageable copy waits for the GPU)."""
         return _views(self.flat.to(device, non_blocking=True), self.weights)
 
 
