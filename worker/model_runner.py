@@ -75,12 +75,12 @@ class ModelRunner:
                 layout.token_slots, self.adapters.num_slots, self.adapters.slot_ranks, self.device
             )
         decode = layout.max_query_len == 1
-        if decode:  # the kernel reads keys in place: block tables and lengths only
+        if decode:  # block tables [B, W] and lengths: the kernel reads keys in place
             width = max(len(t) for t in layout.block_tables)
-            tables = layout.table_tensor(layout.num_seqs, width, fill_block=0)
+            index = layout.table_tensor(layout.num_seqs, width, fill_block=0)
             extra, mask = [layout.context_lens], None
-        else:
-            tables, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
+        else:  # the cache row of every key [B, C], and the attention mask
+            index, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
             extra = []
         # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
         # waits for the stream on CUDA), then split into views.
@@ -93,9 +93,9 @@ class ModelRunner:
             *extra,
         ]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
-        packed = torch.cat([host, tables.flatten()]).to(self.device, non_blocking=True)
-        views = packed.split([*map(len, flat), tables.numel()])
-        table_view = views[-1].view(tables.shape)
+        packed = torch.cat([host, index.flatten()]).to(self.device, non_blocking=True)
+        views = packed.split([*map(len, flat), index.numel()])
+        index_view = views[-1].view(index.shape)
         ctx = StepContext(
             positions=views[1],
             slot_mapping=views[2],
@@ -105,9 +105,9 @@ class ModelRunner:
             max_query_len=layout.max_query_len,
             block_size=self.block_size,
             lora=lora,
-            block_tables=table_view if decode else None,
+            block_tables=index_view if decode else None,
             context_lens=views[5] if decode else None,
-            kv_gather_index=None if decode else table_view,
+            kv_gather_index=None if decode else index_view,
             attn_mask=None if decode else mask.to(self.device, non_blocking=True),
         )
         return views[0], ctx
