@@ -503,6 +503,7 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             "max_loras": fleet.max_loras,
             "max_cpu_loras": fleet.max_cpu_loras,
             "max_num_seqs": fleet.max_num_seqs,
+            "cuda_graphs": fleet.cuda_graphs,
         }
         return loadtest.run_command(args, spec, fleet.redis_url, fleet.queue, setup)
 
