@@ -52,10 +52,12 @@ class StepLayout:
         """Lay out ``batch``; ``slots[i]`` is sequence i's adapter slot (-1: none)."""
         bs = block_size
         max_q = max(batch.num_new_tokens)
-        layout = cls([], [], [], [], [], [], [], [], [], [], max_q)
         # Sequences grouped by slot: each adapter's tokens form one contiguous run, so LoRA
         # ops touch slices (or whole segments) instead of gathering rows.
         order = sorted(range(len(batch)), key=lambda i: slots[i])
+        if max_q == 1:
+            return cls._of_decode(batch, slots, bs, order)
+        layout = cls([], [], [], [], [], [], [], [], [], [], max_q)
         last_token: dict[int, int] = {}
         for b, i in enumerate(order):
             seq, n, slot = batch.seqs[i], batch.num_new_tokens[i], slots[i]
@@ -76,6 +78,40 @@ class StepLayout:
             layout.context_lens.append(start + n)
         layout.logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
         return layout
+
+    @classmethod
+    def _of_decode(
+        cls, batch: ScheduledBatch, slots: list[int], bs: int, order: list[int]
+    ) -> StepLayout:
+        """``of`` for one new token per sequence: the same layout, built without the
+        per-token ranges (the host path every decode step, CUDA graphs or not, takes)."""
+        ids, positions, slot_mapping, tables, starts = [], [], [], [], []
+        rows = {}  # batch index -> layout row
+        for b, i in enumerate(order):
+            seq = batch.seqs[i]
+            p = seq.num_computed_tokens
+            table = seq.block_table
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slot_mapping.append(table[p // bs] * bs + p % bs)
+            tables.append(table[: p // bs + 1])
+            starts.append(p)
+            if p + 1 == seq.num_tokens:  # batch.samples(i)
+                rows[i] = b
+        n = len(order)
+        return cls(
+            ids=ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            token_slots=[slots[i] for i in order],
+            query_pad_index=list(range(n)),
+            logits_indices=[rows[i] for i in range(n) if i in rows],
+            block_tables=tables,
+            starts=starts,
+            query_lens=[1] * n,
+            context_lens=[p + 1 for p in starts],
+            max_query_len=1,
+        )
 
     def table_tensor(self, num_rows: int, num_blocks: int, fill_block: int) -> torch.Tensor:
         """int64 [num_rows, num_blocks] host tensor: each sequence's block table, then rows
