@@ -8,6 +8,7 @@ stop string is held back, so streamed deltas always concatenate to the final tex
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -31,12 +32,11 @@ class Detokenizer:
         if backend is not None and not getattr(
             self.tokenizer, "clean_up_tokenization_spaces", False
         ):
-            self._decode_fn = lambda ids: backend.decode(ids, skip_special_tokens=True)
+            self._decode = functools.partial(backend.decode, skip_special_tokens=True)
         else:
-            self._decode_fn = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._decode_fn(ids)
+            self._decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
+        # Runs once per generated token: keep the stop-string window's length at hand.
+        self._stop_window = max((len(s) for s in self.stop), default=0)
 
     def append(self, token_id: int) -> str | None:
         """Add a token; return the stop string the new text completes, if any (the caller
@@ -48,8 +48,10 @@ class Detokenizer:
             return None
         new = full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        start = max(0, len(self.text) - self._stop_window)
         self.text += new
+        if not self.stop:
+            return None
         hits = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
         if not hits:
             return None
