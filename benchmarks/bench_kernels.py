@@ -5,7 +5,9 @@
     python benchmarks/bench_kernels.py --sweep          # also try a few tile configs per shape
     python benchmarks/bench_kernels.py --interpret-smoke   # CPU, Triton interpreter, tiny shapes
 
-Per shape and op (shrink, expand, both = ``add_lora_slices``, the engine's op) it reports the time with eager launches and with
+Per shape and op (shrink, expand, both = ``add_lora_slices``, the engine's op, and for
+decode shapes *both static*: the same op on the static metadata a CUDA-graph decode step
+uses, whose grid covers any adapter mix) it reports the time with eager launches and with
 CUDA-graph replays (kernel time without launch overhead, which is what kernels of a few
 microseconds are judged by); the bytes the op must move at least (activations and output
 once, each active adapter's weights once up to its rank) as GB/s and as a share of the
@@ -176,7 +178,7 @@ def min_bytes(inp: Inputs, op: str) -> int:
         + sum(ranks[s] for s in active) * shape.out_cols * e  # B columns up to each rank
         + 2 * lora_tokens * shape.out_cols * e  # output rows read and written
     )
-    return {"shrink": shrink, "expand": expand, "both": shrink + expand}[op]
+    return {"shrink": shrink, "expand": expand}.get(op, shrink + expand)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -294,11 +296,16 @@ def ops_for(
             x, [a], [b], meta, out, shrink_config=shrink_cfg, expand_config=expand_cfg
         )
 
-    return {
+    ops = {
         "shrink": lambda: ops_mod.lora_shrink_triton(x, a, meta, config=shrink_cfg),
         "expand": lambda: ops_mod.lora_expand_triton(buf, b, meta, out, config=expand_cfg),
         "both": both,
     }
+    if not inp.shape.prefill:  # decode steps replayed from CUDA graphs use a static meta
+        static = LoRAMeta.for_capture(x.shape[0], a.shape[0], x.device)
+        static.write(inp.token_slots.tolist(), inp.ranks)
+        ops["both static"] = lambda: ops_mod.add_lora_slices_triton(x, [a], [b], static, out)
+    return ops
 
 
 def check_against_reference(inp: Inputs, ops_mod) -> None:
@@ -315,6 +322,17 @@ def check_against_reference(inp: Inputs, ops_mod) -> None:
     err = float((out_k.float() - out_r.float()).abs().max() / out_r.float().abs().max())
     if err > tol:
         raise SystemExit(f"{inp.shape.name}: expand differs from the reference (rel err {err:.2e})")
+    want = lora_expand_ref(
+        lora_shrink_ref(inp.x, inp.lora_a, inp.meta), inp.lora_b, inp.meta, inp.out.clone()
+    )
+    for op, fn in ops_for(inp, ops_mod).items():
+        if op.startswith("both"):
+            saved = inp.out.clone()
+            fn()  # adds into inp.out
+            got, inp.out[:] = inp.out.clone(), saved
+            err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+            if err > tol:
+                raise SystemExit(f"{inp.shape.name}: {op} differs from the reference ({err:.2e})")
 
 
 def gather_fits(inp: Inputs) -> bool:
@@ -341,6 +359,7 @@ def run_shape(inp: Inputs, ops_mod, device: str) -> list[Row]:
     }
     rows = []
     for op, fn in ops_for(inp, ops_mod).items():
+        base = op.split()[0]  # "both static" has the baselines of "both"
         rows.append(
             Row(
                 inp.shape.name,
@@ -348,8 +367,8 @@ def run_shape(inp: Inputs, ops_mod, device: str) -> list[Row]:
                 eager_s=bench(fn, device),
                 graph_s=bench(fn, device, graph=True),
                 bytes=min_bytes(inp, op),
-                gather_s=bench(gather[op], device, graph=True) if gather_fits(inp) else None,
-                loop_s=bench(loop[op], device),
+                gather_s=bench(gather[base], device, graph=True) if gather_fits(inp) else None,
+                loop_s=bench(loop[base], device),
                 host_s=host_time(fn, device),
                 copy_s=same_bytes_copy(min_bytes(inp, op), device),
             )

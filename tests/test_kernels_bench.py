@@ -32,7 +32,8 @@ def test_bench_interpret_smoke_prints_a_table() -> None:
     res = _run("--interpret-smoke", "--dtype", "fp16")
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stdout.splitlines() if line.startswith("| smoke")]
-    assert len(lines) == 4 * 3  # four smoke shapes x (shrink, expand, both)
+    # four smoke shapes x (shrink, expand, both), and "both static" for the three decode ones
+    assert len(lines) == 4 * 3 + 3
     assert "copy bandwidth" in res.stdout and "--interpret-smoke" in res.stdout
 
 
