@@ -101,6 +101,7 @@ def default_shrink_config(
     elem_size: int,
     sm_count: int,
     interpret: bool,
+    partials: bool = False,
 ) -> ShrinkConfig:
     """Heuristic shrink tiles.
 
@@ -110,7 +111,8 @@ def default_shrink_config(
     token tile is 64 wide; and a hidden-dim split so that decode batches (one small token
     tile per segment) still put about two programs on each of ``sm_count`` SMs: decode
     shrink is a stream over the adapters' A rows and needs that parallelism. The split is
-    off under ``torch.use_deterministic_algorithms(True)`` (its atomics add in any order).
+    off under ``torch.use_deterministic_algorithms(True)`` (its atomics add in any order),
+    unless the K splits store ``partials`` that a later kernel adds in a fixed order.
     """
     if interpret:
         return ShrinkConfig(
@@ -132,7 +134,7 @@ def default_shrink_config(
     # A power of two: SPLIT_K is compiled in, and decode batches vary their active-adapter
     # count every step; any integer would compile a new variant mid-serving (about a second).
     split_k = _prev_pow2(min(triton.cdiv(hidden, block_k), 64, triton.cdiv(2 * sm_count, programs)))
-    if torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled() and not partials:
         split_k = 1  # split-K partial sums meet in fp32 atomics, in no fixed order
     num_warps = 8 if block_m >= 64 or block_m * block_r >= 4096 else 4
     return ShrinkConfig(block_m, block_r, block_k, split_k, num_warps=num_warps)
@@ -365,6 +367,7 @@ def _shrink_plan(
         elem_size=x.element_size(),
         sm_count=0 if interpret else _sm_count(x.device),
         interpret=interpret,
+        partials=partials,
     )
     m_tiles = triton.cdiv(meta.max_segment_tokens, cfg.block_m)
     r_tiles = triton.cdiv(max_rank, cfg.block_r)
