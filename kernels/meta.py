@@ -66,7 +66,6 @@ class LoRAMeta:
     num_tokens: int
     num_active: int
     num_lora_tokens: int
-    max_slot_tokens: int
     seg_slots: torch.Tensor
     seg_starts: torch.Tensor
     seg_counts: torch.Tensor
@@ -156,7 +155,6 @@ class LoRAMeta:
             num_tokens=int(slots_host.numel()),
             num_active=len(active_host),
             num_lora_tokens=int(sum(counts_host)),
-            max_slot_tokens=max(counts_host, default=0),
             seg_slots=narrow_dev[2],
             seg_starts=narrow_dev[4],
             seg_counts=narrow_dev[3],
@@ -188,7 +186,6 @@ class LoRAMeta:
             num_tokens=num_tokens,
             num_active=active.numel(),
             num_lora_tokens=num_tokens,
-            max_slot_tokens=num_tokens,
             seg_slots=seg_slots,
             seg_starts=seg_starts,
             seg_counts=seg_counts,

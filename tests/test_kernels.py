@@ -619,7 +619,7 @@ def test_meta_from_a_host_list_equals_meta_from_a_tensor(device: str) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert x.tolist() == y.tolist() and x.dtype == y.dtype and x.device == y.device, name
         assert x.device.type == device
-    assert (a.num_lora_tokens, a.max_slot_tokens, a.num_active) == (6, 3, 3)
+    assert (a.num_lora_tokens, a.max_segment_tokens, a.num_active, a.num_segments) == (6, 3, 3, 3)
     with pytest.raises(ValueError, match=r"in \[-1, 4\)"):
         LoRAMeta.from_token_slots([0, 4], 4)
 
