@@ -12,11 +12,38 @@ import functools
 from dataclasses import dataclass, field
 
 
+class TokenDecoder:
+    """Decodes token-id windows for every sequence of one engine.
+
+    In steady state each new token is emitted at once, and the next step's prefix window is
+    that one token alone: single-token texts come from a cache (one per vocabulary entry at
+    most), so a token costs one decode instead of two.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        # The Rust tokenizer decodes the same text several times faster than transformers'
+        # wrapper, which only adds work when it cleans up tokenization spaces.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            self._decode = functools.partial(backend.decode, skip_special_tokens=True)
+        else:
+            self._decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        self._single: dict[int, str] = {}
+
+    def __call__(self, ids: list[int]) -> str:
+        if len(ids) != 1:
+            return self._decode(ids) if ids else ""
+        text = self._single.get(ids[0])
+        if text is None:
+            text = self._single[ids[0]] = self._decode(ids)
+        return text
+
+
 @dataclass
 class Detokenizer:
     """Turns appended token ids into text deltas for one sequence."""
 
-    tokenizer: object
+    decode: TokenDecoder
     stop: tuple[str, ...] = ()
     text: str = ""
     emitted: int = 0  # chars of ``text`` already handed out as deltas
@@ -26,15 +53,6 @@ class Detokenizer:
     _stop_at: int = 0
 
     def __post_init__(self) -> None:
-        # The Rust tokenizer decodes the same text several times faster than transformers'
-        # wrapper, which only adds work when it cleans up tokenization spaces.
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(
-            self.tokenizer, "clean_up_tokenization_spaces", False
-        ):
-            self._decode = functools.partial(backend.decode, skip_special_tokens=True)
-        else:
-            self._decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
         # Runs once per generated token: keep the stop-string window's length at hand.
         self._stop_window = max((len(s) for s in self.stop), default=0)
 
@@ -42,8 +60,8 @@ class Detokenizer:
         """Add a token; return the stop string the new text completes, if any (the caller
         decides whether to stop; ``cut_at_stop`` then drops it and what follows)."""
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+        prefix = self.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self.decode(self._ids[self._prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return None
         new = full[len(prefix) :]
@@ -64,8 +82,8 @@ class Detokenizer:
     def flush(self) -> None:
         """At the end of a sequence, add text still pending (e.g. a trailing incomplete
         UTF-8 sequence, which then decodes to U+FFFD as a full decode would)."""
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+        prefix = self.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self.decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix):
             self.text += full[len(prefix) :]
         self._prefix_offset = self._read_offset = len(self._ids)

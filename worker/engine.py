@@ -12,7 +12,7 @@ from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutpu
 from lorafleet.worker.adapter_manager import AdapterManager
 from lorafleet.worker.block_manager import BlockManager
 from lorafleet.worker.config import EngineConfig
-from lorafleet.worker.detokenizer import Detokenizer
+from lorafleet.worker.detokenizer import Detokenizer, TokenDecoder
 from lorafleet.worker.loader import load_model, read_model_args, resolve_dtype
 from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
 from lorafleet.worker.outputs import StepOutput, StepStats
@@ -40,6 +40,7 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, raw)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.token_decoder = TokenDecoder(self.tokenizer)
         self.model = load_model(model_dir, self.dtype, self.device)
         limit = self.args.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
@@ -105,7 +106,7 @@ class LLMEngine:
             num_prompt_tokens=len(ids),
             params=params,
             lora_request=lora_request,
-            detokenizer=Detokenizer(self.tokenizer, tuple(params.stop or ())),
+            detokenizer=Detokenizer(self.token_decoder, tuple(params.stop or ())),
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
         )
         if params.seed is not None:
