@@ -29,6 +29,24 @@ def _config(llama_dir, **kw) -> EngineConfig:
     return EngineConfig(model=str(llama_dir), max_loras=2, max_lora_rank=16, **kw)
 
 
+def generate_in_engine_process(config: EngineConfig, prompts, params, loras):
+    """(engine info, RequestOutputs) of ``prompts`` run through an engine child process."""
+
+    async def run():
+        engine = AsyncEngine(config)
+        await engine.start()
+        try:
+            streams = [
+                engine.add_request(f"r{i}", p, params, lora)
+                for i, (p, lora) in enumerate(zip(prompts, loras, strict=True))
+            ]
+            return engine.info, [await s.result() for s in streams]
+        finally:
+            await engine.stop()
+
+    return asyncio.run(run())
+
+
 def test_outputs_deltas_and_snapshot_match_the_in_process_engine(llama_dir, adapter_factory):
     adapters = [req for spec, req in adapter_factory(llama_dir) if spec.rank <= 16]
     loras = [None, adapters[0], adapters[1], None, adapters[0]]

@@ -129,59 +129,17 @@ def test_a_failed_capture_turns_graphs_off_and_serves_eagerly(llama_dir, monkeyp
     assert runner.graphs is None and "stream is capturing" in runner.graphs_error
 
 
-def test_graphs_keep_outputs_under_chunked_prefill_and_preemption(llama_dir, adapter_factory):
-    """Steps that mix prefill chunks with decode run eagerly, pure decode steps from the
-    static buffers; preemption frees blocks that padded rows never touch."""
-    loras = [req for _, req in adapter_factory(llama_dir)][:2]
-    prompts, requests = (
-        ["The quick brown fox", "hello", "a b c d e f g"] * 3,
-        [
-            None,
-            loras[0],
-            loras[1],
-        ]
-        * 3,
-    )
-    expected = LLM(str(llama_dir), max_loras=2).generate(prompts, GREEDY, requests)
-    small = LLM(
-        str(llama_dir),
-        max_loras=2,
-        max_num_batched_tokens=8,
-        block_size=4,
-        max_model_len=64,
-        kv_cache_bytes=20 * (2 * 2 * 4 * 2 * 16 * 4),  # 20 blocks of 4 tokens: forces preemption
-        cuda_graphs=True,
-    )
-    got = small.generate(prompts, GREEDY, requests)
-    assert small.engine.scheduler.num_preemptions > 0 and small.engine.runner.graphs.replays > 0
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
-    assert small.engine.blocks.num_free == small.engine.blocks.num_blocks
-
-
 def test_engine_process_with_graphs_equals_eager(llama_dir, adapter_factory):
     """The worker's engine child process takes cuda_graphs from its EngineConfig."""
-    import asyncio
+    from test_async_engine import generate_in_engine_process
 
-    from lorafleet.worker.async_engine import AsyncEngine
     from lorafleet.worker.config import EngineConfig
 
     lora = next(req for spec, req in adapter_factory(llama_dir) if spec.rank <= 16)
     loras = [None, lora, lora, None]
     prompts = [f"prompt {i}" for i in range(len(loras))]
     expected = LLM(str(llama_dir), max_loras=2).generate(prompts, GREEDY, loras)
-
-    async def run():
-        engine = AsyncEngine(EngineConfig(model=str(llama_dir), max_loras=2, cuda_graphs=True))
-        await engine.start()
-        try:
-            streams = [
-                engine.add_request(f"r{i}", p, GREEDY, lr)
-                for i, (p, lr) in enumerate(zip(prompts, loras, strict=True))
-            ]
-            return engine.info, [await s.result() for s in streams]
-        finally:
-            await engine.stop()
-
-    info, results = asyncio.run(run())
+    config = EngineConfig(model=str(llama_dir), max_loras=2, cuda_graphs=True)
+    info, results = generate_in_engine_process(config, prompts, GREEDY, loras)
     assert info.config.cuda_graphs
     assert [r.outputs[0].token_ids for r in results] == [e.outputs[0].token_ids for e in expected]

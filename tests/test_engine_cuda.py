@@ -6,15 +6,13 @@ The reference is transformers + PEFT in fp32 on the CPU, as in ``test_engine_pef
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
+from test_async_engine import generate_in_engine_process
 from test_engine_peft import MAX_TOKENS, PROMPTS, PeftReference, _mixed
 
 from lorafleet.producer import SamplingParams
 from lorafleet.worker import LLM
-from lorafleet.worker.async_engine import AsyncEngine
 from lorafleet.worker.config import EngineConfig
 
 pytestmark = [
@@ -116,19 +114,7 @@ def test_engine_process_on_cuda_equals_in_process(llama_dir, adapter_factory):
     prompts = [f"prompt {i}" for i in range(len(loras))]
     kw = dict(device="cuda", dtype="float32", max_loras=2, max_lora_rank=16)
     expected = LLM(str(llama_dir), **kw).generate(prompts, GREEDY, lora_request=loras)
-
-    async def run():
-        engine = AsyncEngine(EngineConfig(model=str(llama_dir), **kw))
-        await engine.start()
-        try:
-            streams = [
-                engine.add_request(f"r{i}", p, GREEDY, lora)
-                for i, (p, lora) in enumerate(zip(prompts, loras, strict=True))
-            ]
-            return engine.info, [await s.result() for s in streams]
-        finally:
-            await engine.stop()
-
-    info, results = asyncio.run(run())
+    config = EngineConfig(model=str(llama_dir), **kw)
+    info, results = generate_in_engine_process(config, prompts, GREEDY, loras)
     assert info.config.device.startswith("cuda") and info.dtype == "float32"
     assert [r.outputs[0].token_ids for r in results] == [e.outputs[0].token_ids for e in expected]

@@ -121,9 +121,11 @@ def test_base_requests_equal_plain_transformers(llama_dir):
         assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
-def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory):
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory, cuda_graphs):
     """A tiny token budget (chunked prefill) and a tiny KV cache (preemption by recompute)
-    must not change greedy outputs."""
+    must not change greedy outputs. With decode graphs, steps mixing prefill chunks run
+    eagerly and pure decode steps from the padded static buffers."""
     loras = [req for _, req in adapter_factory(llama_dir)][:2]
     prompts, requests = PROMPTS * 2, [None, loras[0], loras[1]] * 4
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
@@ -135,9 +137,13 @@ def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory)
         block_size=4,
         max_model_len=64,
         kv_cache_bytes=20 * (2 * 2 * 4 * 2 * 16 * 4),  # 20 blocks of 4 tokens: forces preemption
+        cuda_graphs=cuda_graphs,
     )
     got = small.generate(prompts, params, requests)
     assert small.engine.scheduler.num_preemptions > 0
+    assert (small.engine.runner.graphs is not None) == cuda_graphs
+    if cuda_graphs:
+        assert small.engine.runner.graphs.replays > 0
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert small.engine.blocks.num_free == small.engine.blocks.num_blocks
     assert small.engine.adapters.slots_in_use == 0

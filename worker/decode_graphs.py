@@ -78,7 +78,6 @@ class DecodeGraphs:
         self.inputs = torch.zeros(_INPUT_ROWS, max_b, dtype=torch.int64, device=device)
         scratch = runner.scratch_block
         self.tables = torch.full((max_b, max_blocks), scratch, dtype=torch.int64, device=device)
-        self.rows = torch.arange(max_b, device=device)
         self.metas: dict[int, LoRAMeta] = {}  # per batch bucket, shared by its graphs
         self.graphs: dict[tuple, _Graph] = {}
         self.capture = device.type == "cuda"
@@ -160,7 +159,6 @@ class DecodeGraphs:
         ctx = StepContext(
             positions=positions,
             slot_mapping=slot_mapping,
-            query_pad_index=self.rows[:batch],
             logits_indices=logits_rows,
             num_seqs=batch,
             max_query_len=1,

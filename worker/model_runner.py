@@ -77,40 +77,35 @@ class ModelRunner:
         decode = layout.max_query_len == 1
         if decode:  # block tables [B, W] and lengths: the kernel reads keys in place
             width = max(len(t) for t in layout.block_tables)
-            index = layout.table_tensor(layout.num_seqs, width, fill_block=0)
-            extra, mask = [layout.context_lens], None
-        else:  # the cache row of every key [B, C], and the attention mask
+            index, mask = layout.table_tensor(layout.num_seqs, width, fill_block=0), None
+            per_step = layout.context_lens
+        else:  # the cache row of every key [B, C], the mask, and where queries pad to
             index, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
-            extra = []
+            per_step = layout.query_pad_index
         # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
         # waits for the stream on CUDA), then split into views.
-        flat = [
-            layout.ids,
-            layout.positions,
-            layout.slot_mapping,
-            layout.query_pad_index,
-            layout.logits_indices,
-            *extra,
-        ]
+        flat = [layout.ids, layout.positions, layout.slot_mapping, layout.logits_indices, per_step]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
         packed = torch.cat([host, index.flatten()]).to(self.device, non_blocking=True)
-        views = packed.split([*map(len, flat), index.numel()])
-        index_view = views[-1].view(index.shape)
+        ids, positions, slot_mapping, logits_rows, per_step_view, index_flat = packed.split(
+            [*map(len, flat), index.numel()]
+        )
+        index_view = index_flat.view(index.shape)
         ctx = StepContext(
-            positions=views[1],
-            slot_mapping=views[2],
-            query_pad_index=views[3],
-            logits_indices=views[4],
+            positions=positions,
+            slot_mapping=slot_mapping,
+            logits_indices=logits_rows,
             num_seqs=layout.num_seqs,
             max_query_len=layout.max_query_len,
             block_size=self.block_size,
             lora=lora,
             block_tables=index_view if decode else None,
-            context_lens=views[5] if decode else None,
+            context_lens=per_step_view if decode else None,
+            query_pad_index=None if decode else per_step_view,
             kv_gather_index=None if decode else index_view,
             attn_mask=None if decode else mask.to(self.device, non_blocking=True),
         )
-        return views[0], ctx
+        return ids, ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """float32 logits [N, vocab] of the tokens in ``ctx.logits_indices``."""

@@ -46,7 +46,6 @@ class AdapterWeights:
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int
     flat: torch.Tensor
 
     @classmethod
@@ -57,7 +56,11 @@ class AdapterWeights:
         pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
     ) -> AdapterWeights:
         flat = torch.cat([t.flatten() for pair in pairs.values() for t in pair])
-        return cls(rank, scaling, _views(flat, pairs), flat.numel() * flat.element_size(), flat)
+        return cls(rank, scaling, _views(flat, pairs), flat)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
     def on(self, device: torch.device) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
         """``weights`` on ``device``: one copy of ``flat`` (none on the CPU), then views.
