@@ -186,10 +186,11 @@ def log(message: str) -> None:
 def check_graphs(llm, args) -> None:
     """With --cuda-graphs, stop rather than time eager steps if graphs were turned off."""
     runner = llm.engine.runner
-    if args.cuda_graphs and runner.graphs is None:
+    if not args.cuda_graphs:
+        return
+    if runner.graphs is None:
         raise SystemExit(f"CUDA graphs were turned off: {runner.graphs_error}")
-    if args.cuda_graphs:
-        log(f"CUDA graphs: {len(runner.graphs.graphs)} captured, {runner.graphs.replays} replays")
+    log(f"CUDA graphs: {len(runner.graphs.graphs)} captured, {runner.graphs.replays} replays")
 
 
 def timed_tokens(llm, prompts, params, loras) -> float:
