@@ -71,6 +71,7 @@ def _first_decode_logits(llm: LLM, requests) -> torch.Tensor:
         params = SamplingParams(max_tokens=4, ignore_eos=True)
         engine.add_request(f"r{i}", PROMPTS[i % len(PROMPTS)], params, lora)
     engine.step()  # the prefill, eager
+    engine.collect()
     batch = engine.scheduler.schedule()
     assert all(n == 1 for n in batch.num_new_tokens)
     return engine.runner.execute(batch).float().cpu()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from lorafleet.worker.detokenizer import Detokenizer, TokenDecoder
 from lorafleet.worker.loader import load_model, read_model_args, resolve_dtype
 from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
 from lorafleet.worker.outputs import StepOutput, StepStats
-from lorafleet.worker.sampler import Sampler
+from lorafleet.worker.sampler import SampledTokens, Sampler
 from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.sequence import SeqStatus, Sequence
 
@@ -26,6 +27,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass
+class InFlightStep:
+    """A step queued on the device whose sampled tokens are not read back yet."""
+
+    batch: ScheduledBatch
+    sampling: list[Sequence]  # the sequences that sample, in logits row order
+    tokens: SampledTokens | None
 
 
 class LLMEngine:
@@ -65,6 +75,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.sampler = Sampler(tuple(eos), config.seed)
         self.last_step = StepStats()
+        self._in_flight: InFlightStep | None = None
 
     # -- requests --------------------------------------------------------------------------
 
@@ -129,14 +140,17 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Read back the step in flight, queue the next one, then return the outputs of the
+        one read back. The returned work (detokenizing, stop strings, building outputs) runs
+        while the device computes the queued step; a sequence that a stop string ends there
+        has one wasted row in it, whose token is dropped."""
         start = time.perf_counter()
+        appended = self._read_back()
         batch = self.scheduler.schedule()
         outputs = [self._failed(seq, err) for seq, err in batch.failed]
         if batch.seqs:
-            logits = self.runner.execute(batch)
-            sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-            tokens = self.sampler(logits, sampling) if sampling else []
-            outputs.extend(self._advance(batch, dict(zip(map(id, sampling), tokens, strict=True))))
+            self._in_flight = self._launch(batch)
+        outputs.extend(self._emit(appended))
         self.last_step = StepStats(
             num_seqs=len(batch),
             num_tokens=batch.num_tokens,
@@ -145,9 +159,31 @@ class LLMEngine:
         )
         return outputs
 
-    def _advance(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[StepOutput]:
-        outputs = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+    @torch.inference_mode()
+    def collect(self) -> list[StepOutput]:
+        """Read back the step in flight without queueing another; its outputs."""
+        return self._emit(self._read_back())
+
+    def _launch(self, batch: ScheduledBatch) -> InFlightStep:
+        sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        plan = self.sampler.plan(sampling, self.device) if sampling else None
+        logits = self.runner.execute(batch)
+        tokens = self.sampler.sample(logits, plan) if plan is not None else None
+        return InFlightStep(batch, sampling, tokens)
+
+    def _read_back(self) -> list[tuple[Sequence, int]]:
+        """Wait for the step in flight; advance its sequences by their computed tokens and
+        append the sampled ones. Token-level stops (stop token ids, EOS, length) finish
+        sequences here, before the next step is scheduled. Returns (sequence, new token)."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return []
+        tokens = step.tokens.tolist() if step.tokens is not None else []
+        sampled = dict(zip(map(id, step.sampling), tokens, strict=True))
+        appended = []
+        for seq, n in zip(step.batch.seqs, step.batch.num_new_tokens, strict=True):
+            if seq.finished:  # aborted, or ended by a stop string while the step ran
+                continue
             seq.num_computed_tokens += n
             token = sampled.get(id(seq))
             if token is None:  # prefill chunk not finished yet
@@ -155,30 +191,40 @@ class LLMEngine:
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
-            self._check_stop(seq, token)
+            self._check_token_stop(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-            outputs.append(self._output(seq, [token]))
-        return outputs
+            appended.append((seq, token))
+        return appended
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_token_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
         may_stop = seq.num_output_tokens >= params.min_tokens
         if may_stop and params.stop_token_ids and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-            seq.detokenizer.flush()
-            return
-        if may_stop and not params.ignore_eos and token in self.eos_token_ids:
+        elif may_stop and not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-            seq.detokenizer.flush()
-            return
-        matched = seq.detokenizer.append(token)
-        if matched is not None and may_stop:
-            seq.detokenizer.cut_at_stop()
-            seq.finish_reason, seq.stop_reason = "stop", matched
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-            seq.detokenizer.flush()
+
+    def _emit(self, appended: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        """Detokenize the new tokens, apply stop strings, and build the outputs."""
+        outputs = []
+        for seq, token in appended:
+            detokenizer = seq.detokenizer
+            if seq.finish_reason == "stop":  # a stop token: not part of the text
+                detokenizer.flush()
+            elif (matched := detokenizer.append(token)) is not None and (
+                seq.num_output_tokens >= seq.params.min_tokens
+            ):  # a stop string wins over the length limit reached by the same token
+                detokenizer.cut_at_stop()
+                seq.finish_reason, seq.stop_reason = "stop", matched
+                if not seq.finished:
+                    self.scheduler.finish(seq)
+            elif seq.finish_reason == "length":
+                detokenizer.flush()
+            outputs.append(self._output(seq, [token]))
+        return outputs
 
     def _output(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
         finished = seq.status is SeqStatus.FINISHED

@@ -1,10 +1,48 @@
-"""Per-request sampling over one batch of logits (greedy, temperature, top-k, top-p, seed)."""
+"""Per-request sampling over one batch of logits (greedy, temperature, top-k, top-p, seed).
+
+Sampling is split so the engine never waits on the device before it has queued the next
+step: ``plan`` uploads the batch's parameters before the forward pass (on CUDA, a copy from
+pageable memory waits for the stream to drain, so it must not come after the forward),
+``sample`` queues the draw on the device, and ``SampledTokens.tolist`` is the one wait.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lorafleet.worker.sequence import Sequence
+
+
+@dataclass
+class SamplingPlan:
+    """One step's sampling parameters, on the device.
+
+    ``params`` is float32 [4, N]: temperature, top-k (vocab when off), top-p, greedy flag;
+    None when every row is greedy. ``banned`` is the (rows, token ids) index of EOS and
+    stop tokens that rows below ``min_tokens`` may not pick. ``seeded`` lists the rows that
+    draw from their request's own generator (on the host, reproducible across batches)."""
+
+    num_rows: int
+    params: torch.Tensor | None = None
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    seeded: tuple[tuple[int, torch.Generator], ...] = ()
+
+
+@dataclass
+class SampledTokens:
+    """Token ids queued on the device; ``tolist`` waits for them."""
+
+    tokens: torch.Tensor  # int64 [N]
+    probs: torch.Tensor | None  # float32 [N, vocab] when some row is seeded
+    seeded: tuple[tuple[int, torch.Generator], ...]
+
+    def tolist(self) -> list[int]:
+        out = self.tokens.tolist()
+        for i, generator in self.seeded:
+            out[i] = int(torch.multinomial(self.probs[i].cpu(), 1, generator=generator))
+        return out
 
 
 class Sampler:
@@ -13,54 +51,68 @@ class Sampler:
         self.generator: torch.Generator | None = None
         self.seed = seed
 
-    def _suppress_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """Below ``min_tokens``, EOS and stop tokens cannot be picked."""
+    def plan(self, seqs: list[Sequence], device: torch.device) -> SamplingPlan:
+        """Upload ``seqs``' parameters (one row each, in order) to ``device``."""
+        plan = SamplingPlan(num_rows=len(seqs))
+        rows, cols = [], []
         for i, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
-                banned = list(self.eos_token_ids) + list(seq.params.stop_token_ids or ())
-                logits[i, banned] = float("-inf")
-
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits float32 [N, vocab] (modified in place) -> one token id per sequence."""
-        self._suppress_stops(logits, seqs)
-        greedy = logits.argmax(dim=-1)
+                banned = (*self.eos_token_ids, *(seq.params.stop_token_ids or ()))
+                rows += [i] * len(banned)
+                cols += banned
+        if rows:
+            index = torch.tensor([rows, cols]).to(device, non_blocking=True)
+            plan.banned = (index[0], index[1])
         if all(s.params.greedy for s in seqs):
-            return greedy.tolist()
-        probs = self._filtered_probs(logits, seqs)
+            return plan
+        table = [
+            (
+                1.0 if s.params.greedy else s.params.temperature,
+                float(s.params.top_k) if s.params.top_k > 0 else float("inf"),
+                s.params.top_p,
+                float(s.params.greedy),
+            )
+            for s in seqs
+        ]
+        plan.params = torch.tensor(table, dtype=torch.float32).T.to(device, non_blocking=True)
+        plan.seeded = tuple(
+            (i, s.generator)
+            for i, s in enumerate(seqs)
+            if s.generator is not None and not s.params.greedy
+        )
+        return plan
+
+    def sample(self, logits: torch.Tensor, plan: SamplingPlan) -> SampledTokens:
+        """logits float32 [N, vocab] (modified in place) -> one token per row, queued."""
+        if plan.banned is not None:
+            logits.index_put_(plan.banned, logits.new_full((), float("-inf")))
+        greedy = logits.argmax(dim=-1)
+        if plan.params is None:
+            return SampledTokens(greedy, None, ())
+        temps, top_k, top_p, is_greedy = plan.params
+        probs = _filtered_probs(logits, temps, top_k, top_p)
         if self.generator is None or self.generator.device != logits.device:
             self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         sampled = (probs / noise).argmax(dim=-1)  # Gumbel-style draw from ``probs``
-        out = torch.where(
-            torch.tensor([s.params.greedy for s in seqs], device=logits.device), greedy, sampled
-        )
-        tokens = out.tolist()
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None and not seq.params.greedy:
-                row = probs[i].float().cpu()
-                tokens[i] = int(torch.multinomial(row, 1, generator=seq.generator))
-        return tokens
+        tokens = torch.where(is_greedy.bool(), greedy, sampled)
+        return SampledTokens(tokens, probs if plan.seeded else None, plan.seeded)
 
-    @staticmethod
-    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Softmax of logits / temperature after top-k and top-p filtering, per row."""
-        device = logits.device
-        temps = torch.tensor(
-            [s.params.temperature if not s.params.greedy else 1.0 for s in seqs], device=device
-        )
-        logits = logits / temps[:, None]
-        vocab = logits.shape[-1]
-        top_k = torch.tensor(
-            [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=device
-        )
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=device)[None, :]
-        drop = ranks >= top_k[:, None]
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
-        drop |= before >= top_p[:, None]
-        drop[:, 0] = False  # always keep the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        filtered = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-        return filtered.softmax(dim=-1)
+
+def _filtered_probs(
+    logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Softmax of logits / temperature after top-k and top-p filtering, per row. The
+    parameters are float32 [N]; top-k is +inf where it is off."""
+    logits = logits / temps[:, None]
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+    drop |= before >= top_p[:, None]
+    drop[:, 0] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return filtered.softmax(dim=-1)

@@ -1,0 +1,95 @@
+"""The engine's pipelined step: a call queues the next step before it detokenizes and
+reports the one it read back, so sequences that end on text (stop strings) or by abort while
+a step is in flight must lose that step's row without a trace in their outputs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from lorafleet.producer import SamplingParams
+from lorafleet.worker import LLM
+from lorafleet.worker.engine import LLMEngine
+from lorafleet.worker.outputs import StepOutput
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+
+
+def _run(engine: LLMEngine) -> dict[str, list[StepOutput]]:
+    per_request: dict[str, list[StepOutput]] = defaultdict(list)
+    while engine.has_unfinished():
+        for out in engine.step():
+            per_request[out.request_id].append(out)
+    return per_request
+
+
+def _assert_one_stream(outs: list[StepOutput]) -> None:
+    """Deltas, then exactly one finished output, last; the deltas add up to its text."""
+    assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+    final = outs[-1].output.outputs[0]
+    assert "".join(o.delta_text for o in outs) == final.text
+    assert [t for o in outs for t in o.delta_token_ids] == final.token_ids
+
+
+def test_a_step_reports_the_previous_step_while_the_next_is_queued(llm):
+    engine = llm.engine
+    engine.add_request("a", "hello there", SamplingParams(max_tokens=3, temperature=0))
+    assert engine.step() == []  # the prefill is queued; nothing is read back yet
+    first = engine.step()  # reads the prefill's token back, queues the first decode
+    assert [o.delta_token_ids for o in first] == [first[0].delta_token_ids]
+    assert len(first[0].delta_token_ids) == 1 and engine.last_step.num_seqs == 1
+    rest = _run(engine)["a"]
+    assert rest[-1].finished and len(rest[-1].output.outputs[0].token_ids) == 3
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stop_string_ends_a_sequence_whose_next_step_is_in_flight(llm):
+    """The stop string is found after the sequence's next row was queued: that row's token
+    is dropped, nothing follows the finished output, and the blocks come back."""
+    full = llm.generate("hello", SamplingParams(max_tokens=12, temperature=0))[0].outputs[0]
+    stop = full.text[3:5]
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0, stop=[stop])
+    engine.add_request("s", "hello", params)
+    engine.add_request("long", "hello", SamplingParams(max_tokens=12, temperature=0))
+    outs = _run(engine)
+    for rid in ("s", "long"):
+        _assert_one_stream(outs[rid])
+    stopped = outs["s"][-1].output.outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop
+    assert stopped.text == full.text[: full.text.index(stop)]
+    decode = engine.tokenizer.decode
+    n = next(n for n in range(1, 13) if stop in decode(full.token_ids[:n]))
+    assert stopped.token_ids == full.token_ids[:n]  # up to the token completing the stop
+    assert outs["long"][-1].output.outputs[0].token_ids == full.token_ids
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_abort_while_a_step_is_in_flight(llm):
+    engine = llm.engine
+    engine.add_request("x", "abort me", SamplingParams(max_tokens=20, temperature=0))
+    engine.add_request("y", "keep me", SamplingParams(max_tokens=4, temperature=0))
+    assert engine.step() == []
+    early = engine.step()  # the first tokens; a decode step for both is in flight
+    assert sorted(o.request_id for o in early) == ["x", "y"]
+    aborted = engine.abort("x")
+    assert aborted.finished and aborted.finish_reason == "abort"
+    outs = _run(engine)
+    assert "x" not in outs  # its in-flight row is dropped: no output after the abort
+    _assert_one_stream([o for o in early if o.request_id == "y"] + outs["y"])
+    assert len(outs["y"][-1].output.outputs[0].token_ids) == 4
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_stop_string_and_length_on_the_same_token_report_the_stop(llm):
+    full = llm.generate("hello", SamplingParams(max_tokens=6, temperature=0))[0].outputs[0]
+    stop = full.text[-1]  # completed by the last allowed token at the earliest
+    first = full.text.index(stop)
+    out = llm.generate("hello", SamplingParams(max_tokens=6, temperature=0, stop=[stop]))[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == full.text[:first]
