@@ -1,9 +1,9 @@
 """Per-request sampling over one batch of logits (greedy, temperature, top-k, top-p, seed).
 
 Sampling is split so the engine never waits on the device before it has queued the next
-step: ``plan`` uploads the batch's parameters before the forward pass (on CUDA, a copy from
-pageable memory waits for the stream to drain, so it must not come after the forward),
-``sample`` queues the draw on the device, and ``SampledTokens.tolist`` is the one wait.
+step: ``plan`` uploads the batch's parameters before the forward pass (a blocking copy there
+costs nothing, the stream is idle; after the forward it would wait for it), ``sample``
+queues the draw on the device, and ``SampledTokens.tolist`` is the one wait.
 """
 
 from __future__ import annotations
