@@ -121,11 +121,12 @@ def test_base_requests_equal_plain_transformers(llama_dir):
         assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs-pipelined"])
 def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory, cuda_graphs):
     """A tiny token budget (chunked prefill) and a tiny KV cache (preemption by recompute)
     must not change greedy outputs. With decode graphs, steps mixing prefill chunks run
-    eagerly and pure decode steps from the padded static buffers."""
+    eagerly and pure decode steps from the padded static buffers; that run also pipelines
+    its steps, as the engine does on a GPU."""
     loras = [req for _, req in adapter_factory(llama_dir)][:2]
     prompts, requests = PROMPTS * 2, [None, loras[0], loras[1]] * 4
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
@@ -139,6 +140,7 @@ def test_chunked_prefill_and_preemption_keep_outputs(llama_dir, adapter_factory,
         kv_cache_bytes=20 * (2 * 2 * 4 * 2 * 16 * 4),  # 20 blocks of 4 tokens: forces preemption
         cuda_graphs=cuda_graphs,
     )
+    small.engine.pipelined = cuda_graphs
     got = small.generate(prompts, params, requests)
     assert small.engine.scheduler.num_preemptions > 0
     assert (small.engine.runner.graphs is not None) == cuda_graphs

@@ -16,7 +16,10 @@ from lorafleet.worker.outputs import StepOutput
 
 @pytest.fixture(scope="module")
 def llm(llama_dir) -> LLM:
-    return LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    """Pipelined as on a GPU (on the CPU the engine reads each step back at once)."""
+    llm = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    llm.engine.pipelined = True
+    return llm
 
 
 def _run(engine: LLMEngine) -> dict[str, list[StepOutput]]:
@@ -83,6 +86,16 @@ def test_abort_while_a_step_is_in_flight(llm):
     _assert_one_stream([o for o in early if o.request_id == "y"] + outs["y"])
     assert len(outs["y"][-1].output.outputs[0].token_ids) == 4
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_unpipelined_step_reports_its_own_tokens(llama_dir):
+    engine = LLM(str(llama_dir), enable_lora=False, max_model_len=128).engine
+    assert not engine.pipelined  # the CPU: the forward blocks, nothing to overlap
+    engine.add_request("a", "hello there", SamplingParams(max_tokens=2, temperature=0))
+    first = engine.step()  # the prefill and its token
+    assert [len(o.delta_token_ids) for o in first] == [1] and not first[0].finished
+    second = engine.step()
+    assert second[0].finished and not engine.has_unfinished()
 
 
 def test_stop_string_and_length_on_the_same_token_report_the_stop(llm):

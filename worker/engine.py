@@ -76,6 +76,9 @@ class LLMEngine:
         self.sampler = Sampler(tuple(eos), config.seed)
         self.last_step = StepStats()
         self._in_flight: InFlightStep | None = None
+        # A CUDA device computes while the host goes on; on the CPU the forward blocks, so
+        # pipelining steps would only delay every output by one step.
+        self.pipelined = self.device.type == "cuda"
 
     # -- requests --------------------------------------------------------------------------
 
@@ -141,15 +144,18 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Read back the step in flight, queue the next one, then return the outputs of the
-        one read back. The returned work (detokenizing, stop strings, building outputs) runs
-        while the device computes the queued step; a sequence that a stop string ends there
-        has one wasted row in it, whose token is dropped."""
+        one read back. When ``pipelined``, the returned work (detokenizing, stop strings,
+        building outputs) runs while the device computes the queued step, and a sequence
+        that a stop string ends there has one wasted row in it, whose token is dropped.
+        Otherwise the queued step is read back at once and its outputs returned."""
         start = time.perf_counter()
         appended = self._read_back()
         batch = self.scheduler.schedule()
         outputs = [self._failed(seq, err) for seq, err in batch.failed]
         if batch.seqs:
             self._in_flight = self._launch(batch)
+        if not self.pipelined:
+            appended += self._read_back()
         outputs.extend(self._emit(appended))
         self.last_step = StepStats(
             num_seqs=len(batch),
