@@ -17,6 +17,7 @@
 #   peft_graphs      the same with CUDA graphs
 #   profile          where an engine step's host time goes, 4 layers (about 60 s)
 #   profile_graphs   the same with decode steps from CUDA graphs
+#   pipelining       pipelined vs read-back-at-once steps, graphs on, 256 requests, 8 adapters
 # On a host without lorafleet's pure-Python dependencies, source scripts/gpu_host_env.sh
 # first.
 # Logs and tables go to RESULTS_DIR (default ./gpu-results); a short summary is printed last.
@@ -64,6 +65,8 @@ for name in "${steps[@]}"; do
     profile) step profile 120 "$py" benchmarks/profile_engine.py --gpu --layers 4 --top 40 ;;
     profile_graphs) step profile_graphs 120 "$py" benchmarks/profile_engine.py --gpu --layers 4 \
         --top 40 --cuda-graphs ;;
+    pipelining) step pipelining 240 "$py" benchmarks/bench_pipelining.py --gpu --cuda-graphs \
+        --rounds 2 ;;
     *) echo "unknown step $name (see the header)" && exit 2 ;;
     esac
 done
@@ -77,3 +80,4 @@ for name in adapters adapters_graphs peft peft_graphs; do
     grep -hE "adapters N=|peft:" "$out/$name.log" 2>/dev/null | sed "s/^/$name: /"
 done
 grep -H "###" "$out/profile.log" "$out/profile_graphs.log" 2>/dev/null
+grep -hE "tokens/s|ratio" "$out/pipelining.log" 2>/dev/null | sed "s/^/pipelining: /"

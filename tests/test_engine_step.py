@@ -4,7 +4,10 @@ a step is in flight must lose that step's row without a trace in their outputs."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +109,12 @@ def test_stop_string_and_length_on_the_same_token_report_the_stop(llm):
     c = out.outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop
     assert c.text == full.text[:first]
+
+
+def test_pipelining_benchmark_runs_both_ways_on_the_cpu():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pipelining.py"
+    cmd = [sys.executable, str(script), "--requests", "8", "--adapters", "2", "--rounds", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rates = [line for line in res.stdout.splitlines() if line.endswith("tokens/s")]
+    assert len(rates) == 2 and "ratio" in res.stdout and "8 requests" in res.stdout
