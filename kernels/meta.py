@@ -140,7 +140,7 @@ class LoRAMeta:
         narrow = [counts, starts, active, counts[active], starts[active]]
         if ranks_host is not None:
             narrow.append(torch.tensor(ranks_host))
-        wide_dev, narrow_dev = _unpack(_pack(wide, narrow).to(device), wide, narrow)
+        wide_dev, narrow_dev = _unpack(to_device(_pack(wide, narrow), device), wide, narrow)
         slots, sorted_token_ids = wide_dev
         host = HostTables(slots_host.tolist(), counts.tolist(), starts.tolist(), active.tolist())
         counts_host, active_host = host.counts, host.active
@@ -215,7 +215,7 @@ class LoRAMeta:
             raise ValueError(f"slot_ranks must be {self.num_slots} ranks >= 0, got {ranks}")
         wide, narrow = _static_tables(slots, ranks)
         packed = self.cache["packed"]
-        packed.copy_(_pack(wide, narrow), non_blocking=packed.is_cuda)
+        copy_to_device(packed, _pack(wide, narrow))
 
     def concrete(self) -> LoRAMeta:
         """This meta with its host-side groups: itself, or for a static meta a new one read
@@ -332,6 +332,25 @@ def int_tensor(values: Sequence[int], dtype: torch.dtype = torch.int64) -> torch
     if not values:
         return torch.empty(0, dtype=dtype)
     return torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype)
+
+
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` copied to ``device``, queued without waiting for the device. On CUDA the copy
+    goes through pinned memory (torch's caching host allocator): a copy from pageable
+    memory may wait for the stream to drain, which would stall an engine that queues a step
+    while the previous one computes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_to_device(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """``dst.copy_(host)`` for a device ``dst``, queued as ``to_device`` queues."""
+    if dst.is_cuda:
+        dst.copy_(host.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(host)
 
 
 def _sizes(parts: list) -> list[int]:

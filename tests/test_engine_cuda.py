@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_async_engine import generate_in_engine_process
 from test_engine_peft import MAX_TOKENS, PROMPTS, PeftReference, _mixed
+from test_engine_step import PROMPTS as STEP_PROMPTS
+from test_engine_step import stopping_params
 
 from lorafleet.producer import SamplingParams
 from lorafleet.worker import LLM
@@ -121,36 +123,16 @@ def test_engine_process_on_cuda_equals_in_process(llama_dir, adapter_factory):
     assert [r.outputs[0].token_ids for r in results] == [e.outputs[0].token_ids for e in expected]
 
 
-def _stopping_params(llm: LLM) -> list[SamplingParams]:
-    """Per prompt: a stop string, a stop token, min_tokens or a shorter length, each taken
-    from the prompt's own full greedy output so that it fires mid-generation."""
-    full = llm.generate(PROMPTS, GREEDY)
-    params = []
-    for i, out in enumerate(full):
-        text, ids = out.outputs[0].text, out.outputs[0].token_ids
-        kind = i % 4
-        params.append(
-            SamplingParams(
-                max_tokens=MAX_TOKENS - (i if kind == 3 else 0),
-                temperature=0,
-                stop=[text[2:4]] if kind == 0 and len(text) >= 4 else None,
-                stop_token_ids=[ids[5]] if kind == 1 else None,
-                min_tokens=3 if kind == 2 else 0,
-            )
-        )
-    return params
-
-
 def test_cuda_pipelined_steps_end_requests_as_the_cpu_engine(llama_dir):
-    """On CUDA the engine pipelines its steps: stop strings are applied while the next step
-    computes, and the rows they end are dropped from it. Outputs, finish and stop reasons
-    equal the CPU engine's, which reads every step back at once."""
-    cpu = LLM(str(llama_dir), enable_lora=False)
-    params = _stopping_params(cpu)
-    expected = cpu.generate(PROMPTS, params)
-    gpu = LLM(str(llama_dir), enable_lora=False, device="cuda", dtype="float32")
+    """On CUDA the engine pipelines its steps: each is queued before the previous one is
+    read back, and rows of sequences that what is read back ends are dropped. Outputs,
+    finish and stop reasons equal the CPU engine's, which reads every step back at once."""
+    cpu = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    params = stopping_params(cpu)
+    expected = cpu.generate(STEP_PROMPTS, params)
+    gpu = LLM(str(llama_dir), enable_lora=False, device="cuda", dtype="float32", max_model_len=128)
     assert gpu.engine.pipelined and not cpu.engine.pipelined
-    got = gpu.generate(PROMPTS, params)
+    got = gpu.generate(STEP_PROMPTS, params)
     for e, g in zip(expected, got, strict=True):
         e, g = e.outputs[0], g.outputs[0]
         assert (g.token_ids, g.text) == (e.token_ids, e.text)

@@ -1,6 +1,8 @@
-"""The engine's pipelined step: a call queues the next step before it detokenizes and
-reports the one it read back, so sequences that end on text (stop strings) or by abort while
-a step is in flight must lose that step's row without a trace in their outputs."""
+"""The engine's pipelined step (on CUDA; forced here on the CPU): a call schedules and
+queues the next step before it reads the previous one back, so each sequence's last token is
+still on the device when its next row is queued. Sequences that end on what is read back
+(stop tokens, EOS, stop strings) or by abort must lose their queued rows without a trace,
+and every output must equal the unpipelined engine's."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from lorafleet.producer import SamplingParams
 from lorafleet.worker import LLM
 from lorafleet.worker.engine import LLMEngine
 from lorafleet.worker.outputs import StepOutput
+from lorafleet.worker.sequence import PENDING_TOKEN
+
+PROMPTS = ["hello", "The quick brown fox", "a b c d", "1234", "zebra", "multi-LoRA"]
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +46,83 @@ def _assert_one_stream(outs: list[StepOutput]) -> None:
     assert [t for o in outs for t in o.delta_token_ids] == final.token_ids
 
 
+def stopping_params(llm: LLM) -> list[SamplingParams]:
+    """Per prompt of ``PROMPTS``: a stop string, a stop token, min_tokens or a shorter
+    length, each taken from the prompt's own greedy output so that it fires mid-way."""
+    full = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0))
+    params = []
+    for i, out in enumerate(full):
+        text, ids = out.outputs[0].text, out.outputs[0].token_ids
+        kind = i % 4
+        params.append(
+            SamplingParams(
+                max_tokens=12 - (i if kind == 3 else 0),
+                temperature=0,
+                stop=[text[2:4]] if kind == 0 and len(text) >= 4 else None,
+                stop_token_ids=[ids[5]] if kind == 1 else None,
+                min_tokens=3 if kind == 2 else 0,
+            )
+        )
+    return params
+
+
+def _completions(outs):
+    return [
+        (c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in (o.outputs[0] for o in outs)
+    ]
+
+
 def test_a_step_reports_the_previous_step_while_the_next_is_queued(llm):
     engine = llm.engine
     engine.add_request("a", "hello there", SamplingParams(max_tokens=3, temperature=0))
     assert engine.step() == []  # the prefill is queued; nothing is read back yet
-    first = engine.step()  # reads the prefill's token back, queues the first decode
-    assert [o.delta_token_ids for o in first] == [first[0].delta_token_ids]
-    assert len(first[0].delta_token_ids) == 1 and engine.last_step.num_seqs == 1
+    first = engine.step()  # queues the first decode, then reads the prefill's token back
+    assert len(first) == 1 and len(first[0].delta_token_ids) == 1
+    assert engine.last_step.num_seqs == 1
+    # The decode was queued before that token was read back: it took the token on the device.
+    (seq,) = engine.scheduler.running
+    assert seq.token_ids[-1] == PENDING_TOKEN
+    assert seq.token_ids[-2] == first[0].delta_token_ids[0]
     rest = _run(engine)["a"]
     assert rest[-1].finished and len(rest[-1].output.outputs[0].token_ids) == 3
+    assert PENDING_TOKEN not in rest[-1].output.outputs[0].token_ids
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_pipelined_outputs_equal_unpipelined(llama_dir, llm):
+    """Stop strings, stop tokens, EOS, min_tokens and length limits end each request where
+    the unpipelined engine ends it, with the same tokens, text and reasons."""
+    plain = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    params = stopping_params(plain)
+    expected = plain.generate(PROMPTS, params)
+    assert {o.outputs[0].finish_reason for o in expected} == {"stop", "length"}
+    assert _completions(llm.generate(PROMPTS, params)) == _completions(expected)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_pipelined_seeded_sampling_equals_unpipelined(llama_dir, llm):
+    """Seeded rows draw on the host when read back, so those steps are read back before the
+    next is scheduled; the draws and the greedy rows beside them are unchanged."""
+    plain = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    params = [
+        SamplingParams(max_tokens=10, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=10, temperature=0),
+        SamplingParams(max_tokens=10, temperature=0.8, top_k=5, seed=123),
+    ]
+    prompts = PROMPTS[:3]
+    assert _completions(llm.generate(prompts, params)) == _completions(
+        plain.generate(prompts, params)
+    )
+
+
+def test_length_limit_of_the_model_is_kept(llm):
+    """A request that would run past max_model_len stops exactly at it: no row is queued
+    past the model's length while its last token is still on the device."""
+    engine = llm.engine
+    prompt_len = len(engine.encode("hello"))
+    out = llm.generate("hello", SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True))
+    c = out[0].outputs[0]
+    assert c.finish_reason == "length" and prompt_len + len(c.token_ids) == engine.max_model_len
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
@@ -84,6 +157,8 @@ def test_abort_while_a_step_is_in_flight(llm):
     assert sorted(o.request_id for o in early) == ["x", "y"]
     aborted = engine.abort("x")
     assert aborted.finished and aborted.finish_reason == "abort"
+    x_tokens = [t for o in early if o.request_id == "x" for t in o.delta_token_ids]
+    assert aborted.output.outputs[0].token_ids == x_tokens  # none still on the device
     outs = _run(engine)
     assert "x" not in outs  # its in-flight row is dropped: no output after the abort
     _assert_one_stream([o for o in early if o.request_id == "y"] + outs["y"])

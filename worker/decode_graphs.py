@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorafleet.kernels import LoRAMeta
-from lorafleet.kernels.meta import int_tensor
+from lorafleet.kernels.meta import copy_to_device, int_tensor
 from lorafleet.worker.context import StepContext
-from lorafleet.worker.step_layout import StepLayout
+from lorafleet.worker.step_layout import PendingTokens, StepLayout, fill_pending
 
 if TYPE_CHECKING:
     from lorafleet.worker.model_runner import ModelRunner
@@ -89,15 +89,17 @@ class DecodeGraphs:
     def fits(self, layout: StepLayout) -> bool:
         return layout.is_decode and layout.num_seqs <= self.batch_sizes[-1]
 
-    def run(self, layout: StepLayout) -> torch.Tensor:
+    def run(self, layout: StepLayout, pending: PendingTokens | None = None) -> torch.Tensor:
         """Final hidden states [num_seqs, hidden] of a decode step's sequences, in batch
-        order: a view of the graph's output, overwritten by the next replay. Raises
-        ``GraphCaptureError`` if the step's graph could not be captured."""
+        order: a view of the graph's output, overwritten by the next replay. Ids still on
+        the device come from ``pending``. Raises ``GraphCaptureError`` if the step's graph
+        could not be captured."""
         n = layout.num_seqs
         batch = _bucket(n, self.batch_sizes)
         uses_lora = any(s >= 0 for s in layout.token_slots)
         targets = tuple(lin.slot_mask != 0 for lin in self.linears) if uses_lora else None
         self._write_inputs(layout, batch)
+        fill_pending(self.inputs[0], layout, pending)
         if uses_lora:
             meta = self._meta(batch)
             meta.write(layout.token_slots + [-1] * (batch - n), self.runner.adapters.slot_ranks)
@@ -148,10 +150,10 @@ class DecodeGraphs:
             + layout.context_lens
             + [1] * pad
         )
-        self.inputs[:, :batch].copy_(host.view(_INPUT_ROWS, batch), non_blocking=True)
+        copy_to_device(self.inputs[:, :batch], host.view(_INPUT_ROWS, batch))
         width = max(len(t) for t in layout.block_tables)
         tables = layout.table_tensor(batch, width, fill_block=scratch)
-        self.tables[:batch, :width].copy_(tables, non_blocking=True)
+        copy_to_device(self.tables[:batch, :width], tables)
 
     def _forward(self, batch: int, lora: LoRAMeta | None) -> torch.Tensor:
         """The captured work: the model over the static inputs' first ``batch`` rows."""

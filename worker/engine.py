@@ -19,7 +19,8 @@ from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
 from lorafleet.worker.outputs import StepOutput, StepStats
 from lorafleet.worker.sampler import SampledTokens, Sampler
 from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
-from lorafleet.worker.sequence import SeqStatus, Sequence
+from lorafleet.worker.sequence import PENDING_TOKEN, SeqStatus, Sequence
+from lorafleet.worker.step_layout import PendingTokens
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,11 +32,23 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class InFlightStep:
-    """A step queued on the device whose sampled tokens are not read back yet."""
+    """A step queued on the device whose sampled tokens are not read back yet: the
+    sequences that sample (in row order), where their ``PENDING_TOKEN`` sits in
+    ``token_ids``, and the draw."""
 
-    batch: ScheduledBatch
-    sampling: list[Sequence]  # the sequences that sample, in logits row order
+    sampling: list[Sequence]
+    indices: list[int]
     tokens: SampledTokens | None
+
+    @property
+    def rows(self) -> dict[int, int]:
+        """id(sequence) -> its row in ``tokens``."""
+        return {id(seq): row for row, seq in enumerate(self.sampling)}
+
+    @property
+    def draws_on_host(self) -> bool:
+        """Some row draws from its request's own generator, on the host, at read-back."""
+        return self.tokens is not None and bool(self.tokens.seeded)
 
 
 class LLMEngine:
@@ -121,6 +134,7 @@ class LLMEngine:
             params=params,
             lora_request=lora_request,
             detokenizer=Detokenizer(self.token_decoder, tuple(params.stop or ())),
+            max_total_tokens=min(len(ids) + params.max_tokens, self.max_model_len),
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
         )
         if params.seed is not None:
@@ -133,7 +147,7 @@ class LLMEngine:
         if seq is None:
             return None
         seq.finish_reason = "abort"
-        self.scheduler.finish(seq)
+        self._finish(seq)
         return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
@@ -143,19 +157,33 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Read back the step in flight, queue the next one, then return the outputs of the
-        one read back. When ``pipelined``, the returned work (detokenizing, stop strings,
-        building outputs) runs while the device computes the queued step, and a sequence
-        that a stop string ends there has one wasted row in it, whose token is dropped.
-        Otherwise the queued step is read back at once and its outputs returned."""
+        """Queue the next step, then return the outputs of the one before it.
+
+        When ``pipelined`` (on CUDA), the next step is scheduled and queued before the
+        previous one is read back: the GPU goes from one step to the next without waiting
+        for the host, whose work per step (reading back, stop checks, detokenizing,
+        building outputs) runs while the device computes. The last sampled token of each
+        sequence is then still on the device when its next step is queued: it is a
+        ``PENDING_TOKEN`` on the host, and the runner takes it from the previous step's
+        samples on the device. A sequence ended by what is read back (a stop token, EOS, a
+        stop string) has one wasted row in the queued step, whose token is dropped.
+        Seeded sampling draws on the host, so a step with seeded rows is read back before
+        the next one is scheduled. When not ``pipelined`` (on the CPU, where the forward
+        blocks anyway), each step is read back as soon as it is queued."""
         start = time.perf_counter()
-        appended = self._read_back()
+        appended: list[tuple[Sequence, int, int]] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.draws_on_host:
+            appended += self._read_back(previous)
+            previous = None
         batch = self.scheduler.schedule()
         outputs = [self._failed(seq, err) for seq, err in batch.failed]
         if batch.seqs:
-            self._in_flight = self._launch(batch)
+            self._in_flight = self._launch(batch, previous)
+        if previous is not None:
+            appended += self._read_back(previous)
         if not self.pipelined:
-            appended += self._read_back()
+            appended += self._read_back_in_flight()
         outputs.extend(self._emit(appended))
         self.last_step = StepStats(
             num_seqs=len(batch),
@@ -168,65 +196,78 @@ class LLMEngine:
     @torch.inference_mode()
     def collect(self) -> list[StepOutput]:
         """Read back the step in flight without queueing another; its outputs."""
-        return self._emit(self._read_back())
+        return self._emit(self._read_back_in_flight())
 
-    def _launch(self, batch: ScheduledBatch) -> InFlightStep:
+    def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> InFlightStep:
+        """Queue ``batch`` on the device; its sequences advance by their scheduled tokens
+        and each sampling one gets a ``PENDING_TOKEN`` for the token being drawn."""
         sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         plan = self.sampler.plan(sampling, self.device) if sampling else None
-        logits = self.runner.execute(batch)
+        pending = None
+        if previous is not None and previous.tokens is not None:
+            rows = previous.rows
+            on_device = {i: rows[id(s)] for i, s in enumerate(batch.seqs) if id(s) in rows}
+            pending = PendingTokens(previous.tokens.tokens, on_device)
+        logits = self.runner.execute(batch, pending)
         tokens = self.sampler.sample(logits, plan) if plan is not None else None
-        return InFlightStep(batch, sampling, tokens)
-
-    def _read_back(self) -> list[tuple[Sequence, int]]:
-        """Wait for the step in flight; advance its sequences by their computed tokens and
-        append the sampled ones. Token-level stops (stop token ids, EOS, length) finish
-        sequences here, before the next step is scheduled. Returns (sequence, new token)."""
-        step, self._in_flight = self._in_flight, None
-        if step is None:
-            return []
-        tokens = step.tokens.tolist() if step.tokens is not None else []
-        sampled = dict(zip(map(id, step.sampling), tokens, strict=True))
-        appended = []
-        for seq, n in zip(step.batch.seqs, step.batch.num_new_tokens, strict=True):
-            if seq.finished:  # aborted, or ended by a stop string while the step ran
-                continue
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            token = sampled.get(id(seq))
-            if token is None:  # prefill chunk not finished yet
+        indices = []
+        for seq in sampling:
+            indices.append(seq.num_tokens)
+            seq.token_ids.append(PENDING_TOKEN)
+        return InFlightStep(sampling, indices, tokens)
+
+    def _read_back_in_flight(self) -> list[tuple[Sequence, int, int]]:
+        step, self._in_flight = self._in_flight, None
+        return [] if step is None else self._read_back(step)
+
+    def _read_back(self, step: InFlightStep) -> list[tuple[Sequence, int, int]]:
+        """Wait for ``step``'s samples and put them in place of its pending tokens.
+        Token-level stops (stop token ids, EOS, length) finish sequences here. Returns
+        (sequence, token, its index in ``token_ids``) for the tokens to report."""
+        tokens = step.tokens.tolist() if step.tokens is not None else []
+        appended = []
+        for seq, index, token in zip(step.sampling, step.indices, tokens, strict=True):
+            if seq.finished:  # aborted, or ended by what an earlier step read back
                 continue
-            seq.token_ids.append(token)
+            seq.token_ids[index] = token
             if seq.first_token_time is None:
                 seq.first_token_time = time.monotonic()
-            self._check_token_stop(seq, token)
+            self._check_token_stop(seq, token, index)
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            appended.append((seq, token))
+                self._finish(seq)
+            appended.append((seq, token, index))
         return appended
 
-    def _check_token_stop(self, seq: Sequence, token: int) -> None:
+    def _finish(self, seq: Sequence) -> None:
+        seq.drop_pending()  # rows queued after the end are wasted; their tokens dropped
+        self.scheduler.finish(seq)
+
+    def _check_token_stop(self, seq: Sequence, token: int, index: int) -> None:
         params = seq.params
-        may_stop = seq.num_output_tokens >= params.min_tokens
+        may_stop = index + 1 - seq.num_prompt_tokens >= params.min_tokens
         if may_stop and params.stop_token_ids and token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif may_stop and not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif index + 1 >= seq.max_total_tokens:
             seq.finish_reason = "length"
 
-    def _emit(self, appended: list[tuple[Sequence, int]]) -> list[StepOutput]:
+    def _emit(self, appended: list[tuple[Sequence, int, int]]) -> list[StepOutput]:
         """Detokenize the new tokens, apply stop strings, and build the outputs."""
         outputs = []
-        for seq, token in appended:
+        for seq, token, index in appended:
             detokenizer = seq.detokenizer
             if seq.finish_reason == "stop":  # a stop token: not part of the text
                 detokenizer.flush()
             elif (matched := detokenizer.append(token)) is not None and (
-                seq.num_output_tokens >= seq.params.min_tokens
+                index + 1 - seq.num_prompt_tokens >= seq.params.min_tokens
             ):  # a stop string wins over the length limit reached by the same token
                 detokenizer.cut_at_stop()
                 seq.finish_reason, seq.stop_reason = "stop", matched
                 if not seq.finished:
-                    self.scheduler.finish(seq)
+                    self._finish(seq)
             elif seq.finish_reason == "length":
                 detokenizer.flush()
             outputs.append(self._output(seq, [token]))

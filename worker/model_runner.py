@@ -8,13 +8,13 @@ import logging
 import torch
 
 from lorafleet.kernels import LoRAMeta
-from lorafleet.kernels.meta import int_tensor
+from lorafleet.kernels.meta import int_tensor, to_device
 from lorafleet.worker.adapter_manager import AdapterManager
 from lorafleet.worker.context import StepContext
 from lorafleet.worker.decode_graphs import DecodeGraphs, GraphCaptureError
 from lorafleet.worker.model import CausalLM
 from lorafleet.worker.scheduler import ScheduledBatch
-from lorafleet.worker.step_layout import StepLayout
+from lorafleet.worker.step_layout import PendingTokens, StepLayout, fill_pending
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,11 @@ class ModelRunner:
         ]
         return StepLayout.of(batch, slots, self.block_size)
 
-    def prepare(self, layout: StepLayout) -> tuple[torch.Tensor, StepContext]:
-        """Input ids and the step's ``StepContext``, at the layout's exact sizes."""
+    def prepare(
+        self, layout: StepLayout, pending: PendingTokens | None = None
+    ) -> tuple[torch.Tensor, StepContext]:
+        """Input ids and the step's ``StepContext``, at the layout's exact sizes; ids that
+        are still on the device come from ``pending``."""
         lora = None
         if any(s >= 0 for s in layout.token_slots):
             lora = LoRAMeta.from_token_slots(
@@ -86,11 +89,12 @@ class ModelRunner:
         # waits for the stream on CUDA), then split into views.
         flat = [layout.ids, layout.positions, layout.slot_mapping, layout.logits_indices, per_step]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
-        packed = torch.cat([host, index.flatten()]).to(self.device, non_blocking=True)
+        packed = to_device(torch.cat([host, index.flatten()]), self.device)
         ids, positions, slot_mapping, logits_rows, per_step_view, index_flat = packed.split(
             [*map(len, flat), index.numel()]
         )
         index_view = index_flat.view(index.shape)
+        fill_pending(ids, layout, pending)
         ctx = StepContext(
             positions=positions,
             slot_mapping=slot_mapping,
@@ -103,7 +107,7 @@ class ModelRunner:
             context_lens=per_step_view if decode else None,
             query_pad_index=None if decode else per_step_view,
             kv_gather_index=None if decode else index_view,
-            attn_mask=None if decode else mask.to(self.device, non_blocking=True),
+            attn_mask=None if decode else to_device(mask, self.device),
         )
         return ids, ctx
 
@@ -112,17 +116,17 @@ class ModelRunner:
         return self.model.compute_logits(self.model(input_ids, self.kv_caches, ctx))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run one step; returns float32 logits [N, vocab] for the sampling sequences, in
-        batch order. Decode steps replay a captured CUDA graph when graphs are on; if a
-        capture fails, graphs are turned off (``graphs_error`` says why) and steps run
-        eagerly."""
+    def execute(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> torch.Tensor:
+        """Queue one step; returns float32 logits [N, vocab] for the sampling sequences, in
+        batch order. ``pending`` holds the ids that are ``PENDING_TOKEN`` on the host.
+        Decode steps replay a captured CUDA graph when graphs are on; if a capture fails,
+        graphs are turned off (``graphs_error`` says why) and steps run eagerly."""
         layout = self.layout(batch)
         if self.graphs is not None and self.graphs.fits(layout):
             try:
-                return self.model.compute_logits(self.graphs.run(layout))
+                return self.model.compute_logits(self.graphs.run(layout, pending))
             except GraphCaptureError as err:
                 # A serving engine keeps serving: eager steps give the same tokens, slower.
                 log.warning("CUDA graphs turned off, decode steps run eagerly: %s", err)
                 self.graphs, self.graphs_error = None, str(err)
-        return self.forward(*self.prepare(layout))
+        return self.forward(*self.prepare(layout, pending))

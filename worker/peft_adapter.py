@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lorafleet.kernels.meta import to_device
 from lorafleet.producer.errors import (
     AdapterInvalidError,
     AdapterNotFoundError,
@@ -66,9 +67,9 @@ class AdapterWeights:
         """``weights`` on ``device``: one copy of ``flat`` (none on the CPU), then views.
 
         ``flat`` stays in pageable memory: pinning every cached adapter would lock up to
-        max_cpu_loras adapters' worth of host RAM. One copy instead of one per tensor is
-        the saving (each pageable copy waits for the GPU)."""
-        return _views(self.flat.to(device, non_blocking=True), self.weights)
+        max_cpu_loras adapters' worth of host RAM. The copy is staged through pinned memory
+        (``to_device``), so loading a slot does not wait for the step the GPU is running."""
+        return _views(to_device(self.flat, device), self.weights)
 
 
 def _views(

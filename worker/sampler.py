@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafleet.kernels.meta import to_device
 from lorafleet.worker.sequence import Sequence
 
 
@@ -61,7 +62,7 @@ class Sampler:
                 rows += [i] * len(banned)
                 cols += banned
         if rows:
-            index = torch.tensor([rows, cols]).to(device, non_blocking=True)
+            index = to_device(torch.tensor([rows, cols]), device)
             plan.banned = (index[0], index[1])
         if all(s.params.greedy for s in seqs):
             return plan
@@ -74,7 +75,7 @@ class Sampler:
             )
             for s in seqs
         ]
-        plan.params = torch.tensor(table, dtype=torch.float32).T.to(device, non_blocking=True)
+        plan.params = to_device(torch.tensor(table, dtype=torch.float32).T.contiguous(), device)
         plan.seeded = tuple(
             (i, s.generator)
             for i, s in enumerate(seqs)

@@ -100,6 +100,8 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.fully_queued:  # its last token is on the device, read back next step
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, n):
                 victim = self.running[-1]

@@ -11,6 +11,10 @@ import torch
 from lorafleet.producer.types import LoRARequest, SamplingParams
 from lorafleet.worker.detokenizer import Detokenizer
 
+#: In ``Sequence.token_ids``: a sampled token still on the device. The engine queues a
+#: sequence's next step before reading its last token back (see ``LLMEngine.step``).
+PENDING_TOKEN = -1
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -20,8 +24,10 @@ class SeqStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One request. ``token_ids`` holds prompt then output tokens; the first
-    ``num_computed_tokens`` of them have K/V in the cache blocks of ``block_table``."""
+    """One request. ``token_ids`` holds prompt then output tokens, the last one or two of
+    them possibly ``PENDING_TOKEN``; the first ``num_computed_tokens`` of them have K/V in
+    the cache blocks of ``block_table`` (or are queued to). ``max_total_tokens`` is where
+    generation stops by length: the prompt plus ``max_tokens``, within the model's length."""
 
     request_id: str
     prompt: str | None
@@ -30,6 +36,7 @@ class Sequence:
     params: SamplingParams
     lora_request: LoRARequest | None
     detokenizer: Detokenizer
+    max_total_tokens: int
     arrival_time: float = field(default_factory=time.monotonic)
     status: SeqStatus = SeqStatus.WAITING
     block_table: list[int] = field(default_factory=list)
@@ -61,3 +68,13 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def fully_queued(self) -> bool:
+        """Every token it may have is generated or queued: nothing more to schedule."""
+        return self.num_tokens >= self.max_total_tokens
+
+    def drop_pending(self) -> None:
+        """Forget tokens still on the device (the sequence ended before they were read)."""
+        while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids.pop()

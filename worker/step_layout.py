@@ -6,12 +6,13 @@ exact sizes (eager steps) or padded into a captured decode graph's static buffer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.kernels.meta import int_tensor
+from lorafleet.kernels.meta import int_tensor, to_device
 from lorafleet.worker.scheduler import ScheduledBatch
+from lorafleet.worker.sequence import PENDING_TOKEN
 
 
 @dataclass
@@ -23,7 +24,8 @@ class StepLayout:
     queries). Per sequence, in layout order: ``block_tables`` (blocks covering its context),
     ``starts`` (tokens cached before the step), ``query_lens``, ``context_lens``.
     ``logits_indices`` lists, in batch order, the token whose next-token logits each sampling
-    sequence needs.
+    sequence needs. ``pending`` lists (row, batch index) of the ids that are
+    ``PENDING_TOKEN``: the previous step's samples, which the runner fills in on the device.
     """
 
     ids: list[int]
@@ -37,6 +39,7 @@ class StepLayout:
     query_lens: list[int]
     context_lens: list[int]
     max_query_len: int
+    pending: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -64,6 +67,8 @@ class StepLayout:
             start = seq.num_computed_tokens
             table = seq.block_table
             layout.ids.extend(seq.token_ids[start : start + n])
+            if layout.ids[-1] == PENDING_TOKEN:  # only a sequence's last token can be
+                layout.pending.append((len(layout.ids) - 1, i))
             layout.positions.extend(range(start, start + n))
             layout.slot_mapping.extend(
                 table[p // bs] * bs + p % bs for p in range(start, start + n)
@@ -85,13 +90,15 @@ class StepLayout:
     ) -> StepLayout:
         """``of`` for one new token per sequence: the same layout, built without the
         per-token ranges (the host path every decode step, CUDA graphs or not, takes)."""
-        ids, positions, slot_mapping, tables, starts = [], [], [], [], []
+        ids, positions, slot_mapping, tables, starts, pending = [], [], [], [], [], []
         rows = {}  # batch index -> layout row
         for b, i in enumerate(order):
             seq = batch.seqs[i]
             p = seq.num_computed_tokens
             table = seq.block_table
             ids.append(seq.token_ids[p])
+            if ids[-1] == PENDING_TOKEN:
+                pending.append((b, i))
             positions.append(p)
             slot_mapping.append(table[p // bs] * bs + p % bs)
             tables.append(table[: p // bs + 1])
@@ -111,6 +118,7 @@ class StepLayout:
             query_lens=[1] * n,
             context_lens=[p + 1 for p in starts],
             max_query_len=1,
+            pending=pending,
         )
 
     def table_tensor(self, num_rows: int, num_blocks: int, fill_block: int) -> torch.Tensor:
@@ -145,3 +153,26 @@ class StepLayout:
         pad_rows = torch.arange(max_q)[None, :] >= torch.tensor(self.query_lens)[:, None]
         mask[:, :, 0] |= pad_rows
         return gather, mask[:, None]
+
+
+@dataclass
+class PendingTokens:
+    """The previous step's samples, still on the device: ``tokens`` int64 [N], and
+    ``rows``, batch index -> row in ``tokens``, for the sequences of this step whose last
+    token is one of them."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]
+
+
+def fill_pending(ids: torch.Tensor, layout: StepLayout, pending: PendingTokens | None) -> None:
+    """Put the device-side samples into ``ids`` (int64 [>= T], on the device) where
+    ``layout`` has ``PENDING_TOKEN``: two small kernels, no wait for the device."""
+    if not layout.pending:
+        return
+    if pending is None:
+        raise RuntimeError("the step has pending token ids but no samples to take them from")
+    dst = [row for row, _ in layout.pending]
+    src = [pending.rows[i] for _, i in layout.pending]
+    index = to_device(int_tensor(dst + src), ids.device)
+    ids.index_copy_(0, index[: len(dst)], pending.tokens.index_select(0, index[len(dst) :]))
