@@ -1,9 +1,9 @@
 """Per-request sampling over one batch of logits (greedy, temperature, top-k, top-p, seed).
 
 Sampling is split so the engine never waits on the device before it has queued the next
-step: ``plan`` uploads the batch's parameters before the forward pass (a blocking copy there
-costs nothing, the stream is idle; after the forward it would wait for it), ``sample``
-queues the draw on the device, and ``SampledTokens.tolist`` is the one wait.
+step: ``plan`` uploads the batch's parameters before the forward pass, ``sample`` queues
+the draw (and the copy of its result to the host) on the device, and
+``SampledTokens.tolist`` is the one wait, for that step only.
 """
 
 from __future__ import annotations
@@ -31,16 +31,32 @@ class SamplingPlan:
     seeded: tuple[tuple[int, torch.Generator], ...] = ()
 
 
-@dataclass
 class SampledTokens:
-    """Token ids queued on the device; ``tolist`` waits for them."""
+    """Token ids queued on the device (``tokens``, int64 [N]); ``tolist`` waits for them.
 
-    tokens: torch.Tensor  # int64 [N]
-    probs: torch.Tensor | None  # float32 [N, vocab] when some row is seeded
-    seeded: tuple[tuple[int, torch.Generator], ...]
+    On CUDA a copy to pinned host memory is queued right behind the draw, with an event:
+    ``tolist`` waits for that event only, not for whatever was queued on the stream since
+    (a plain ``tokens.tolist()`` would wait for the next step too). Seeded rows are drawn
+    on the host from ``probs`` (float32 [N, vocab]) with their requests' generators."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        probs: torch.Tensor | None = None,
+        seeded: tuple[tuple[int, torch.Generator], ...] = (),
+    ) -> None:
+        self.tokens, self.probs, self.seeded = tokens, probs, seeded
+        self._host, self._ready = tokens, None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
 
     def tolist(self) -> list[int]:
-        out = self.tokens.tolist()
+        if self._ready is not None:
+            self._ready.synchronize()
+        out = self._host.tolist()
         for i, generator in self.seeded:
             out[i] = int(torch.multinomial(self.probs[i].cpu(), 1, generator=generator))
         return out
@@ -89,7 +105,7 @@ class Sampler:
             logits.index_put_(plan.banned, logits.new_full((), float("-inf")))
         greedy = logits.argmax(dim=-1)
         if plan.params is None:
-            return SampledTokens(greedy, None, ())
+            return SampledTokens(greedy)
         temps, top_k, top_p, is_greedy = plan.params
         probs = _filtered_probs(logits, temps, top_k, top_p)
         if self.generator is None or self.generator.device != logits.device:
