@@ -138,3 +138,34 @@ def test_cuda_pipelined_steps_end_requests_as_the_cpu_engine(llama_dir):
         assert (g.token_ids, g.text) == (e.token_ids, e.text)
         assert (g.finish_reason, g.stop_reason) == (e.finish_reason, e.stop_reason)
     assert gpu.engine.blocks.num_free == gpu.engine.blocks.num_blocks
+
+
+def _busy_gpu() -> None:
+    """Queue about a second of GPU time on the current stream."""
+    torch.cuda._sleep(2_000_000_000)
+
+
+def test_reading_tokens_back_waits_for_their_step_only():
+    """What pipelining rests on: step N's tokens are read back while the step queued behind
+    them still runs."""
+    from lorafleet.worker.sampler import SampledTokens
+
+    sampled = SampledTokens(torch.arange(8, device="cuda") * 2)
+    _busy_gpu()
+    assert sampled.tolist() == [2 * i for i in range(8)]
+    assert not torch.cuda.current_stream().query()  # the later work is still running
+    torch.cuda.synchronize()
+
+
+def test_uploads_do_not_wait_for_the_gpu():
+    """Queueing a step's inputs while the previous step computes must not wait for it."""
+    from lorafleet.kernels.meta import copy_to_device, int_tensor, to_device
+
+    host = int_tensor(list(range(1000)))
+    dst = torch.zeros(1000, dtype=torch.int64, device="cuda")
+    _busy_gpu()
+    on_device = to_device(host, "cuda")
+    copy_to_device(dst, host)
+    assert not torch.cuda.current_stream().query()  # returned before the GPU got to them
+    torch.cuda.synchronize()
+    assert on_device.cpu().tolist() == dst.cpu().tolist() == list(range(1000))
