@@ -193,3 +193,29 @@ def test_pipelining_benchmark_runs_both_ways_on_the_cpu():
     assert res.returncode == 0, res.stderr
     rates = [line for line in res.stdout.splitlines() if line.endswith("tokens/s")]
     assert len(rates) == 2 and "ratio" in res.stdout and "8 requests" in res.stdout
+
+
+@pytest.mark.parametrize("switch_after", [1, 2, 3, 4, 5, 6])
+def test_switching_pipelining_off_mid_run_keeps_outputs(llama_dir, llm, switch_after):
+    """The first unpipelined step then reads two steps back at once; a stop string found in
+    the first of them must drop the token read back behind it."""
+    plain = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    params = stopping_params(plain)
+    expected = plain.generate(PROMPTS, params)
+    engine = llm.engine
+    for i, (prompt, p) in enumerate(zip(PROMPTS, params, strict=True)):
+        engine.add_request(str(i), prompt, p)
+    outs: dict[str, list[StepOutput]] = defaultdict(list)
+    try:
+        for _ in range(switch_after):
+            for out in engine.step():
+                outs[out.request_id].append(out)
+        engine.pipelined = False
+        for rid, more in _run(engine).items():
+            outs[rid] += more
+    finally:
+        engine.pipelined = True
+    for i in range(len(PROMPTS)):
+        _assert_one_stream(outs[str(i)])
+    got = [outs[str(i)][-1].output for i in range(len(PROMPTS))]
+    assert _completions(got) == _completions(expected)

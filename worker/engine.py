@@ -19,7 +19,7 @@ from lorafleet.worker.model_runner import ModelRunner, kv_block_bytes
 from lorafleet.worker.outputs import StepOutput, StepStats
 from lorafleet.worker.sampler import SampledTokens, Sampler
 from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
-from lorafleet.worker.sequence import PENDING_TOKEN, SeqStatus, Sequence
+from lorafleet.worker.sequence import PENDING_TOKEN, Sequence
 from lorafleet.worker.step_layout import PendingTokens
 
 
@@ -148,7 +148,7 @@ class LLMEngine:
             return None
         seq.finish_reason = "abort"
         self._finish(seq)
-        return self._output(seq, [])
+        return self._output(seq, [], finished=True)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -258,23 +258,29 @@ class LLMEngine:
         """Detokenize the new tokens, apply stop strings, and build the outputs."""
         outputs = []
         for seq, token, index in appended:
+            if index >= seq.num_tokens:  # the sequence ended on an earlier token
+                continue
+            # Whether this token ended the sequence (a later one read back in the same call
+            # may have: then this one is reported as any other).
+            last = seq.finished and index == seq.num_tokens - 1
             detokenizer = seq.detokenizer
-            if seq.finish_reason == "stop":  # a stop token: not part of the text
+            if last and seq.finish_reason == "stop":  # a stop token: not part of the text
                 detokenizer.flush()
             elif (matched := detokenizer.append(token)) is not None and (
                 index + 1 - seq.num_prompt_tokens >= seq.params.min_tokens
-            ):  # a stop string wins over the length limit reached by the same token
+            ):  # a stop string wins over a stop or length reached by this token or later
                 detokenizer.cut_at_stop()
                 seq.finish_reason, seq.stop_reason = "stop", matched
+                del seq.token_ids[index + 1 :]  # tokens read back after it, if any
                 if not seq.finished:
                     self._finish(seq)
-            elif seq.finish_reason == "length":
+                last = True
+            elif last:  # the length limit
                 detokenizer.flush()
-            outputs.append(self._output(seq, [token]))
+            outputs.append(self._output(seq, [token], finished=last))
         return outputs
 
-    def _output(self, seq: Sequence, new_tokens: list[int]) -> StepOutput:
-        finished = seq.status is SeqStatus.FINISHED
+    def _output(self, seq: Sequence, new_tokens: list[int], finished: bool) -> StepOutput:
         return StepOutput(
             request_id=seq.request_id,
             delta_text=seq.detokenizer.delta(final=finished),
