@@ -5,9 +5,12 @@
 
 Runs the same prompts twice through one in-process engine, without adapters and with
 ``--adapters`` adapters round-robin, each under cProfile after a warm-up, and prints tokens/s,
-steps, mean step time and the functions with the most own and cumulative time. On CUDA, time spent blocked
-on the GPU shows as the own time of the call that synchronised (``tolist``, ``item``), so the
-table separates host work from device work without a device profiler.
+steps, mean step time and the functions with the most own and cumulative time. On CUDA, time
+spent blocked on the GPU shows as the own time of the call that waited (the engine reads
+each step's tokens back with ``Event.synchronize``), so the table separates host work from
+device work without a device profiler. The engine is pipelined there: the host works on
+one step while the GPU computes the next, so little waiting means the GPU is the limit no
+more than the host is.
 """
 
 from __future__ import annotations
