@@ -8,9 +8,9 @@ Runs the same prompts twice through one in-process engine, without adapters and 
 steps, mean step time and the functions with the most own and cumulative time. On CUDA, time
 spent blocked on the GPU shows as the own time of the call that waited (the engine reads
 each step's tokens back with ``Event.synchronize``), so the table separates host work from
-device work without a device profiler. The engine is pipelined there: the host works on
-one step while the GPU computes the next, so little waiting means the GPU is the limit no
-more than the host is.
+device work without a device profiler. The engine is pipelined there (the host works on
+one step while the GPU computes the next): a small wait means the host sets the pace, a
+large one the GPU.
 """
 
 from __future__ import annotations
