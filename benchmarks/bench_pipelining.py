@@ -3,8 +3,8 @@
     python benchmarks/bench_pipelining.py --gpu --cuda-graphs     # Llama-3.2-1B shape, bf16
     python benchmarks/bench_pipelining.py --requests 32           # tiny model on the CPU
 
-A pipelined engine (the default on CUDA) queues step N+1 before it detokenizes and reports
-step N, so that host work runs while the GPU computes. The same engine runs the same
+A pipelined engine (the default on CUDA) schedules and queues step N+1 before it reads
+step N back, so that its host work runs while the GPU computes. The same engine runs the same
 workload (the adapter suite's: zipf:1.0 over ``--adapters`` adapters, EOS ignored) both
 ways in alternating rounds; the best round of each is kept. On the CPU the forward blocks,
 so the ratio there is about 1.0x: it only shows that the script runs.
