@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+import torch
+
 from lorafleet.worker.scheduler import ScheduledBatch
-from lorafleet.worker.step_layout import StepLayout
+from lorafleet.worker.sequence import PENDING_TOKEN
+from lorafleet.worker.step_layout import PendingTokens, StepLayout, fill_pending
 
 
 def _seq(computed: int, tokens: int, table: list[int]) -> SimpleNamespace:
@@ -51,3 +55,24 @@ def test_prefill_chunks_pad_queries_per_sequence() -> None:
     assert mask[0, 0].tolist()[1] == [True, True, False, False, False]  # causal
     assert mask[1, 0].tolist()[0] == [True] * 5  # the decode token sees its whole context
     assert mask.any(-1).all()  # padded query rows too: no empty softmax row
+
+
+def test_pending_ids_are_listed_and_filled_from_the_previous_samples() -> None:
+    """A sequence's last token may still be on the device (PENDING_TOKEN): the layout lists
+    where, by layout row and batch index, and ``fill_pending`` takes it from the samples."""
+    pending_decode = _seq(5, 6, [7, 9])
+    pending_decode.token_ids[-1] = PENDING_TOKEN
+    chunk = _seq(0, 3, [5])  # a prefill chunk: its ids are all on the host
+    for batch, slots in [
+        (ScheduledBatch([chunk, pending_decode], [3, 1]), [1, -1]),  # general path
+        (ScheduledBatch([_seq(2, 3, [1]), pending_decode], [1, 1]), [1, -1]),  # decode path
+    ]:
+        layout = StepLayout.of(batch, slots, 4)
+        assert layout.pending == [(0, 1)]  # sequence 1 sorts first (base model)
+        assert layout.ids[0] == PENDING_TOKEN and PENDING_TOKEN not in layout.ids[1:]
+        ids = torch.tensor(layout.ids)
+        samples = PendingTokens(torch.tensor([11, 22, 33]), rows={1: 2})
+        fill_pending(ids, layout, samples)
+        assert ids.tolist() == [33, *layout.ids[1:]]
+    with pytest.raises(RuntimeError, match="no samples"):
+        fill_pending(ids, layout, None)

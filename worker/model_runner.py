@@ -85,8 +85,7 @@ class ModelRunner:
         else:  # the cache row of every key [B, C], the mask, and where queries pad to
             index, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
             per_step = layout.query_pad_index
-        # The int64 inputs travel in one host-to-device copy (each copy from pageable memory
-        # waits for the stream on CUDA), then split into views.
+        # The int64 inputs travel in one host-to-device copy, then split into views.
         flat = [layout.ids, layout.positions, layout.slot_mapping, layout.logits_indices, per_step]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
         packed = to_device(torch.cat([host, index.flatten()]), self.device)
