@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorafleet.producer import SamplingParams
+from lorafleet.producer.errors import InternalError
 from lorafleet.worker import LLM
 from lorafleet.worker.engine import LLMEngine
 from lorafleet.worker.outputs import StepOutput
@@ -219,3 +220,15 @@ def test_switching_pipelining_off_mid_run_keeps_outputs(llama_dir, llm, switch_a
         _assert_one_stream(outs[str(i)])
     got = [outs[str(i)][-1].output for i in range(len(PROMPTS))]
     assert _completions(got) == _completions(expected)
+
+
+def test_generate_fails_loudly_if_the_engine_loses_an_output(llama_dir, monkeypatch):
+    """An engine bug that ends a request without its final output must not hang
+    ``LLM.generate``: it raises, naming the requests."""
+    llm = LLM(str(llama_dir), enable_lora=False, max_model_len=128)
+    emit = llm.engine._emit
+    monkeypatch.setattr(
+        llm.engine, "_emit", lambda appended: [o for o in emit(appended) if not o.finished]
+    )
+    with pytest.raises(InternalError, match="without an output"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=2, temperature=0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 
-from lorafleet.producer.errors import InvalidRequestError
+from lorafleet.producer.errors import InternalError, InvalidRequestError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine import LLMEngine
@@ -76,4 +76,7 @@ class LLM:
                     raise out.error
                 if out.finished:
                     results[out.request_id] = out.output
+            if len(results) < len(ids) and not self.engine.has_unfinished():  # never spin
+                missing = sorted(set(ids) - set(results))
+                raise InternalError(f"the engine ended requests {missing} without an output")
         return [results[rid] for rid in ids]
