@@ -70,8 +70,14 @@ def _mixed(loras: list[LoRARequest]) -> tuple[list[str], list[LoRARequest | None
     return prompts, requests
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_mixed_batch_equals_peft(arch, model_factory, adapter_factory):
+@pytest.mark.parametrize(
+    ("arch", "pipelined"),
+    [("llama", False), ("qwen2", False), ("mistral", False), ("llama", True)],
+    ids=["llama", "qwen2", "mistral", "llama-pipelined"],
+)
+def test_mixed_batch_equals_peft(arch, pipelined, model_factory, adapter_factory):
+    """Pipelined (as on a GPU), slots are also evicted and loaded while the step before
+    is still queued."""
     model_dir = model_factory(arch)
     loras = [req for _, req in adapter_factory(model_dir)]
     ref = PeftReference(model_dir, loras)
@@ -79,6 +85,7 @@ def test_mixed_batch_equals_peft(arch, model_factory, adapter_factory):
     assert len({r.lora_int_id for r in requests if r}) > 2
     # max_loras=2 with 5 adapters in one call: slots are evicted and reloaded mid-run.
     llm = LLM(str(model_dir), max_loras=2, max_lora_rank=64, max_cpu_loras=3)
+    llm.engine.pipelined = pipelined
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), requests)
     assert llm.engine.adapters.stats.slot_evictions > 0
     assert llm.engine.adapters.stats.cpu_evictions > 0
