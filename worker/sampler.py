@@ -20,12 +20,11 @@ from lorafleet.worker.sequence import Sequence
 class SamplingPlan:
     """One step's sampling parameters, on the device.
 
-    ``params`` is float32 [4, N]: temperature, top-k (vocab when off), top-p, greedy flag;
+    ``params`` is float32 [4, N]: temperature, top-k (+inf when off), top-p, greedy flag;
     None when every row is greedy. ``banned`` is the (rows, token ids) index of EOS and
     stop tokens that rows below ``min_tokens`` may not pick. ``seeded`` lists the rows that
     draw from their request's own generator (on the host, reproducible across batches)."""
 
-    num_rows: int
     params: torch.Tensor | None = None
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
     seeded: tuple[tuple[int, torch.Generator], ...] = ()
@@ -70,7 +69,7 @@ class Sampler:
 
     def plan(self, seqs: list[Sequence], device: torch.device) -> SamplingPlan:
         """Upload ``seqs``' parameters (one row each, in order) to ``device``."""
-        plan = SamplingPlan(num_rows=len(seqs))
+        plan = SamplingPlan()
         rows, cols = [], []
         for i, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
