@@ -5,7 +5,7 @@
 #
 #     bash scripts/gpu_session.sh [RESULTS_DIR] [BUDGET_S] [STEP...]
 #
-# Steps (default: tests bench_kernels adapters_graphs), each cut off at what is left of
+# Steps (default: tests adapters_graphs), each cut off at what is left of
 # BUDGET_S (default 540 s, under a 10-minute call):
 #   tests            the compiled kernel and CUDA engine tests (about 65 s on an H100 before
 #                    the static-meta, add_lora and graph tests were added)
@@ -25,7 +25,7 @@ set -u
 out=${1:-gpu-results}
 budget=${2:-540}
 steps=("${@:3}")
-((${#steps[@]})) || steps=(tests bench_kernels adapters_graphs)
+((${#steps[@]})) || steps=(tests adapters_graphs)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
