@@ -24,7 +24,10 @@ class EngineConfig:
     touching the disk again for ``adapter_failure_ttl`` seconds (0: always retry).
     ``cuda_graphs`` replays decode steps from captured CUDA graphs (see
     ``lorafleet.worker.decode_graphs``); on a CPU the same padded static path runs eagerly,
-    which only tests use. ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
+    which only tests use. ``pipelined``: on CUDA, each step is scheduled and queued before
+    the previous one is read back, so the host's work overlaps the GPU's (see
+    ``LLMEngine.step``); off, and always on the CPU, each step is read back as soon as it is
+    queued. ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
     ``LoRARequest.base_model_name`` must match (default: the model folder's name).
     """
 
@@ -50,6 +53,7 @@ class EngineConfig:
     served_model_name: str | None = None
     seed: int = 0
     cuda_graphs: bool = False
+    pipelined: bool = True
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -91,7 +91,7 @@ class LLMEngine:
         self._in_flight: InFlightStep | None = None
         # A CUDA device computes while the host goes on; on the CPU the forward blocks, so
         # pipelining steps would only delay every output by one step.
-        self.pipelined = self.device.type == "cuda"
+        self.pipelined = config.pipelined and self.device.type == "cuda"
 
     # -- requests --------------------------------------------------------------------------
 

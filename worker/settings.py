@@ -69,6 +69,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_ENGINE_THREADS", "engine_threads", "int", "CPU threads of the engine process's torch (default: all cores but one, which the worker's event loop keeps)."),
     Variable("LORAFLEET_ENGINE_STALL_TIMEOUT", "engine_stall_timeout", "float", "Seconds the engine process may go without finishing a step while requests wait on it; past that it counts as hung, is killed and the worker exits so its jobs run elsewhere (0: never)."),
     Variable("LORAFLEET_CUDA_GRAPHS", "cuda_graphs", "bool", "Replay decode steps from captured CUDA graphs (`1`/`0`; CUDA only, off by default until measured on a GPU)."),
+    Variable("LORAFLEET_PIPELINED", "pipelined", "bool", "On CUDA, queue each engine step before reading the previous one back, so host work overlaps the GPU's (`1`/`0`, default on; `0` reads every step back at once)."),
     Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
@@ -109,6 +110,7 @@ class WorkerConfig:
     engine_threads: int | None = None
     engine_stall_timeout: float = 120.0
     cuda_graphs: bool = False
+    pipelined: bool = True
     adapter_roots: tuple[str, ...] = ()
     hub: str = "off"
     hub_cache: str | None = None
@@ -256,6 +258,7 @@ class WorkerConfig:
             hub=self.hub,
             hub_cache_dir=self.hub_cache,
             cuda_graphs=self.cuda_graphs,
+            pipelined=self.pipelined,
             **extra,
         )
 

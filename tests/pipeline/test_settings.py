@@ -30,10 +30,13 @@ def test_defaults_and_types(model_dir, tmp_path):
         "LORAFLEET_ADAPTER_ROOTS": f"{tmp_path}:{model_dir}",
         "LORAFLEET_REDIS_URL": "redis://example:6380/2",
         "LORAFLEET_CUDA_GRAPHS": "yes",
+        "LORAFLEET_PIPELINED": "0",
     }
     config = WorkerConfig.from_env(env)
     assert config.max_loras == 8 and config.poll_delay == 0.02
     assert config.cuda_graphs and config.engine_config().cuda_graphs
+    assert not config.pipelined and not config.engine_config().pipelined
+    assert WorkerConfig.from_env({"LORAFLEET_MODEL": str(model_dir)}).pipelined  # default on
     assert config.adapter_roots == (str(tmp_path), str(model_dir))
     assert config.jobs_at_once == 2 * config.max_num_seqs
     assert WorkerConfig.from_env(config.to_env()) == config
