@@ -40,7 +40,13 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--targets", help="comma-separated projections (default: the suite's)")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--max-num-seqs", type=int, help="engine batch limit (default: the suite's)")
     ap.add_argument("--cuda-graphs", action="store_true", help="decode steps from CUDA graphs")
+    ap.add_argument(
+        "--parts",
+        action="store_true",
+        help="instead of cProfile: median ms per step of each part of the engine's step",
+    )
     args = ap.parse_args()
 
     sys.path.insert(0, str(BENCH_DIR))
@@ -78,7 +84,7 @@ def main() -> None:
             dtype=mode.dtype,
             max_loras=max(args.adapters, 1),
             max_lora_rank=args.rank,
-            max_num_seqs=mode.max_num_seqs,
+            max_num_seqs=args.max_num_seqs or mode.max_num_seqs,
             kv_cache_bytes=mode.kv_cache_mb * 2**20,
             cuda_graphs=args.cuda_graphs,
         )
@@ -96,6 +102,10 @@ def main() -> None:
                 return out
 
             llm.engine.step = timed_step
+            if args.parts:
+                print_parts(llm, prompts, params, requests, label)
+                llm.engine.step = engine_step
+                continue
             profiler = cProfile.Profile()
             start = time.perf_counter()
             profiler.enable()
@@ -114,6 +124,45 @@ def main() -> None:
                 f"(median {1000 * sorted(steps)[len(steps) // 2]:.2f} ms)"
             )
             print(text.getvalue())
+
+
+def print_parts(llm, prompts, params, requests, label: str) -> None:
+    """Median wall time per step of the engine's parts, without a profiler's overhead. On
+    CUDA the launch only queues work; on the CPU it includes the model's compute, shown
+    apart (``model forward`` and ``logits``) so the host's share can be read off."""
+    engine = llm.engine
+    parts = {
+        "read back (_read_back)": (engine, "_read_back"),
+        "schedule": (engine.scheduler, "schedule"),
+        "launch (_launch)": (engine, "_launch"),
+        "  of which model forward": (engine.runner.model, "forward"),
+        "  of which logits": (engine.runner.model, "compute_logits"),
+        "detokenize, stops, outputs (_emit)": (engine, "_emit"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+
+    def timed(fn, out):
+        def call(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                out.append(time.perf_counter() - start)
+
+        return call
+
+    for name, (obj, attr) in parts.items():
+        setattr(obj, attr, timed(getattr(obj, attr), times[name]))
+    try:
+        llm.generate(prompts, params, requests)
+    finally:
+        for obj, attr in parts.values():
+            delattr(obj, attr)  # back to the class's method
+    print(f"\n### {label}: median ms per call, decode steps included")
+    for name, values in times.items():
+        values = sorted(values)
+        median = 1000 * values[len(values) // 2] if values else 0.0
+        print(f"{name:40s} {median:8.3f}  ({len(values)} calls)")
 
 
 if __name__ == "__main__":
