@@ -3,13 +3,22 @@
 from lorafleet.producer.client import Client, JobHandle
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.sync_client import SyncClient, SyncJobHandle
-from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import (
+    ChatMessage,
+    CompletionOutput,
+    Logprob,
+    LoRARequest,
+    RequestOutput,
+    SamplingParams,
+)
 
 __all__ = [
+    "ChatMessage",
     "Client",
     "CompletionOutput",
     "JobHandle",
     "LoRARequest",
+    "Logprob",
     "LoraFleetError",
     "RequestOutput",
     "SamplingParams",

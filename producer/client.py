@@ -22,7 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Self, TypeVar
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -43,7 +43,15 @@ from lorafleet.producer.keys import (
     GENERATE_FUNCTION,
     abort_key,
 )
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import (
+    ChatMessage,
+    LoRARequest,
+    RequestOutput,
+    SamplingParams,
+    chat_messages,
+    conversations,
+    per_prompt,
+)
 from lorafleet.producer.watch import REDIS_ERRORS, JobWatch, StreamWatcher
 
 #: Environment variable naming the Redis URL when none is passed.
@@ -52,8 +60,6 @@ DEFAULT_URL = "redis://localhost:6379/0"
 
 #: How long an abort request is remembered for a job that has not started yet.
 ABORT_TTL_S = 86_400
-
-T = TypeVar("T")
 
 
 def resolve_url(url: str | None) -> str:
@@ -78,27 +84,22 @@ def _result_output(result: JobResult) -> RequestOutput:
     return result.output
 
 
-def per_prompt(value: T | Sequence[T] | None, n: int, name: str, one: type) -> list[T | None]:
-    """vLLM's broadcasting: one value (or ``None``) for all prompts, or a list with exactly
-    one per prompt (``ValueError`` on a length mismatch)."""
-    if value is None or isinstance(value, one):
-        return [value] * n
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a {one.__name__}, a list of them, or None")
-    items = list(value)
-    if len(items) != n:
-        raise ValueError(f"{name} has {len(items)} items for {n} prompts; pass one per prompt")
-    return items
-
-
 class JobHandle:
     """A submitted job: wait for its ``result()``, follow its ``stream()``, or ``abort()`` it."""
 
-    def __init__(self, client: Client, job_id: str, watch: JobWatch, watcher: StreamWatcher):
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        watch: JobWatch,
+        watcher: StreamWatcher,
+        n: int | None = None,
+    ) -> None:
         self._client = client
         self.job_id = job_id
         self._watch = watch
         self._watcher = watcher
+        self._n = n  # completions, when this client submitted the job
 
     @property
     def done(self) -> bool:
@@ -117,8 +118,11 @@ class JobHandle:
         Ends when the job ends; raises the job's typed error if it failed (after yielding
         whatever text it produced). A re-run of the job (worker crash) restarts at its new
         attempt: text already yielded is not repeated, and ``StreamRestartedError`` is raised
-        if the re-run's output differs from it.
+        if the re-run's output differs from it. A job with ``n > 1`` has no one text to
+        stream (``ValueError``): ``result()`` holds its completions.
         """
+        if self._n is not None and self._n > 1:
+            raise ValueError(f"job {self.job_id} has n={self._n} completions: use result()")
         async with self._watcher.follow(self._watch):
             async for delta in self._deltas():
                 yield delta
@@ -289,22 +293,38 @@ class Client:
 
     async def submit(
         self,
-        prompt: str,
+        prompt: str | None = None,
         sampling_params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         *,
+        messages: Sequence[dict | ChatMessage] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         job_id: str | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
     ) -> JobHandle:
         """Enqueue one generation job and return its handle.
 
-        ``job_id`` is an idempotency key: submitting an id that is queued, running or
-        finished (result still kept) returns a handle to that job instead of a new one.
-        ``deadline`` (Unix time) or ``timeout`` (seconds from now): past it the job fails
-        with ``DeadlineExceededError``, without GPU work if it has not started.
+        Pass a ``prompt``, or ``messages`` (one conversation of ``{"role", "content"}``
+        dicts) for a chat job: the worker renders them with the model's chat template
+        (``add_generation_prompt`` and ``continue_final_message`` as in vLLM's
+        ``LLM.chat``). ``job_id`` is an idempotency key: submitting an id that is queued,
+        running or finished (result still kept) returns a handle to that job instead of a
+        new one. ``deadline`` (Unix time) or ``timeout`` (seconds from now): past it the job
+        fails with ``DeadlineExceededError``, without GPU work if it has not started.
         """
-        job = _make_job(prompt, sampling_params, lora_request, job_id, deadline, timeout)
+        job = _make_job(
+            prompt,
+            messages,
+            sampling_params,
+            lora_request,
+            job_id,
+            deadline,
+            timeout,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
         arq, watcher = await self._connected()
         job = msgspec.structs.replace(job, reply_to=watcher.inbox)
         with self._transport():
@@ -317,7 +337,7 @@ class Client:
             # A job that already existed replies elsewhere and may have finished long ago.
             fresh = enqueued is not None
             watch = await watcher.watch(job.request_id, via_inbox=fresh, sweep_now=not fresh)
-        return JobHandle(self, job.request_id, watch, watcher)
+        return JobHandle(self, job.request_id, watch, watcher, n=job.sampling_params.n)
 
     async def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by any client)."""
@@ -351,30 +371,69 @@ class Client:
         ``submit`` to handle errors per request. ``timeout`` bounds the whole call.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        n = len(prompt_list)
+        jobs = [{"prompt": p} for p in prompt_list]
+        return await self._run_all(jobs, sampling_params, lora_request, timeout)
+
+    async def chat(
+        self,
+        messages: Sequence[dict | ChatMessage] | Sequence[Sequence[dict | ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        timeout: float | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat`` through the queue: one conversation (a list of
+        ``{"role", "content"}`` dicts) or a list of them, each rendered by the worker with
+        the model's chat template; one output per conversation, in order. Arguments
+        broadcast and errors are raised as in ``generate``."""
+        options = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+        }
+        jobs = [{"messages": chat, **options} for chat in conversations(messages)]
+        return await self._run_all(jobs, sampling_params, lora_request, timeout)
+
+    async def _run_all(
+        self,
+        jobs: list[dict],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+        timeout: float | None,
+    ) -> list[RequestOutput]:
+        """Submit every job (``submit`` keyword arguments) at once; outputs in order."""
+        n = len(jobs)
         params = per_prompt(sampling_params, n, "sampling_params", SamplingParams)
         loras = per_prompt(lora_request, n, "lora_request", LoRARequest)
         async with asyncio.timeout(timeout):
             handles = await asyncio.gather(
                 *(
-                    self.submit(p, sp, lr)
-                    for p, sp, lr in zip(prompt_list, params, loras, strict=True)
+                    self.submit(sampling_params=sp, lora_request=lr, **job)
+                    for job, sp, lr in zip(jobs, params, loras, strict=True)
                 )
             )
             return list(await asyncio.gather(*(h.result() for h in handles)))
 
     async def stream(
         self,
-        prompt: str,
+        prompt: str | None = None,
         sampling_params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         *,
+        messages: Sequence[dict | ChatMessage] | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[str]:
-        """Submit one job and yield its text deltas. Leaving the loop early aborts the job."""
+        """Submit one job (a ``prompt`` or chat ``messages``) and yield its text deltas.
+        Leaving the loop early aborts the job."""
         handle = await self.submit(
-            prompt, sampling_params, lora_request, deadline=deadline, timeout=timeout
+            prompt,
+            sampling_params,
+            lora_request,
+            messages=messages,
+            deadline=deadline,
+            timeout=timeout,
         )
         try:
             async for delta in handle.stream():
@@ -386,14 +445,18 @@ class Client:
 
 
 def _make_job(
-    prompt: str,
+    prompt: str | None,
+    messages: Sequence[dict | ChatMessage] | None,
     sampling_params: SamplingParams | None,
     lora_request: LoRARequest | None,
     job_id: str | None,
     deadline: float | None,
     timeout: float | None,
+    **chat_options: bool,
 ) -> GenerateJob:
-    if not isinstance(prompt, str):
+    if (prompt is None) == (messages is None):
+        raise TypeError("pass a prompt or chat messages (messages=...), not both or neither")
+    if prompt is not None and not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if sampling_params is not None and not isinstance(sampling_params, SamplingParams):
         raise TypeError("sampling_params must be a SamplingParams or None")
@@ -404,11 +467,15 @@ def _make_job(
     now = time.time()
     if timeout is not None:
         deadline = now + timeout
+    if messages is None:
+        content: dict = {"prompt": prompt}
+    else:
+        content = {"messages": chat_messages(messages), **chat_options}
     return GenerateJob(
         request_id=job_id or uuid.uuid4().hex,
-        prompt=prompt,
         sampling_params=sampling_params or SamplingParams(),
         lora_request=lora_request,
         enqueued_at=now,
         deadline=deadline,
+        **content,
     )

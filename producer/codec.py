@@ -2,6 +2,9 @@
 
 Every payload starts with a ``v`` field. A decoder first reads only ``v``, so a job from a
 newer producer fails with ``unsupported_version`` instead of a confusing field error.
+Version 2 added chat jobs (``messages``), ``n``, log-probabilities and the penalties; a v2
+build reads v1 jobs and results (their new fields take defaults) and answers a job in its
+own version, so producers and workers can be upgraded one at a time.
 Decoding never executes code (msgpack, no pickle) and turns every malformed payload into an
 ``InvalidRequestError`` naming what is wrong.
 """
@@ -18,22 +21,30 @@ from lorafleet.producer.errors import (
     InvalidRequestError,
     UnsupportedVersionError,
 )
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+#: Versions this build decodes.
+READABLE_VERSIONS = (1, 2)
 
 
 class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
     """One generation request as enqueued. Times are Unix seconds (float).
 
-    ``reply_to`` names the submitting client's inbox stream (``lorafleet:inbox:*``); the
-    worker appends the job's final stream event there too, so a client waiting on many jobs
-    blocks on one key (see ``lorafleet.producer.watch``).
+    Exactly one of ``prompt`` (text, tokenized as is) and ``messages`` (a conversation the
+    worker renders with the model's chat template, so producers need no tokenizer) is set.
+    ``add_generation_prompt`` and ``continue_final_message`` go to the template (vLLM's
+    ``LLM.chat`` options). ``reply_to`` names the submitting client's inbox stream
+    (``lorafleet:inbox:*``); the worker appends the job's final stream event there too, so a
+    client waiting on many jobs blocks on one key (see ``lorafleet.producer.watch``).
     """
 
     request_id: str
-    prompt: str
-    sampling_params: SamplingParams
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     lora_request: LoRARequest | None = None
     enqueued_at: float = 0.0
     deadline: float | None = None
@@ -43,8 +54,18 @@ class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("request_id cannot be empty")
-        if not self.prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("a job needs a `prompt` (text) or `messages` (chat), not both")
+        if self.prompt is not None and not self.prompt:
             raise ValueError("prompt cannot be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages cannot be empty")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
 
 
 class JobResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,9 +98,10 @@ def _check_version(data: bytes, what: str) -> None:
         header = _header_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise InvalidRequestError(f"malformed {what} payload: {e}") from None
-    if header.v != WIRE_VERSION:
+    if header.v not in READABLE_VERSIONS:
         raise UnsupportedVersionError(
-            f"{what} schema version {header.v} is not supported (this build speaks v{WIRE_VERSION})"
+            f"{what} schema version {header.v} is not supported (this build reads "
+            f"v{READABLE_VERSIONS[0]} to v{READABLE_VERSIONS[-1]}); upgrade lorafleet here"
         )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from lorafleet.producer.codec import WIRE_VERSION, JobResult
+from lorafleet.producer.codec import READABLE_VERSIONS, WIRE_VERSION, JobResult
 from lorafleet.producer.errors import InvalidRequestError, UnsupportedVersionError
 from lorafleet.producer.keys import INBOX_PREFIX, stream_key
 
@@ -81,7 +81,7 @@ def decode_event(data: bytes) -> StreamEvent:
         event = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise InvalidRequestError(f"malformed stream event: {e}") from None
-    if event.v != WIRE_VERSION:
+    if event.v not in READABLE_VERSIONS:
         raise UnsupportedVersionError(f"stream event version {event.v} is not supported")
     return event
 

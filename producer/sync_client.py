@@ -8,6 +8,7 @@ Example::
 
     with SyncClient("redis://localhost:6379/0") as client:
         outs = client.generate(prompts, SamplingParams(max_tokens=32), lora_request=[None, sql])
+        outs = client.chat([{"role": "user", "content": "Hi"}], lora_request=sql)
         for text in client.stream("Convert to SQL: ...", lora_request=sql):
             print(text, end="")
 """
@@ -22,7 +23,7 @@ from concurrent.futures import Future
 from typing import Any, Self, TypeVar
 
 from lorafleet.producer.client import Client, JobHandle
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
 
 T = TypeVar("T")
 
@@ -130,7 +131,7 @@ class SyncClient:
 
     def submit(
         self,
-        prompt: str,
+        prompt: str | None = None,
         sampling_params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         **kwargs: Any,
@@ -160,9 +161,21 @@ class SyncClient:
             self._client.generate(prompts, sampling_params, lora_request, timeout=timeout)
         )
 
+    def chat(
+        self,
+        messages: Sequence[dict | ChatMessage] | Sequence[Sequence[dict | ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        **kwargs: Any,
+    ) -> list[RequestOutput]:
+        """See ``Client.chat``."""
+        return self._runner.run(
+            self._client.chat(messages, sampling_params, lora_request, **kwargs)
+        )
+
     def stream(
         self,
-        prompt: str,
+        prompt: str | None = None,
         sampling_params: SamplingParams | None = None,
         lora_request: LoRARequest | None = None,
         **kwargs: Any,

@@ -8,8 +8,29 @@ fails validation surfaces as ``msgspec.ValidationError`` carrying the same messa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TypeVar
 
 import msgspec
+
+T = TypeVar("T")
+
+
+def per_prompt(value: T | Sequence[T] | None, n: int, name: str, one: type) -> list[T | None]:
+    """vLLM's broadcasting of ``generate`` / ``chat`` arguments: one value (or ``None``) for
+    all ``n`` prompts, or a list with exactly one per prompt (``ValueError`` on a length
+    mismatch, ``TypeError`` on anything else)."""
+    if value is None or isinstance(value, one):
+        return [value] * n
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a {one.__name__}, a list of them, or None")
+    items = list(value)
+    if len(items) != n:
+        raise ValueError(
+            f"{name} has {len(items)} entries for {n} prompts; pass one {one.__name__} for "
+            "all of them, or a list with one entry per prompt"
+        )
+    return items
 
 
 class LoRARequest(msgspec.Struct, frozen=True):
@@ -50,60 +71,216 @@ class LoRARequest(msgspec.Struct, frozen=True):
         return self.lora_path
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-request sampling settings (vLLM's names and defaults).
+#: Most top-k logprobs a request may ask for per token (vLLM's default ``max_logprobs``).
+MAX_LOGPROBS = 20
+#: ``logit_bias`` values are clamped by OpenAI to this range; larger ones are refused here.
+MAX_LOGIT_BIAS = 100.0
 
-    ``temperature == 0`` means greedy. ``top_k`` of 0 or -1 disables top-k; ``top_p == 1``
-    disables nucleus sampling. ``stop`` strings are matched on the detokenized output and are
-    not included in the returned text.
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request sampling settings (vLLM's names, defaults and rules).
+
+    - ``n``: completions per request, each sampled independently (greedy ones are equal).
+    - ``temperature == 0`` means greedy. ``top_k`` of 0 or -1 disables top-k; ``top_p == 1``
+      disables nucleus sampling; ``min_p`` drops tokens below ``min_p`` times the most
+      likely token's probability (0: off). Applied in vLLM's order: temperature, min-p,
+      top-k, top-p.
+    - ``seed``: a request's draws come from its own generator, so they do not depend on the
+      batch it shares (completion k > 0 of ``n`` uses a seed derived from ``seed`` and k).
+    - ``repetition_penalty`` (> 0, 1 = off) divides positive logits and multiplies negative
+      ones of every token in the prompt or the output (Hugging Face's rule);
+      ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2]) subtract a constant and a
+      per-occurrence amount from the logits of tokens in the output (OpenAI's rule).
+    - ``logit_bias`` adds to the logits of the given token ids; ``allowed_token_ids``, when
+      set, is the only tokens that may be sampled (both checked against the vocabulary by
+      the engine).
+    - ``stop`` strings are matched on the detokenized output and cut from the returned text
+      unless ``include_stop_str_in_output``; ``stop_token_ids`` end the request like EOS.
+    - ``logprobs``: per sampled token, its log-probability and those of the ``logprobs``
+      most likely tokens; ``prompt_logprobs``: the same for every prompt token after the
+      first. Log-probabilities are of the model's raw distribution (before penalties,
+      biases and temperature), as vLLM reports by default; at most ``MAX_LOGPROBS``.
+    - ``skip_special_tokens``: leave special tokens out of the text (token ids keep them).
     """
 
+    n: int = 1
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     min_tokens: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # vLLM accepts a bare string
             msgspec.structs.force_setattr(self, "stop", [self.stop])
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
-            )
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.stop is not None and any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-        if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be >= 0")
+        for problem in _sampling_problems(self):
+            raise ValueError(problem)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty makes each draw depend on the tokens so far."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sampling_problems(p: SamplingParams) -> list[str]:
+    """What is wrong with ``p``, in field order (empty: nothing)."""
+    problems = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(_is_int(p.n) and p.n >= 1, f"n must be an integer >= 1, got {p.n!r}")
+    need(
+        _is_int(p.max_tokens) and p.max_tokens >= 1,
+        f"max_tokens must be at least 1, got {p.max_tokens!r}",
+    )
+    need(
+        math.isfinite(p.temperature) and p.temperature >= 0,
+        f"temperature must be a finite number >= 0, got {p.temperature}",
+    )
+    need(0.0 < p.top_p <= 1.0, f"top_p must be in (0, 1], got {p.top_p}")
+    need(p.top_k >= -1, f"top_k must be -1 or 0 (disabled) or >= 1, got {p.top_k}")
+    need(0.0 <= p.min_p <= 1.0, f"min_p must be in [0, 1], got {p.min_p}")
+    need(p.min_tokens >= 0, f"min_tokens must be >= 0, got {p.min_tokens}")
+    need(
+        p.min_tokens <= p.max_tokens,
+        f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})",
+    )
+    need(p.seed is None or 0 <= p.seed < 2**63, f"seed must be in [0, 2**63), got {p.seed}")
+    need(
+        math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0,
+        f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}",
+    )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        need(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2], got {value}")
+    if p.logit_bias is not None:
+        need(
+            all(_is_int(t) and t >= 0 for t in p.logit_bias),
+            "logit_bias keys must be token ids (integers >= 0)",
+        )
+        need(
+            all(math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS for b in p.logit_bias.values()),
+            f"logit_bias values must be finite and within [-{MAX_LOGIT_BIAS:g}, "
+            f"{MAX_LOGIT_BIAS:g}]",
+        )
+    if p.allowed_token_ids is not None:
+        need(bool(p.allowed_token_ids), "allowed_token_ids cannot be empty (None: all)")
+        need(
+            all(_is_int(t) and t >= 0 for t in p.allowed_token_ids),
+            "allowed_token_ids must be token ids (integers >= 0)",
+        )
+    need(p.stop is None or all(p.stop), "stop strings must be non-empty")
+    need(
+        p.stop_token_ids is None or all(t >= 0 for t in p.stop_token_ids),
+        "stop_token_ids must be >= 0",
+    )
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(p, name)
+        need(
+            value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS),
+            f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}",
+        )
+    return problems
+
+
+class Logprob(msgspec.Struct, frozen=True, array_like=True):
+    """A token's log-probability, its rank in the distribution (1 = most likely) and its
+    text (vLLM's ``Logprob``)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+#: Per generated token: token id -> ``Logprob``, the sampled token and the top-k ones.
+SampleLogprobs = list[dict[int, Logprob]]
+#: Per prompt token, the same; ``None`` for the first token (nothing precedes it).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One message of a conversation, as chat templates take them."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, str) or not self.role:
+            raise ValueError("a chat message needs a non-empty role")
+        if not isinstance(self.content, str):
+            raise ValueError(f"chat message content must be a str, got {type(self.content)}")
+
+
+def chat_messages(conversation: object) -> list[ChatMessage]:
+    """A conversation as ``ChatMessage``s: a list of ``{"role": ..., "content": ...}`` dicts
+    (OpenAI's and vLLM's shape) or of ``ChatMessage``. Raises ``ValueError`` naming the bad
+    message."""
+    if isinstance(conversation, str | bytes) or not isinstance(conversation, list | tuple):
+        raise ValueError(
+            'a conversation is a list of messages like {"role": "user", "content": "Hi"}'
+        )
+    if not conversation:
+        raise ValueError("a conversation needs at least one message")
+    messages = []
+    for i, m in enumerate(conversation):
+        if isinstance(m, ChatMessage):
+            messages.append(m)
+            continue
+        if not isinstance(m, dict) or not {"role", "content"} <= m.keys():
+            raise ValueError(f'message {i} must be a dict with "role" and "content", got {m!r}')
+        try:
+            messages.append(ChatMessage(m["role"], m["content"]))
+        except ValueError as e:
+            raise ValueError(f"message {i}: {e}") from None
+    return messages
+
+
+def conversations(messages: object) -> list[list[ChatMessage]]:
+    """vLLM's ``chat`` input: one conversation (a list of messages) or a list of them."""
+    if isinstance(messages, list | tuple) and messages and isinstance(messages[0], list | tuple):
+        return [chat_messages(c) for c in messages]
+    return [chat_messages(messages)]
+
 
 class CompletionOutput(msgspec.Struct, kw_only=True):
-    """One generated completion. ``finish_reason`` is ``"stop"``, ``"length"`` or
-    ``"abort"``; ``stop_reason`` is the matched stop string or stop token id, else None."""
+    """One generated completion (``index`` of the request's ``n``). ``finish_reason`` is
+    ``"stop"``, ``"length"`` or ``"abort"``; ``stop_reason`` is the matched stop string or
+    stop token id, else None. ``logprobs`` (one entry per token of ``token_ids``) and
+    ``cumulative_logprob`` (their sum) are set when the request asked for ``logprobs``."""
 
     index: int
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -129,8 +306,11 @@ class RequestMetrics(msgspec.Struct, kw_only=True):
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
-    """The result of one request (vLLM's ``RequestOutput`` fields). ``metrics`` is set on
-    outputs that came through the queue, ``None`` in process."""
+    """The result of one request (vLLM's ``RequestOutput`` fields): ``outputs`` holds the
+    ``n`` completions in index order. ``prompt`` is the text the model saw (for a chat
+    request, the conversation rendered by the model's chat template). ``prompt_logprobs``
+    is set when the request asked for it. ``metrics`` is set on outputs that came through
+    the queue, ``None`` in process."""
 
     request_id: str
     prompt: str | None
@@ -138,4 +318,5 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics | None = None

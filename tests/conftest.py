@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Prepared real models live in the checkout's own cache (git-ignored): prepared once, then
+# reused by every run here, and by the worker processes tests start (they inherit it).
+os.environ.setdefault(
+    "LORAFLEET_CACHE", str(Path(__file__).resolve().parents[1] / ".lorafleet-cache")
+)
 
 from lorafleet.producer import LoRARequest
 

@@ -122,7 +122,9 @@ def test_load_failure_raises_with_the_reason(llama_dir):
     async def run():
         await AsyncEngine(_config(llama_dir, kv_cache_bytes=1024)).start()
 
-    with pytest.raises(EngineStartError, match="kv_cache_bytes=1024 holds"):
+    with pytest.raises(
+        EngineStartError, match=r"KV cache \(kv_cache_bytes=1024\) holds only 0 tokens"
+    ):
         asyncio.run(run())
 
 

@@ -19,6 +19,7 @@ def _seq(computed: int, tokens: int, table: list[int]) -> SimpleNamespace:
         token_ids=list(range(100, 100 + tokens)),
         num_tokens=tokens,
         block_table=table,
+        wants_prompt_logprobs=False,
     )
 
 

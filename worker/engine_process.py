@@ -22,6 +22,7 @@ import sys
 from dataclasses import replace
 
 from lorafleet.producer.errors import InternalError, LoraFleetError
+from lorafleet.worker.catalog import ModelPrepareError
 from lorafleet.worker.engine import LLMEngine
 from lorafleet.worker.engine_link import (
     AbortRequest,
@@ -36,6 +37,7 @@ from lorafleet.worker.engine_link import (
     Shutdown,
     pack,
 )
+from lorafleet.worker.kv_budget import KVBudgetError
 from lorafleet.worker.outputs import StepOutput
 
 log = logging.getLogger("lorafleet.engine")
@@ -79,12 +81,28 @@ class EngineLoop:
         return outputs
 
     def _add(self, cmd: AddRequest) -> StepOutput | None:
+        engine = self.engine
         try:
             if cmd.lora_request is not None:
-                self.engine.adapters.check(cmd.lora_request)
-            self.engine.add_request(
-                cmd.request_id, cmd.prompt, cmd.sampling_params, cmd.lora_request, cmd.arrival_time
-            )
+                engine.adapters.check(cmd.lora_request)
+            if cmd.messages is None:
+                engine.add_request(
+                    cmd.request_id,
+                    cmd.prompt,
+                    cmd.sampling_params,
+                    cmd.lora_request,
+                    cmd.arrival_time,
+                )
+            else:
+                engine.add_chat_request(
+                    cmd.request_id,
+                    cmd.messages,
+                    cmd.sampling_params,
+                    cmd.lora_request,
+                    cmd.arrival_time,
+                    cmd.add_generation_prompt,
+                    cmd.continue_final_message,
+                )
         except LoraFleetError as err:
             return _failed(cmd.request_id, err)
         except Exception as e:  # a bug: fail this request, keep the engine serving the rest
@@ -97,15 +115,7 @@ class EngineLoop:
             return self.engine.step()
         except Exception as e:  # a bug or device error: fail in-flight requests, live on
             log.exception("engine step failed")
-            return self._fail_all(InternalError(f"engine step failed: {e!r}"))
-
-    def _fail_all(self, err: LoraFleetError) -> list[StepOutput]:
-        scheduler = self.engine.scheduler
-        outputs = []
-        for seq in [*scheduler.running, *scheduler.waiting]:
-            scheduler.finish(seq)
-            outputs.append(_failed(seq.request_id, err))
-        return outputs
+            return self.engine.fail_all(InternalError(f"engine step failed: {e!r}"))
 
 
 def _failed(request_id: str, err: LoraFleetError) -> StepOutput:
@@ -122,6 +132,10 @@ def serve(sock: socket.socket) -> int:
     config, backlog = frames[0], frames[1:]
     try:
         engine = LLMEngine(config)
+    except (KVBudgetError, ModelPrepareError, OSError, ValueError) as e:
+        # A setting or a model folder that cannot work: the worker says so in one line.
+        sock.sendall(pack(EngineFailed(str(e))))
+        return 1
     except Exception as e:
         log.exception("loading the engine failed")
         sock.sendall(pack(EngineFailed(f"{type(e).__name__}: {e}")))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from lorafleet.producer.codec import GenerateJob, JobResult, decode_job, encode
+from lorafleet.producer.codec import WIRE_VERSION, GenerateJob, JobResult, decode_job, encode
 from lorafleet.producer.errors import (
     AbortedError,
     DeadlineExceededError,
@@ -34,7 +34,7 @@ from lorafleet.producer.errors import (
 from lorafleet.producer.types import RequestMetrics
 from lorafleet.worker.aborts import AbortWatcher
 from lorafleet.worker.arq_fixes import current_arq_worker, guard_claims
-from lorafleet.worker.async_engine import AsyncEngine
+from lorafleet.worker.async_engine import AsyncEngine, EngineStartError
 from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.publisher import StreamPublisher
@@ -80,7 +80,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         on_exit=_engine_exited,
         stall_timeout_s=config.engine_stall_timeout,
     )
-    await engine.start()
+    try:
+        await engine.start()
+    except EngineStartError as e:
+        # A setting that cannot work (a context the KV cache cannot hold, a model folder
+        # that does not load): one line, and the exit status of a configuration error.
+        logger.critical("lorafleet worker %s cannot start: %s", config.name, e)
+        raise SystemExit(2) from None
     publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
     await publisher.start()
     aborts = AbortWatcher(redis)
@@ -173,8 +179,10 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     state: WorkerState = ctx["lorafleet"]
     job_id: str = ctx["job_id"]
     attempt: int = ctx["job_try"]
+    version = WIRE_VERSION
     try:
         job = decode_job(payload)
+        version = job.v  # answered in the producer's own version
         check_job(job, state.limits)
     except LoraFleetError as e:
         result = _error(job_id, e)
@@ -190,7 +198,7 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
             state.metrics.job_cancelled(job_id)
             raise
     state.metrics.job_finished(job_id, result)
-    result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt)
+    result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
     await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
     return encode(result)
 
@@ -235,14 +243,23 @@ async def _generate(
     started = time.time()
     try:
         stream = engine.add_request(
-            stopper.request_id, job.prompt, job.sampling_params, job.lora_request
+            stopper.request_id,
+            job.prompt,
+            job.sampling_params,
+            job.lora_request,
+            messages=job.messages,
+            add_generation_prompt=job.add_generation_prompt,
+            continue_final_message=job.continue_final_message,
         )
         stopper.mark_added()
         state.jobs.sent_to_engine += 1
+        # A stream carries one completion's text: with n > 1 only the final event does.
+        streams_text = job.sampling_params.n == 1
         async for delta in stream:
             if delta.text or delta.token_ids:
                 tracked.started = True  # visible now: a drain lets it finish
-                state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids))
+                if streams_text:
+                    state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids), job.v)
                 state.metrics.job_tokens(job_id, len(delta.token_ids))
         output = await stream.result()
         completed = True

@@ -23,6 +23,7 @@ from typing import Self
 import redis
 
 from lorafleet.producer.keys import WORKERS_KEY
+from lorafleet.worker.catalog import CACHE_ENV
 from lorafleet.worker.settings import WorkerConfig
 
 
@@ -63,7 +64,13 @@ class WorkerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> Self:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_")}
+        # The worker's settings are the config's alone; the cache folder is where this
+        # process finds prepared models, so the worker looks there too.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("LORAFLEET_") or k == CACHE_ENV
+        }
         env.update(self.config.to_env())
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(

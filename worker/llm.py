@@ -1,34 +1,27 @@
-"""In-process front end with vLLM's ``LLM.generate`` semantics."""
+"""In-process front end with vLLM's ``LLM.generate`` and ``LLM.chat`` semantics."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from lorafleet.producer.errors import InternalError, InvalidRequestError
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import (
+    ChatMessage,
+    LoRARequest,
+    RequestOutput,
+    SamplingParams,
+    conversations,
+    per_prompt,
+)
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.engine import LLMEngine
 
 
-def per_prompt_loras(
-    num_prompts: int, lora_request: LoRARequest | Seq[LoRARequest | None] | None
-) -> list[LoRARequest | None]:
-    """One LoRARequest (or None) for every prompt; a list must match the prompts 1:1."""
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * num_prompts
-    loras = list(lora_request)
-    if len(loras) != num_prompts:
-        raise ValueError(
-            f"lora_request has {len(loras)} entries for {num_prompts} prompts; "
-            f"pass one LoRARequest, or a list with one entry (or None) per prompt"
-        )
-    return loras
-
-
 class LLM:
     """``LLM(model=dir, enable_lora=True, max_loras=4, max_lora_rank=64)``; other keyword
-    arguments are ``EngineConfig`` fields."""
+    arguments are ``EngineConfig`` fields. ``model`` may be a catalog name (``smollm2``)."""
 
     def __init__(self, model: str, **kwargs: object) -> None:
         self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
@@ -49,20 +42,61 @@ class LLM:
         its typed ``LoraFleetError`` naming the prompt index, and nothing is left queued.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        loras = per_prompt_loras(len(prompt_list), lora_request)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompt_list)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompt_list):
-                raise ValueError(f"{len(params)} sampling_params for {len(prompt_list)} prompts")
-        ids = [f"llm-{next(self._ids)}" for _ in prompt_list]
+
+        def add(rid: str, prompt: str, params: SamplingParams, lora: LoRARequest | None) -> None:
+            self.engine.add_request(rid, prompt, params, lora)
+
+        return self._run(prompt_list, sampling_params, lora_request, add)
+
+    def chat(
+        self,
+        messages: Seq[dict | ChatMessage] | Seq[Seq[dict | ChatMessage]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of ``{"role", "content"}`` dicts)
+        or a list of conversations, each rendered by the model's chat template; one output
+        per conversation, in order. ``sampling_params`` and ``lora_request`` broadcast as in
+        ``generate``."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        chats = conversations(messages)
+
+        def add(
+            rid: str, chat: list[ChatMessage], params: SamplingParams, lora: LoRARequest | None
+        ) -> None:
+            self.engine.add_chat_request(
+                rid,
+                chat,
+                params,
+                lora,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+
+        return self._run(chats, sampling_params, lora_request, add)
+
+    def _run(
+        self,
+        inputs: list,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None,
+        add: Callable[[str, object, SamplingParams, LoRARequest | None], None],
+    ) -> list[RequestOutput]:
+        n = len(inputs)
+        loras = per_prompt(lora_request, n, "lora_request", LoRARequest)
+        params = [
+            p or SamplingParams()
+            for p in per_prompt(sampling_params, n, "sampling_params", SamplingParams)
+        ]
+        ids = [f"llm-{next(self._ids)}" for _ in inputs]
         try:
-            for i, (rid, prompt, p, lora) in enumerate(
-                zip(ids, prompt_list, params, loras, strict=True)
-            ):
+            for i, (rid, item, p, lora) in enumerate(zip(ids, inputs, params, loras, strict=True)):
                 try:
-                    self.engine.add_request(rid, prompt, p, lora)
+                    add(rid, item, p, lora)
                 except InvalidRequestError as err:
                     raise type(err)(f"prompt {i}: {err.message}") from None
         except BaseException:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import mmap
 
 import torch
 
@@ -19,10 +21,14 @@ from lorafleet.worker.step_layout import PendingTokens, StepLayout, fill_pending
 log = logging.getLogger(__name__)
 
 
-def kv_block_bytes(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
-    a = model.args
-    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV-cache tensor. On the CPU it is backed by an anonymous memory map, whose
+    pages the OS gives as zeros when first touched: a cache sized for the worst case takes
+    memory as it fills, not all at start (``torch.zeros`` writes every page)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)
 
 
 class ModelRunner:
@@ -47,8 +53,8 @@ class ModelRunner:
         shape = ((num_blocks + 1) * block_size, a.num_kv_heads, a.head_dim)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                cache_zeros(shape, self.dtype, self.device),
+                cache_zeros(shape, self.dtype, self.device),
             )
             for _ in range(a.num_layers)
         ]
@@ -86,7 +92,7 @@ class ModelRunner:
             index, mask = layout.attention_tables(self.block_size, self.model.args.sliding_window)
             per_step = layout.query_pad_index
         # The int64 inputs travel in one host-to-device copy, then split into views.
-        flat = [layout.ids, layout.positions, layout.slot_mapping, layout.logits_indices, per_step]
+        flat = [layout.ids, layout.positions, layout.slot_mapping, layout.logit_rows, per_step]
         host = int_tensor(list(itertools.chain.from_iterable(flat)))
         packed = to_device(torch.cat([host, index.flatten()]), self.device)
         ids, positions, slot_mapping, logits_rows, per_step_view, index_flat = packed.split(
@@ -111,13 +117,15 @@ class ModelRunner:
         return ids, ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """float32 logits [N, vocab] of the tokens in ``ctx.logits_indices``."""
+        """float32 logits [len(logits_indices), vocab] of the tokens in ``ctx.logits_indices``."""
         return self.model.compute_logits(self.model(input_ids, self.kv_caches, ctx))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> torch.Tensor:
-        """Queue one step; returns float32 logits [N, vocab] for the sampling sequences, in
-        batch order. ``pending`` holds the ids that are ``PENDING_TOKEN`` on the host.
+        """Queue one step; returns float32 logits [N + P, vocab]: the N sampling sequences in
+        batch order, then the P prompt tokens scored for prompt log-probabilities
+        (``prompt_targets(batch)``, in that order). ``pending`` holds the ids that are
+        ``PENDING_TOKEN`` on the host.
         Decode steps replay a captured CUDA graph when graphs are on; if a capture fails,
         graphs are turned off (``graphs_error`` says why) and steps run eagerly."""
         layout = self.layout(batch)

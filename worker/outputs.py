@@ -14,8 +14,10 @@ from lorafleet.producer.types import RequestOutput
 
 @dataclass
 class StepOutput:
-    """What one step produced for one request: new text and tokens, and on finish the
-    final ``RequestOutput`` (or the error that ended it)."""
+    """What one step produced for one completion (``index`` of the request's ``n``): new
+    text and tokens, and when the whole request finished (``finished``) its final
+    ``RequestOutput`` (or the error that ended it). ``finish_reason`` is the completion's,
+    once it ended."""
 
     request_id: str
     delta_text: str
@@ -24,6 +26,7 @@ class StepOutput:
     finish_reason: str | None = None
     output: RequestOutput | None = None
     error: LoraFleetError | None = None
+    index: int = 0
 
 
 @dataclass

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from lorafleet.producer.codec import JobResult
+from lorafleet.producer.codec import WIRE_VERSION, JobResult
 from lorafleet.producer.stream import (
     DEFAULT_MAXLEN,
     DEFAULT_TTL_S,
@@ -31,6 +31,7 @@ class _Pending:
     """The next event of one job, still accepting deltas."""
 
     attempt: int
+    v: int  # the wire version the job came in, which its events are written in
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     result: JobResult | None = None
@@ -66,15 +67,18 @@ class StreamPublisher:
             if pending.written is not None and not pending.written.done():
                 pending.written.set_exception(RuntimeError("stream publisher closed"))
 
-    def _slot(self, job_id: str, attempt: int) -> _Pending:
+    def _slot(self, job_id: str, attempt: int, v: int) -> _Pending:
         pending = self._pending.get(job_id)
         if pending is None or pending.attempt != attempt:
-            pending = self._pending[job_id] = _Pending(attempt)
+            pending = self._pending[job_id] = _Pending(attempt, v)
         return pending
 
-    def delta(self, job_id: str, attempt: int, text: str, token_ids: list[int]) -> None:
-        """Queue new text of a running job (never blocks)."""
-        pending = self._slot(job_id, attempt)
+    def delta(
+        self, job_id: str, attempt: int, text: str, token_ids: list[int], v: int = WIRE_VERSION
+    ) -> None:
+        """Queue new text of a running job (never blocks), as an event of wire version
+        ``v`` (the job's: an older producer reads its own version)."""
+        pending = self._slot(job_id, attempt, v)
         pending.text.append(text)
         pending.token_ids.extend(token_ids)
         self._work.set()
@@ -83,8 +87,8 @@ class StreamPublisher:
         self, job_id: str, attempt: int, result: JobResult, *, reply_to: str | None = None
     ) -> None:
         """Queue the final event (with any delta still pending), also for the producer's
-        inbox ``reply_to``, and wait until written."""
-        pending = self._slot(job_id, attempt)
+        inbox ``reply_to``, and wait until written; it has the wire version of ``result``."""
+        pending = self._slot(job_id, attempt, result.v)
         pending.result = result
         pending.reply_to = reply_to
         pending.written = asyncio.get_running_loop().create_future()
@@ -111,6 +115,7 @@ class StreamPublisher:
             text="".join(pending.text),
             token_ids=pending.token_ids,
             result=pending.result,
+            v=pending.v,
         )
 
     async def _flush_forever(self) -> None:

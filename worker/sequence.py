@@ -1,4 +1,5 @@
-"""A request inside the engine: tokens, cache blocks, adapter, and progress."""
+"""A request inside the engine: its ``n`` sequences (tokens, cache blocks, adapter,
+progress), grouped by a ``Request``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.producer.types import LoRARequest, SamplingParams
+from lorafleet.producer.types import Logprob, LoRARequest, SamplingParams
 from lorafleet.worker.detokenizer import Detokenizer
 
 #: In ``Sequence.token_ids``: a sampled token still on the device. The engine queues a
@@ -24,10 +25,13 @@ class SeqStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """One request. ``token_ids`` holds prompt then output tokens, the last one or two of
-    them possibly ``PENDING_TOKEN``; the first ``num_computed_tokens`` of them have K/V in
-    the cache blocks of ``block_table`` (or are queued to). ``max_total_tokens`` is where
-    generation stops by length: the prompt plus ``max_tokens``, within the model's length."""
+    """One completion (``index`` of its request's ``n``). ``token_ids`` holds prompt then
+    output tokens, the last one or two of them possibly ``PENDING_TOKEN``; the first
+    ``num_computed_tokens`` of them have K/V in the cache blocks of ``block_table`` (or are
+    queued to). ``max_total_tokens`` is where generation stops by length: the prompt plus
+    ``max_tokens``, within the model's length. ``logprobs`` (one entry per read-back output
+    token) and ``prompt_logprobs`` (per prompt token, index 0 only) are kept when the
+    request asks for them."""
 
     request_id: str
     prompt: str | None
@@ -47,6 +51,21 @@ class Sequence:
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    index: int = 0
+    logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the output tokens' log-probabilities, when they are kept."""
+        if self.logprobs is None:
+            return None
+        tokens = self.output_token_ids
+        return sum(entry[t].logprob for entry, t in zip(self.logprobs, tokens, strict=True))
 
     @property
     def lora_id(self) -> int:
@@ -78,3 +97,15 @@ class Sequence:
         """Forget tokens still on the device (the sequence ended before they were read)."""
         while self.token_ids and self.token_ids[-1] == PENDING_TOKEN:
             self.token_ids.pop()
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's ``n`` sequences; it is finished when all of them are."""
+
+    request_id: str
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)

@@ -28,6 +28,7 @@ from lorafleet.producer.codec import arq_deserialize, arq_serialize
 from lorafleet.producer.keys import DEFAULT_QUEUE, GENERATE_FUNCTION
 from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S
 from lorafleet.worker import jobs
+from lorafleet.worker.catalog import catalog_names, find_model
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.hub import HUB_MODES
 from lorafleet.worker.redis_url import redis_settings_from_url
@@ -58,19 +59,20 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("LORAFLEET_MODEL", "model", "str", "Hugging Face model folder (required)."),
+    Variable("LORAFLEET_MODEL", "model", "str", "Hugging Face model folder, or a catalog name such as `smollm2` (prepared on first use; see `lorafleet prepare-model --list`). Required."),
     Variable("LORAFLEET_DEVICE", "device", "str", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:N`."),
     Variable("LORAFLEET_DTYPE", "dtype", "str", "`auto` (the model's), `float32`, `float16`, `bfloat16`."),
     Variable("LORAFLEET_MAX_LORAS", "max_loras", "int", "Adapters resident on the device at once (GPU slots)."),
     Variable("LORAFLEET_MAX_CPU_LORAS", "max_cpu_loras", "int", "Adapters cached in host memory (default max(max_loras, 32))."),
     Variable("LORAFLEET_MAX_LORA_RANK", "max_lora_rank", "int", "Largest adapter rank accepted."),
     Variable("LORAFLEET_MAX_NUM_SEQS", "max_num_seqs", "int", "Requests in one engine batch."),
-    Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's)."),
+    Variable("LORAFLEET_MAX_MODEL_LEN", "max_model_len", "int", "Prompt + output token limit (default: the model's, lowered with a warning to what the KV cache holds)."),
     Variable("LORAFLEET_ENGINE_THREADS", "engine_threads", "int", "CPU threads of the engine process's torch (default: all cores but one, which the worker's event loop keeps)."),
     Variable("LORAFLEET_ENGINE_STALL_TIMEOUT", "engine_stall_timeout", "float", "Seconds the engine process may go without finishing a step while requests wait on it; past that it counts as hung, is killed and the worker exits so its jobs run elsewhere (0: never)."),
     Variable("LORAFLEET_CUDA_GRAPHS", "cuda_graphs", "bool", "Replay decode steps from captured CUDA graphs (`1`/`0`; CUDA only, off by default until measured on a GPU)."),
     Variable("LORAFLEET_PIPELINED", "pipelined", "bool", "On CUDA, queue each engine step before reading the previous one back, so host work overlaps the GPU's (`1`/`0`, default on; `0` reads every step back at once)."),
-    Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB."),
+    Variable("LORAFLEET_KV_CACHE_MB", "kv_cache_mb", "int", "Memory for the paged KV cache, MiB (default: sized from the device: see LORAFLEET_GPU_MEMORY_UTILIZATION; on the CPU 25% of the available RAM, at most 4 GiB)."),
+    Variable("LORAFLEET_GPU_MEMORY_UTILIZATION", "gpu_memory_utilization", "float", "Share of the GPU's memory this worker's engine may use for weights, activations and KV cache (default 0.9)."),
     Variable("LORAFLEET_ADAPTER_ROOTS", "adapter_roots", "paths", "Folders adapters may be loaded from, `:`-separated (unset: no local adapters; `/` allows any path)."),
     Variable("LORAFLEET_HUB", "hub", "str", "Adapters named by a hub id (`org/name`): `off`, `offline` (local hub cache only) or `online` (download)."),
     Variable("LORAFLEET_HUB_CACHE", "hub_cache", "str", "Hub cache folder (default: huggingface_hub's, `$HF_HUB_CACHE`)."),
@@ -107,6 +109,7 @@ class WorkerConfig:
     max_num_seqs: int = 128
     max_model_len: int | None = None
     kv_cache_mb: int | None = None
+    gpu_memory_utilization: float = 0.9
     engine_threads: int | None = None
     engine_stall_timeout: float = 120.0
     cuda_graphs: bool = False
@@ -174,9 +177,14 @@ class WorkerConfig:
             if not ok:
                 problems.append(f"{env[field]} {message}, got {getattr(self, field)!r}")
 
-        model = Path(self.model)
-        if check_model:
-            need(model.is_dir(), "model", "must be an existing model folder")
+        model = Path(self.model).expanduser()
+        if check_model and (find_model(self.model) is None or model.is_dir()):
+            need(
+                model.is_dir(),
+                "model",
+                "must be an existing model folder or a catalog name "
+                f"({', '.join(catalog_names())})",
+            )
             if model.is_dir():
                 need((model / "config.json").is_file(), "model", "has no config.json")
         need(
@@ -204,6 +212,11 @@ class WorkerConfig:
         need(self.hub in HUB_MODES, "hub", f"must be one of {', '.join(HUB_MODES)}")
         need(self.adapter_failure_ttl >= 0, "adapter_failure_ttl", "must be >= 0")
         need(self.max_adapter_mb >= 1, "max_adapter_mb", "must be >= 1")
+        need(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            "must be in (0, 1]",
+        )
         need(
             self.max_prompt_chars is None or self.max_prompt_chars >= 1,
             "max_prompt_chars",
@@ -259,6 +272,7 @@ class WorkerConfig:
             hub_cache_dir=self.hub_cache,
             cuda_graphs=self.cuda_graphs,
             pipelined=self.pipelined,
+            gpu_memory_utilization=self.gpu_memory_utilization,
             **extra,
         )
 

@@ -6,6 +6,7 @@ exact sizes (eager steps) or padded into a captured decode graph's static buffer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,9 @@ class StepLayout:
     ``logits_indices`` lists, in batch order, the token whose next-token logits each sampling
     sequence needs. ``pending`` lists (row, batch index) of the ids that are
     ``PENDING_TOKEN``: the previous step's samples, which the runner fills in on the device.
+    ``prompt_rows`` lists the rows whose logits score the next prompt token, for requests
+    that asked for prompt log-probabilities, in the order of ``prompt_targets(batch)``;
+    their logits follow the sampling rows' (see ``logit_rows``).
     """
 
     ids: list[int]
@@ -40,6 +44,7 @@ class StepLayout:
     context_lens: list[int]
     max_query_len: int
     pending: list[tuple[int, int]] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
@@ -48,7 +53,16 @@ class StepLayout:
     @property
     def is_decode(self) -> bool:
         """One new token per sequence, each sampled: the shape CUDA graphs capture."""
-        return self.max_query_len == 1 and len(self.logits_indices) == self.num_seqs
+        return (
+            self.max_query_len == 1
+            and len(self.logits_indices) == self.num_seqs
+            and not self.prompt_rows
+        )
+
+    @property
+    def logit_rows(self) -> list[int]:
+        """Rows whose logits the step computes: the sampling rows, then the prompt rows."""
+        return self.logits_indices + self.prompt_rows if self.prompt_rows else self.logits_indices
 
     @classmethod
     def of(cls, batch: ScheduledBatch, slots: list[int], block_size: int) -> StepLayout:
@@ -62,10 +76,12 @@ class StepLayout:
             return cls._of_decode(batch, slots, bs, order)
         layout = cls([], [], [], [], [], [], [], [], [], [], max_q)
         last_token: dict[int, int] = {}
+        first_row: dict[int, int] = {}  # batch index -> its first row
         for b, i in enumerate(order):
             seq, n, slot = batch.seqs[i], batch.num_new_tokens[i], slots[i]
             start = seq.num_computed_tokens
             table = seq.block_table
+            first_row[i] = len(layout.ids)
             layout.ids.extend(seq.token_ids[start : start + n])
             if layout.ids[-1] == PENDING_TOKEN:  # only a sequence's last token can be
                 layout.pending.append((len(layout.ids) - 1, i))
@@ -82,6 +98,7 @@ class StepLayout:
             layout.query_lens.append(n)
             layout.context_lens.append(start + n)
         layout.logits_indices = [last_token[i] for i in range(len(batch)) if i in last_token]
+        layout.prompt_rows = _prompt_rows(batch, lambda: first_row)
         return layout
 
     @classmethod
@@ -119,6 +136,7 @@ class StepLayout:
             context_lens=[p + 1 for p in starts],
             max_query_len=1,
             pending=pending,
+            prompt_rows=_prompt_rows(batch, lambda: {i: b for b, i in enumerate(order)}),
         )
 
     def table_tensor(self, num_rows: int, num_blocks: int, fill_block: int) -> torch.Tensor:
@@ -153,6 +171,29 @@ class StepLayout:
         pad_rows = torch.arange(max_q)[None, :] >= torch.tensor(self.query_lens)[:, None]
         mask[:, :, 0] |= pad_rows
         return gather, mask[:, None]
+
+
+def prompt_targets(batch: ScheduledBatch) -> list[tuple[int, int]]:
+    """(batch index, index in ``token_ids``) of each prompt token the step scores, in batch
+    order: for sequences that keep prompt log-probabilities, every token of the step's
+    chunk whose next token is still part of the prompt scores that next token."""
+    targets = []
+    for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+        if seq.wants_prompt_logprobs:
+            start = seq.num_computed_tokens
+            end = min(start + n, seq.num_prompt_tokens - 1)
+            targets.extend((i, p + 1) for p in range(start, end))
+    return targets
+
+
+def _prompt_rows(batch: ScheduledBatch, first_rows: Callable[[], dict[int, int]]) -> list[int]:
+    """The layout rows of ``prompt_targets(batch)``; ``first_rows()`` maps each batch index
+    to the row of its first token in the step (built only when a prompt is scored)."""
+    targets = prompt_targets(batch)
+    if not targets:
+        return []
+    first_row = first_rows()
+    return [first_row[i] + index - 1 - batch.seqs[i].num_computed_tokens for i, index in targets]
 
 
 @dataclass

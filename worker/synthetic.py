@@ -28,12 +28,21 @@ def _byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def build_tokenizer(out_dir: str | Path) -> int:
-    """Save a byte-level tokenizer (256 byte tokens + bos/eos/pad) usable by AutoTokenizer.
+#: A minimal chat template in the Llama 3 manner: it writes the BOS itself.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_tokenizer(out_dir: str | Path, add_bos: bool = False) -> int:
+    """Save a byte-level tokenizer (256 byte tokens + bos/eos/pad) usable by AutoTokenizer,
+    with ``CHAT_TEMPLATE``. ``add_bos``: encoding with special tokens prepends the BOS (as
+    Llama 3's tokenizer does).
 
     Every string round-trips exactly. Returns the vocabulary size (259).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
@@ -42,12 +51,18 @@ def build_tokenizer(out_dir: str | Path) -> int:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    bos = SPECIAL_TOKENS[0]
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|bos|>",
+        bos_token=bos,
         eos_token="<|eos|>",
         pad_token="<|pad|>",
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return len(vocab)
 

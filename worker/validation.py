@@ -10,8 +10,11 @@ for everyone sharing the batch:
   producer cannot know how many tokens its prompt will take.
 - A prompt longer than ``max_prompt_chars`` is refused before it is tokenized (tokenizing
   megabytes would stall the worker's event loop); the exact token limit is the engine's.
-- Stop lists, adapter names and paths are bounded; NUL bytes and non-finite times, which
-  would blow up deep inside the filesystem or the event loop's timer heap, are refused.
+- A chat job's messages count toward the same character bound; their number and roles
+  are bounded too.
+- Stop lists, ``n``, token-id lists, adapter names and paths are bounded; NUL bytes and
+  non-finite times, which would blow up deep inside the filesystem or the event loop's
+  timer heap, are refused.
 
 Every failure is a ``LoraFleetError`` with a stable code; nothing here touches the disk.
 """
@@ -30,6 +33,11 @@ from lorafleet.producer.errors import InvalidRequestError, PromptTooLongError
 #: code average 3-6 characters per token, so a prompt above this bound cannot fit anyway.
 CHARS_PER_TOKEN_BOUND = 16
 
+MAX_COMPLETIONS = 64
+MAX_MESSAGES = 1024
+MAX_ROLE_CHARS = 64
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
@@ -54,13 +62,24 @@ def check_job(job: GenerateJob, limits: JobLimits) -> None:
     """Raise ``InvalidRequestError`` / ``PromptTooLongError`` if a worker with ``limits``
     must refuse ``job``; return ``None`` if its engine may take it."""
     _check_times(job)
-    if len(job.prompt) > limits.prompt_chars:
+    _check_messages(job)
+    chars = len(job.prompt or "") + sum(len(m.content) for m in job.messages or ())
+    if chars > limits.prompt_chars:
+        what = "messages have" if job.is_chat else "prompt has"
         raise PromptTooLongError(
-            f"prompt has {len(job.prompt)} characters; this worker takes at most "
+            f"{what} {chars} characters; this worker takes at most "
             f"{limits.prompt_chars} (max_model_len is {limits.max_model_len} tokens)"
         )
     _check_sampling(job, limits.max_model_len)
     _check_lora(job)
+
+
+def _check_messages(job: GenerateJob) -> None:
+    messages = job.messages or ()
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequestError(f"a conversation takes at most {MAX_MESSAGES} messages")
+    if any(len(m.role) > MAX_ROLE_CHARS for m in messages):
+        raise InvalidRequestError(f"message roles are at most {MAX_ROLE_CHARS} characters")
 
 
 def _check_times(job: GenerateJob) -> None:
@@ -85,6 +104,12 @@ def _check_sampling(job: GenerateJob, max_model_len: int) -> None:
         )
     if len(params.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
         raise InvalidRequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+    if params.n > MAX_COMPLETIONS:
+        raise InvalidRequestError(f"n is {params.n}; a job takes at most {MAX_COMPLETIONS}")
+    if len(params.logit_bias or {}) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(f"logit_bias takes at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+    if len(params.allowed_token_ids or []) > MAX_ALLOWED_TOKEN_IDS:
+        raise InvalidRequestError(f"allowed_token_ids takes at most {MAX_ALLOWED_TOKEN_IDS} ids")
 
 
 def _check_lora(job: GenerateJob) -> None:

@@ -39,7 +39,7 @@ def test_worker_package_and_settings_stay_light(tmp_path):
 
 @pytest.mark.parametrize(
     "loras, message",
-    [([SQL], "1 items for 2 prompts"), ([SQL, None, SQL], "3 items for 2 prompts")],
+    [([SQL], "1 entries for 2 prompts"), ([SQL, None, SQL], "3 entries for 2 prompts")],
 )
 def test_generate_rejects_lora_list_of_wrong_length(loras, message):
     client = SyncClient("redis://127.0.0.1:1/0")  # checked before connecting

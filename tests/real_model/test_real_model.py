@@ -1,0 +1,123 @@
+"""The real model, in process: chat-templated mixed batches equal transformers + PEFT token
+for token with slots evicting; n, logprobs and penalties against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from real_model_support import QUESTIONS, chat_prompt_ids
+
+from lorafleet.producer import SamplingParams
+from lorafleet.worker import LLM
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    """The catalog name and no other setting: device, KV cache and context are defaults."""
+    return LLM("smollm2", max_loras=2, max_lora_rank=32)
+
+
+def _chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+def test_defaults_serve_the_whole_context(llm, real_model):
+    assert llm.engine.max_model_len == 8192  # the model's, which the default cache holds
+    assert llm.engine.model_name == "smollm2-135m-instruct"
+    (out,) = llm.chat(_chat("What is the capital of France?"), GREEDY)
+    assert out.outputs[0].text == "The capital of France is Paris."
+    assert out.prompt_token_ids == chat_prompt_ids(llm.get_tokenizer(), QUESTIONS[0])
+
+
+def test_mixed_batch_with_evicting_slots_equals_peft(llm, real_adapters, peft_reference):
+    """Base model and four adapters (ranks 4-32, attention / MLP / all targets) in one batch
+    through two slots, each request equal to transformers + PEFT alone."""
+    requests = [
+        (lora, question)
+        for i, question in enumerate(QUESTIONS)
+        for lora in (None, real_adapters[i % 4], real_adapters[(i + 1) % 4])
+    ]
+    outs = llm.chat(
+        [_chat(q) for _, q in requests], GREEDY, lora_request=[lora for lora, _ in requests]
+    )
+    assert llm.engine.adapters.stats.slot_evictions > 0
+    for (lora, question), out in zip(requests, outs, strict=True):
+        expected = peft_reference(lora, question, MAX_TOKENS)
+        assert out.outputs[0].token_ids == expected, (lora and lora.lora_name, question)
+    texts = {o.outputs[0].text for o in outs[: 3 * 2]}
+    assert len(texts) > 2  # the adapters change the answers
+
+
+def test_n_completions_reproducible_under_a_seed(llm):
+    params = SamplingParams(n=3, max_tokens=16, temperature=0.9, seed=5)
+    first = llm.chat(_chat(QUESTIONS[2]), params)[0]
+    again = llm.chat([_chat(QUESTIONS[0]), _chat(QUESTIONS[2])], params)[1]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+
+
+@torch.no_grad()
+def test_logprobs_and_prompt_logprobs_equal_transformers(llm, real_model):
+    from transformers import AutoModelForCausalLM
+
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=5, prompt_logprobs=1)
+    (out,) = llm.chat(_chat(QUESTIONS[1]), params)
+    hf = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    ids = out.prompt_token_ids + out.outputs[0].token_ids
+    expected = hf(torch.tensor([ids])).logits[0].double().log_softmax(dim=-1)
+    n = len(out.prompt_token_ids)
+    for k, (token, entry) in enumerate(
+        zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)
+    ):
+        row = expected[n - 1 + k]
+        assert entry[token].logprob == pytest.approx(row[token].item(), abs=2e-3)
+        assert set(entry) == {token, *row.topk(5).indices.tolist()}
+    for j in range(1, n):
+        token = ids[j]
+        value = out.prompt_logprobs[j][token].logprob
+        assert value == pytest.approx(expected[j - 1, token].item(), abs=2e-3)
+
+
+@torch.no_grad()
+def test_penalties_equal_transformers(llm, real_model):
+    from sampling_reference import OpenAIPenalties
+    from transformers import (
+        AutoModelForCausalLM,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    question = "List five colours, then list them again."
+    params = SamplingParams(
+        max_tokens=32,
+        temperature=0,
+        repetition_penalty=1.2,
+        presence_penalty=0.4,
+        frequency_penalty=0.3,
+    )
+    (out,) = llm.chat(_chat(question), params)
+    hf = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    ids = torch.tensor([chat_prompt_ids(llm.get_tokenizer(), question)])
+    processors = [
+        RepetitionPenaltyLogitsProcessor(1.2),
+        OpenAIPenalties(ids.shape[1], presence=0.4, frequency=0.3),
+    ]
+    reference = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=32,
+        do_sample=False,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+        logits_processor=LogitsProcessorList(processors),
+        pad_token_id=2,
+    )[0, ids.shape[1] :].tolist()
+    assert out.outputs[0].token_ids == reference
+    plain = llm.chat(_chat(question), SamplingParams(max_tokens=32, temperature=0))[0]
+    assert plain.outputs[0].token_ids != reference  # the penalties changed the answer
