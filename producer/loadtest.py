@@ -400,14 +400,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:
-    """The ``LoadTestSpec`` the flags describe. Exits (``SystemExit``) with a message for a
-    bad value or a missing matplotlib, so call it before starting anything."""
+    """The ``LoadTestSpec`` the flags describe. Raises ``ValueError`` with a message for a
+    bad value, an unreadable prompts file or a missing matplotlib, so call it before
+    starting anything."""
     try:
         if args.plot:
             require_matplotlib()
         return _spec(args, loras)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise SystemExit(f"lorafleet loadtest: {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def _spec(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:

@@ -90,6 +90,18 @@ class AdapterManager:
         """The adapter's local folder, confined to the allowed roots (or, for a hub id, to
         the hub cache). Raises typed errors naming the adapter."""
         path = Path(req.lora_path).expanduser()
+        if not path.is_absolute() and not path.exists() and self.config.hub == "off":
+            as_hub_id = (
+                " (as a hub id: fetching adapters from a hub is disabled here, LORAFLEET_HUB "
+                "is 'off')"
+                if looks_like_hub_id(req.lora_path)
+                else ""
+            )
+            raise AdapterNotFoundError(
+                f"adapter {req.lora_name!r}: lora_path {req.lora_path!r} is relative and names "
+                f"no folder from the worker's working directory ({Path.cwd()}){as_hub_id}: "
+                "use an absolute path, as the worker sees it"
+            )
         # vLLM's order: an existing local folder first, else a hub id.
         if looks_like_hub_id(req.lora_path) and not path.exists():
             cfg = self.config

@@ -110,9 +110,10 @@ def resolve_model(model: str) -> str:
 def local_model(model: str) -> Path:
     """The folder to load ``model`` from: itself, or the catalog model it names, prepared
     first if it is not yet (engine side: this may download and convert)."""
-    if not Path(model).expanduser().is_dir() and find_model(model) is not None:
-        return prepare_model(model)
-    return Path(model).expanduser()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    return prepare_model(model) if find_model(model) is not None else path
 
 
 def prepare_model(name: str, wheel: str | Path | None = None) -> Path:

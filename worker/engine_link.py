@@ -59,12 +59,27 @@ Command = AddRequest | AbortRequest | Shutdown
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """Facts fixed at load: the config as resolved (device ``auto`` made concrete) and the
-    dtype the model loaded in (the config may say ``auto``)."""
+    """Facts fixed at load: the config as resolved (device ``auto`` made concrete), the
+    dtype the model loaded in (the config may say ``auto``), the served model's name, and
+    the KV cache: tokens it holds, bytes, and how its size was decided."""
 
     config: EngineConfig
     max_model_len: int
     dtype: str
+    model_name: str = ""
+    kv_cache_tokens: int = 0
+    kv_cache_bytes: int = 0
+    kv_cache_source: str = ""
+
+    def describe(self) -> str:
+        """One line for logs: model, device, dtype, context, KV cache, adapter slots."""
+        c = self.config
+        return (
+            f"model {self.model_name} on {c.device} ({self.dtype}), max_model_len "
+            f"{self.max_model_len}, KV cache {self.kv_cache_tokens} tokens "
+            f"({self.kv_cache_bytes / 2**20:.0f} MiB), {c.max_loras} adapter slots of rank "
+            f"<= {c.max_lora_rank}, {c.max_cpu_loras} in host memory"
+        )
 
 
 @dataclass(frozen=True)

@@ -140,10 +140,15 @@ def serve(sock: socket.socket) -> int:
         log.exception("loading the engine failed")
         sock.sendall(pack(EngineFailed(f"{type(e).__name__}: {e}")))
         return 1
+    budget = engine.kv_budget
     info = EngineInfo(
         config=replace(config, device=str(engine.device)),
         max_model_len=engine.max_model_len,
         dtype=str(engine.dtype).removeprefix("torch."),
+        model_name=engine.model_name,
+        kv_cache_tokens=budget.num_tokens,
+        kv_cache_bytes=budget.cache_bytes,
+        kv_cache_source=budget.source,
     )
     sock.sendall(pack(EngineReady(info)))
     loop = EngineLoop(engine)

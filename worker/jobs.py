@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from lorafleet.producer.client import redact_url
 from lorafleet.producer.codec import WIRE_VERSION, GenerateJob, JobResult, decode_job, encode
 from lorafleet.producer.errors import (
     AbortedError,
@@ -37,6 +38,7 @@ from lorafleet.worker.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.async_engine import AsyncEngine, EngineStartError
 from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.heartbeat import Heartbeat
+from lorafleet.worker.logs import ensure_logging
 from lorafleet.worker.publisher import StreamPublisher
 from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
 
@@ -73,8 +75,10 @@ def _engine_exited(status: int | None) -> None:
 async def startup(ctx: dict[str, Any]) -> None:
     """arq ``on_startup``: load and start the engine, then announce the worker."""
     config: WorkerConfig = ctx["config"]
+    ensure_logging(config.log_format)
     redis = ctx["redis"]
     started = time.monotonic()
+    logger.info("lorafleet worker %s loading %s ...", config.name, config.model)
     engine = AsyncEngine(
         config.engine_config(),
         on_exit=_engine_exited,
@@ -121,16 +125,18 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     await heartbeat.start()  # registers the worker: from here on it takes jobs
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
-    if not config.adapter_roots:
-        logger.warning(
-            "LORAFLEET_ADAPTER_ROOTS is not set: requests for local adapters are refused"
-        )
+    if config.adapter_roots:
+        roots = "adapters from " + os.pathsep.join(config.adapter_roots)
+    else:
+        roots = "no local adapters (set --adapter-roots / LORAFLEET_ADAPTER_ROOTS to serve some)"
     logger.info(
-        "lorafleet worker %s ready: model %s, queue %s, engine loaded in %.1fs",
+        "lorafleet worker %s ready in %.1fs: %s; %s; queue %s on %s",
         config.name,
-        config.model,
-        config.queue,
         time.monotonic() - started,
+        engine.info.describe(),
+        roots,
+        config.queue,
+        redact_url(config.redis_url),
     )
 
 
@@ -179,7 +185,9 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     state: WorkerState = ctx["lorafleet"]
     job_id: str = ctx["job_id"]
     attempt: int = ctx["job_try"]
+    started = time.monotonic()
     version = WIRE_VERSION
+    job: GenerateJob | None = None
     try:
         job = decode_job(payload)
         version = job.v  # answered in the producer's own version
@@ -200,7 +208,54 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     state.metrics.job_finished(job_id, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
     await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
+    _log_outcome(job_id, attempt, job, result, time.monotonic() - started)
     return encode(result)
+
+
+def _log_outcome(
+    job_id: str, attempt: int, job: GenerateJob | None, result: JobResult, seconds: float
+) -> None:
+    """One line per job: a failure at WARNING (an operator must hear of a refused adapter
+    path), a success at DEBUG (``-v``). ``extra`` fields are keys in JSON logs."""
+    lora = job.lora_request if job is not None else None
+    adapter = lora.lora_name if lora is not None else ("base" if job is not None else "-")
+    extra: dict[str, Any] = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "adapter": adapter,
+        "seconds": round(seconds, 4),
+    }
+    if result.error is not None:
+        extra["code"] = result.error.code
+        logger.warning(
+            "job %s failed (adapter %s, attempt %d) after %.2fs: %s: %s",
+            job_id,
+            adapter,
+            attempt,
+            seconds,
+            result.error.code,
+            result.error.message,
+            extra=extra,
+        )
+        return
+    output = result.output
+    completion = output.outputs[0]
+    extra.update(
+        prompt_tokens=len(output.prompt_token_ids),
+        output_tokens=sum(len(c.token_ids) for c in output.outputs),
+        finish_reason=completion.finish_reason,
+    )
+    logger.debug(
+        "job %s done (adapter %s, attempt %d) in %.2fs: %d prompt + %d output tokens, %s",
+        job_id,
+        adapter,
+        attempt,
+        seconds,
+        extra["prompt_tokens"],
+        extra["output_tokens"],
+        completion.finish_reason,
+        extra=extra,
+    )
 
 
 def _error(job_id: str, error: LoraFleetError) -> JobResult:

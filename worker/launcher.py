@@ -67,9 +67,7 @@ class WorkerProcess:
         # The worker's settings are the config's alone; the cache folder is where this
         # process finds prepared models, so the worker looks there too.
         env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("LORAFLEET_") or k == CACHE_ENV
+            k: v for k, v in os.environ.items() if not k.startswith("LORAFLEET_") or k == CACHE_ENV
         }
         env.update(self.config.to_env())
         with open(self.log_path, "ab") as log:

@@ -117,7 +117,9 @@ def _check_config(cfg: dict, name: str, args: ModelArgs, max_rank: int) -> tuple
         raise AdapterInvalidError(f"adapter {name!r}: lora_alpha must be positive, got {alpha!r}")
     if rank > max_rank:
         raise AdapterRankTooLargeError(
-            f"adapter {name!r} has rank {rank}, above max_lora_rank={max_rank}"
+            f"adapter {name!r} has rank {rank}, above this engine's max_lora_rank of "
+            f"{max_rank}: raise --max-lora-rank / LORAFLEET_MAX_LORA_RANK on the worker "
+            f"(max_lora_rank for LLM)"
         )
     targets = cfg.get("target_modules")
     if isinstance(targets, list):

@@ -18,7 +18,6 @@ from typing import Any
 
 from arq.connections import RedisSettings
 from arq.worker import func
-from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -31,6 +30,8 @@ from lorafleet.worker import jobs
 from lorafleet.worker.catalog import catalog_names, find_model
 from lorafleet.worker.config import EngineConfig
 from lorafleet.worker.hub import HUB_MODES
+from lorafleet.worker.logs import LOG_FORMATS
+from lorafleet.worker.redis_outage import OutageRetry
 from lorafleet.worker.redis_url import redis_settings_from_url
 
 
@@ -93,6 +94,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
+    Variable("LORAFLEET_LOG_FORMAT", "log_format", "str", "`text` (default) or `json`: one JSON object per line, with job_id, adapter and code fields on job lines."),
 )  # fmt: skip
 
 
@@ -134,11 +136,18 @@ class WorkerConfig:
     stream_maxlen: int = DEFAULT_MAXLEN
     stream_ttl: int = DEFAULT_TTL_S
     name: str = ""
+    log_format: str = "text"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerConfig:
-        """Read ``LORAFLEET_*`` variables (unset or empty = default). Raises ``ConfigError``."""
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, flags: frozenset[str] = frozenset()
+    ) -> WorkerConfig:
+        """Read ``LORAFLEET_*`` variables (unset or empty = default). Raises ``ConfigError``.
+
+        ``flags``: the fields whose value the user typed as a ``lorafleet`` flag (then in
+        ``environ``); problems with them name the flag, not the variable."""
         environ = os.environ if environ is None else environ
+        labels = {v.field: v.flag if v.field in flags else v.env for v in VARIABLES}
         values: dict[str, Any] = {}
         problems: list[str] = []
         for var in VARIABLES:
@@ -147,15 +156,17 @@ class WorkerConfig:
                 try:
                     values[var.field] = _PARSERS[var.kind](raw)
                 except ValueError:
-                    problems.append(f"{var.env} must be {_KIND_NAMES[var.kind]}, got {raw!r}")
+                    kind = _KIND_NAMES[var.kind]
+                    problems.append(f"{labels[var.field]} must be {kind}, got {raw!r}")
         has_model = "model" in values
         if not has_model:
             problems.append(
-                "LORAFLEET_MODEL is not set: name the Hugging Face model folder to serve"
+                "LORAFLEET_MODEL is not set (or --model): name the Hugging Face model folder "
+                f"or catalog model ({', '.join(catalog_names())}) to serve"
             )
         config = cls(**{"model": "", **values})
         # Report every bad variable at once, not only the ones that failed to parse.
-        problems += config._problems(check_model=has_model)
+        problems += config._problems(check_model=has_model, labels=labels)
         if problems:
             raise ConfigError(_format(problems))
         return config
@@ -169,8 +180,12 @@ class WorkerConfig:
             raise ConfigError(_format(problems))
         return config
 
-    def _problems(self, *, check_model: bool = True) -> list[str]:
-        env = {v.field: v.env for v in VARIABLES}
+    def _problems(
+        self, *, check_model: bool = True, labels: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Every problem, each naming its setting by ``labels[field]`` (default: the
+        variable)."""
+        env = labels or {v.field: v.env for v in VARIABLES}
         problems = []
 
         def need(ok: bool, field: str, message: str) -> None:
@@ -225,14 +240,15 @@ class WorkerConfig:
         # Below a second, a beat every third of it is too easily missed under load.
         need(self.heartbeat_ttl >= 1, "heartbeat_ttl", "must be >= 1 second")
         need(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
-        problems += _redis_url_problems(self.redis_url)
+        problems += _redis_url_problems(self.redis_url, env["redis_url"])
         need(bool(self.queue), "queue", "cannot be empty")
+        need(self.log_format in LOG_FORMATS, "log_format", f"must be {' or '.join(LOG_FORMATS)}")
         for root in self.adapter_roots:
             if not Path(root).is_dir():
-                problems.append(f"LORAFLEET_ADAPTER_ROOTS names {root!r}, which is not a folder")
+                problems.append(f"{env['adapter_roots']} names {root!r}, which is not a folder")
         if self.max_jobs is not None and self.max_jobs < self.max_num_seqs:
             problems.append(
-                f"LORAFLEET_MAX_JOBS ({self.max_jobs}) must be >= LORAFLEET_MAX_NUM_SEQS "
+                f"{env['max_jobs']} ({self.max_jobs}) must be >= {env['max_num_seqs']} "
                 f"({self.max_num_seqs}), or the engine never sees a full batch"
             )
         if check_model and not problems:
@@ -289,7 +305,9 @@ class WorkerConfig:
         settings.conn_timeout = 5
         settings.conn_retries = 2**31
         settings.conn_retry_delay = 1
-        settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=-1)
+        settings.retry = OutageRetry(
+            ExponentialBackoff(cap=1.0, base=0.02), redact_url(self.redis_url)
+        )
         settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
         return settings
 
@@ -304,17 +322,14 @@ class WorkerConfig:
         return env
 
 
-def _redis_url_problems(url: str) -> list[str]:
+def _redis_url_problems(url: str, label: str) -> list[str]:
     # The URL may hold a password: name it redacted.
     if url.split("://", 1)[0] not in ("redis", "rediss", "unix"):
-        return [
-            "LORAFLEET_REDIS_URL must start with redis://, rediss:// or unix://, "
-            f"got {redact_url(url)!r}"
-        ]
+        return [f"{label} must start with redis://, rediss:// or unix://, got {redact_url(url)!r}"]
     try:
         redis_settings_from_url(url)
     except ValueError as e:
-        return [f"LORAFLEET_REDIS_URL {redact_url(url)!r}: {e}"]
+        return [f"{label} {redact_url(url)!r}: {e}"]
     return []
 
 

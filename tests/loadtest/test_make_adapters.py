@@ -67,11 +67,17 @@ def test_engine_output_equals_peft_for_made_adapters(made_adapters, llama_dir):
     assert len({tuple(t) for t in ours[:: len(PROMPTS)]}) == len(loras)  # adapters differ
 
 
-def test_make_adapters_rejects_bad_input(tmp_path, llama_dir):
-    with pytest.raises(SystemExit, match=r"config\.json"):
+def test_make_adapters_rejects_bad_input(tmp_path, llama_dir, capsys):
+    """A user's mistake: one line naming it, exit status 2."""
+    assert (
         main(["make-adapters", "--model", str(tmp_path), "--count", "1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unknown target modules"):
-        main(
-            ["make-adapters", "--model", str(llama_dir), "--count", "1", "--out",
-             str(tmp_path / "x"), "--targets", "q_proj,lm_head"]
-        )  # fmt: skip
+        == 2
+    )
+    assert "config.json" in capsys.readouterr().err
+    code = main(
+        ["make-adapters", "--model", str(llama_dir), "--count", "1", "--out",
+         str(tmp_path / "x"), "--targets", "q_proj,lm_head"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("lorafleet make-adapters: unknown target modules")
+    assert len(err.strip().splitlines()) == 1

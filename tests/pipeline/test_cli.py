@@ -28,8 +28,11 @@ def test_generate_through_a_running_worker(worker, adapters):
          "one", "two"],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    labels = [line.split("]")[0] + "]" for line in proc.stdout.splitlines()]
+    # A header per request, its text indented below it.
+    headers = [line for line in proc.stdout.splitlines() if not line.startswith("  ")]
+    labels = [line.split("]")[0] + "]" for line in headers]
     assert labels == ["[ad0]", "[ad1]", "[(base)]"] * 2
+    assert headers[0] == "[ad0] one" and headers[3] == "[ad0] two"
 
     proc = _run(
         ["generate", "--redis-url", url, "--queue", queue, "--stream", "--max-tokens", "4"],

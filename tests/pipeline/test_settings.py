@@ -99,4 +99,4 @@ def test_worker_command_fails_fast_on_bad_flags(model_dir):
         timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "LORAFLEET_MAX_LORAS must be >= 1" in proc.stderr
+    assert "--max-loras must be >= 1" in proc.stderr  # the flag typed, not the variable

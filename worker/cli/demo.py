@@ -1,0 +1,147 @@
+"""``lorafleet demo``: the whole path end to end in one command, an embedded Redis, a
+worker and a mixed batch across adapters, printed with a check of each answer.
+
+The default is the zero-download character-level model shipped in the package (its
+adapters reverse, sort, rot13 or dedupe a word).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.worker.cli.local_worker import local_fleet
+
+
+@dataclass(frozen=True)
+class _DemoAssets:
+    model: Path
+    adapters: dict[str, Path]
+    words: list[str]
+    trained: bool  # whether expected outputs are known
+
+    def prompt(self, word: str) -> str:
+        if self.trained:
+            from lorafleet.worker import demo_assets
+
+            return demo_assets.demo_prompt(word)
+        return word + ">"
+
+    def expected(self, task: str | None, word: str) -> str | None:
+        """What a trained model answers (``task`` None: the base model), else None."""
+        if not self.trained:
+            return None
+        from lorafleet.worker import demo_assets
+
+        return demo_assets.expected_output(task or demo_assets.BASE_TASK, word)
+
+
+def _demo_assets(num_words: int) -> _DemoAssets:
+    """The shipped trained demo model and adapters, or random ones built into the cache."""
+    try:
+        from lorafleet.worker import demo_assets
+
+        model, adapters = demo_assets.demo_model_dir(), demo_assets.demo_adapters()
+        words = demo_assets.held_out_words()[:num_words]
+        if (model / "config.json").is_file() and adapters and words:
+            return _DemoAssets(model, adapters, words, trained=True)
+    except (ImportError, OSError, KeyError, ValueError):
+        pass  # not shipped in this build: use random ones
+    from lorafleet.worker.catalog import cache_root
+
+    root = cache_root() / "demo-synthetic"
+    model, adapters = root / "model", {n: root / "adapters" / n for n in ("alpha", "beta", "gamma")}
+    if not (model / "config.json").is_file() or not all(
+        (p / "adapter_config.json").is_file() for p in adapters.values()
+    ):
+        print(f"building a tiny random demo model and adapters in {root} ...", flush=True)
+        from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+
+        build_random_model(model, "llama", seed=1)
+        for i, path in enumerate(adapters.values()):
+            build_random_adapter(model, path, rank=8, seed=100 + i)
+    words = ["hello", "queue", "adapter", "lorafleet", "redis", "token"][:num_words]
+    return _DemoAssets(model, adapters, words, trained=False)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="serve a tiny model with several adapters through Redis, end to end",
+        description=(
+            "Start Redis (embedded unless --redis-url) and a worker, submit a mixed batch "
+            "across adapters and the base model, print what each request got, and stop."
+        ),
+    )
+    p.add_argument("--redis-url", help="use this Redis instead of an embedded one")
+    p.add_argument("--words", type=int, default=4, help="words per adapter (default 4)")
+    p.add_argument("--device", default="auto", help="device of the worker (default auto)")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafleet.producer.client import redact_url
+    from lorafleet.producer.sync_client import SyncClient
+    from lorafleet.worker.settings import WorkerConfig
+
+    assets = _demo_assets(args.words)
+    roots = tuple(sorted({str(p.parent) for p in assets.adapters.values()}))
+    config = WorkerConfig.create(
+        model=str(assets.model),
+        device=args.device,
+        adapter_roots=roots,
+        max_loras=min(4, len(assets.adapters)),
+        queue=f"lorafleet:demo:{uuid.uuid4().hex[:8]}",  # never mixes with a real queue
+        **({"redis_url": args.redis_url} if args.redis_url else {}),
+    )
+    where = redact_url(args.redis_url) if args.redis_url else "embedded Redis"
+    print(f"starting {where} and a worker for {assets.model} ...", flush=True)
+    started = time.monotonic()
+    with local_fleet(config, embedded_redis=not args.redis_url) as fleet:
+        print(f"worker ready in {time.monotonic() - started:.1f}s ({fleet.redis_url})\n")
+        loras = {
+            task: LoRARequest(task, i, str(path))
+            for i, (task, path) in enumerate(sorted(assets.adapters.items()), start=1)
+        }
+        jobs = [(w, task) for w in assets.words for task in [None, *loras]]
+        with SyncClient(fleet.redis_url, queue_name=fleet.queue) as client:
+            t0 = time.monotonic()
+            outs = client.generate(
+                [assets.prompt(w) for w, _ in jobs],
+                SamplingParams(max_tokens=32, temperature=0.0),
+                lora_request=[loras[t] if t else None for _, t in jobs],
+            )
+            elapsed = time.monotonic() - t0
+    return _print_demo(assets, jobs, outs, elapsed)
+
+
+def _print_demo(
+    assets: _DemoAssets,
+    jobs: list[tuple[str, str | None]],
+    outs: list[RequestOutput],
+    elapsed: float,
+) -> int:
+    width = max(len(assets.prompt(w)) for w, _ in jobs) + 2
+    print(f"{'prompt':<{width}}{'adapter':<10}{'output':<16}{'check' if assets.trained else ''}")
+    right: dict[str, list[bool]] = {}
+    for (word, task), out in zip(jobs, outs, strict=True):
+        text = out.outputs[0].text
+        expected = assets.expected(task, word)
+        check = ""
+        if expected is not None:
+            right.setdefault(task or "(base)", []).append(text == expected)
+            check = "ok" if text == expected else f"expected {expected!r}"
+        print(f"{assets.prompt(word):<{width}}{task or '(base)':<10}{text!r:<16}{check}")
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(
+        f"\n{len(jobs)} requests ({len(assets.adapters)} adapters + base model, one batch) in "
+        f"{elapsed:.2f}s: {len(jobs) / elapsed:.0f} requests/s, {tokens / elapsed:.0f} tokens/s"
+    )
+    if right:
+        print("accuracy: " + ", ".join(f"{t} {sum(r)}/{len(r)}" for t, r in sorted(right.items())))
+    return 0

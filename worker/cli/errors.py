@@ -1,0 +1,24 @@
+"""Which exceptions are a user's mistake: the command prints their message as one line.
+
+The types are looked up only when something went wrong, so building the parser imports
+none of the modules that define them.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """A command's own refusal of what it was given (the message says what to type)."""
+
+
+def is_user_error(error: BaseException) -> bool:
+    """A refusal with a message meant for the user: bad flags or variables, a Redis that
+    cannot be reached, a request error, a local worker or model that cannot start."""
+    from lorafleet.producer.errors import LoraFleetError
+    from lorafleet.worker.catalog import ModelPrepareError
+    from lorafleet.worker.launcher import WorkerStartError
+    from lorafleet.worker.settings import ConfigError
+
+    return isinstance(
+        error, UsageError | ConfigError | LoraFleetError | ModelPrepareError | WorkerStartError
+    )

@@ -1,0 +1,58 @@
+"""``lorafleet worker``: an arq worker, as ``arq lorafleet.worker.WorkerSettings`` runs it,
+with every ``LORAFLEET_*`` variable also a flag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from lorafleet.worker.settings import VARIABLES, WorkerConfig
+
+    defaults = {f.name: f.default for f in fields(WorkerConfig)}
+    p = sub.add_parser(
+        "worker",
+        help="run a worker (same as `arq lorafleet.worker.WorkerSettings`)",
+        description=(
+            "Run a worker: take jobs from the queue, serve them on one device, until SIGTERM "
+            "(which drains). Each flag overrides the LORAFLEET_* variable named with it."
+        ),
+    )
+    for var in VARIABLES:
+        default = defaults[var.field]
+        shown = "" if default in (None, "", ()) else f"; default {default}"
+        p.add_argument(
+            var.flag,
+            dest=var.field,
+            metavar=var.kind.upper(),
+            help=f"{var.help} [{var.env}{shown}]",
+        )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logs: a line per job (adapter, tokens, outcome, time)",
+    )
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from arq.worker import run_worker
+
+    from lorafleet.worker.logs import configure_logging
+    from lorafleet.worker.settings import VARIABLES, WorkerConfig, build_worker_settings
+
+    environ = dict(os.environ)
+    typed = set()
+    for var in VARIABLES:
+        value = getattr(args, var.field)
+        if value is not None:
+            environ[var.env] = value
+            typed.add(var.field)
+    config = WorkerConfig.from_env(environ, flags=frozenset(typed))
+    configure_logging(args.verbose, config.log_format)
+    run_worker(build_worker_settings(config))
+    return 0
