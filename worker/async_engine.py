@@ -39,13 +39,12 @@ from lorafleet.worker.engine_link import (
     EngineFailed,
     EngineInfo,
     EngineReady,
-    EngineSnapshot,
     EngineUpdate,
     Shutdown,
     pack,
     read_header,
 )
-from lorafleet.worker.outputs import StepOutput, StepStats
+from lorafleet.worker.outputs import EngineSnapshot, StepOutput, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +217,11 @@ class AsyncEngine:
         messages: list[ChatMessage] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        resume_token_ids: list[int] | None = None,
     ) -> RequestStream:
         """Queue a request; with ``messages``, a chat request whose prompt the engine
-        renders with the model's chat template (``prompt`` unused). Anything wrong with it
+        renders with the model's chat template (``prompt`` unused); ``resume_token_ids``
+        continue an earlier run (see ``LLMEngine.add_request``). Anything wrong with it
         (prompt too long, adapter errors, a conversation the template refuses) arrives as
         the stream's error; only a request id already in flight raises here."""
         if request_id in self._streams:
@@ -241,6 +242,7 @@ class AsyncEngine:
                 messages,
                 add_generation_prompt,
                 continue_final_message,
+                resume_token_ids,
             )
         )
         return stream

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +26,7 @@ from lorafleet.worker.detokenizer import Detokenizer, TokenDecoder
 from lorafleet.worker.kv_budget import plan_kv_cache
 from lorafleet.worker.loader import load_model, read_model_args, resolve_dtype
 from lorafleet.worker.model_runner import ModelRunner
-from lorafleet.worker.outputs import StepOutput, StepStats
+from lorafleet.worker.outputs import EngineSnapshot, StepOutput, StepStats
 from lorafleet.worker.sampler import SampledTokens, Sampler, TokenLogprobs
 from lorafleet.worker.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.sequence import PENDING_TOKEN, Request, Sequence
@@ -195,9 +195,16 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
         arrival_time: float | None = None,
         prompt_token_ids: list[int] | None = None,
+        resume_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a request (``params.n`` sequences). Raises a ``LoraFleetError`` if it can
-        never be served; loads the adapter into the CPU cache so file errors surface here."""
+        never be served; loads the adapter into the CPU cache so file errors surface here.
+
+        ``resume_token_ids``: output tokens an earlier run of the request already generated
+        (a worker drained or killed mid-way); the request continues after them as if it had
+        never stopped: they count toward ``max_tokens``, ``min_tokens``, penalties and stop
+        strings, and its text starts with theirs. Ignored (the request starts over) when
+        ``params`` are not ``resumable`` or no token would be left to make."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):
@@ -205,6 +212,9 @@ class LLMEngine:
         ids = prompt_token_ids if prompt_token_ids is not None else self.encode(prompt)
         self.check_prompt(ids)
         self.check_params(params)
+        resumed = list(resume_token_ids or ())
+        if not params.resumable or not self._room_after(len(ids), len(resumed), params):
+            resumed = []  # start over: the output stays valid, only the work is repeated
         if lora_request is not None:
             self.adapters.load(lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -212,6 +222,9 @@ class LLMEngine:
             self._sequence(request_id, prompt, ids, params, lora_request, arrival, k)
             for k in range(params.n)
         ]
+        for token in resumed:
+            seqs[0].token_ids.append(token)
+            seqs[0].detokenizer.append(token)
         self.requests[request_id] = Request(request_id, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -225,12 +238,20 @@ class LLMEngine:
         arrival_time: float | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        resume_token_ids: list[int] | None = None,
     ) -> None:
         """Queue a chat request: the conversation rendered by the model's chat template,
         tokenized without adding special tokens (the template writes its own)."""
         prompt = self.render_chat(messages, add_generation_prompt, continue_final_message)
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        self.add_request(request_id, prompt, params, lora_request, arrival_time, ids)
+        self.add_request(
+            request_id, prompt, params, lora_request, arrival_time, ids, resume_token_ids
+        )
+
+    def _room_after(self, num_prompt: int, num_resumed: int, params: SamplingParams) -> bool:
+        """Whether a request resumed after ``num_resumed`` tokens still has one to make
+        (a run on an engine with a longer context may have made more than fits here)."""
+        return num_prompt + num_resumed < self.max_model_len and num_resumed < params.max_tokens
 
     def _sequence(
         self,
@@ -289,6 +310,25 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's gauges and counters now (for metrics and heartbeats)."""
+        scheduler, adapters = self.scheduler, self.adapters
+        return EngineSnapshot(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            waiting_for_slot=sum(
+                1
+                for s in scheduler.waiting
+                if s.lora_request is not None and not adapters.has_room_for(s.lora_id)
+            ),
+            free_blocks=self.blocks.num_free,
+            num_blocks=self.blocks.num_blocks,
+            slots_in_use=adapters.slots_in_use,
+            cpu_adapters=len(adapters.cpu),
+            preemptions=scheduler.num_preemptions,
+            adapters=replace(adapters.stats),
+        )
 
     # -- one step --------------------------------------------------------------------------
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lorafleet.producer.types import ChatMessage, LoRARequest, SamplingParams
 from lorafleet.worker.config import EngineConfig
-from lorafleet.worker.outputs import AdapterStats, StepOutput, StepStats
+from lorafleet.worker.outputs import EngineSnapshot, StepOutput, StepStats
 
 _HEADER = struct.Struct("!I")
 
@@ -29,7 +29,8 @@ _HEADER = struct.Struct("!I")
 @dataclass
 class AddRequest:
     """A request; with ``messages`` a chat request, whose prompt the engine renders with
-    the model's chat template (``prompt`` is then unused)."""
+    the model's chat template (``prompt`` is then unused). ``resume_token_ids``: output
+    tokens an earlier run made, to continue after (see ``LLMEngine.add_request``)."""
 
     request_id: str
     prompt: str | None
@@ -39,6 +40,7 @@ class AddRequest:
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    resume_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -92,24 +94,6 @@ class EngineFailed:
     """Loading the model failed; ``message`` says why (the child exits after sending it)."""
 
     message: str
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's gauges and counters after a step: what metrics and heartbeats export."""
-
-    running: int = 0
-    waiting: int = 0
-    free_blocks: int = 0
-    num_blocks: int = 0
-    slots_in_use: int = 0
-    cpu_adapters: int = 0
-    preemptions: int = 0
-    adapters: AdapterStats = field(default_factory=AdapterStats)
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return 1.0 - self.free_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
 @dataclass(frozen=True)

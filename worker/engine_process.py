@@ -31,7 +31,6 @@ from lorafleet.worker.engine_link import (
     EngineFailed,
     EngineInfo,
     EngineReady,
-    EngineSnapshot,
     EngineUpdate,
     FrameReader,
     Shutdown,
@@ -41,19 +40,6 @@ from lorafleet.worker.kv_budget import KVBudgetError
 from lorafleet.worker.outputs import StepOutput
 
 log = logging.getLogger("lorafleet.engine")
-
-
-def snapshot(engine: LLMEngine) -> EngineSnapshot:
-    return EngineSnapshot(
-        running=len(engine.scheduler.running),
-        waiting=len(engine.scheduler.waiting),
-        free_blocks=engine.blocks.num_free,
-        num_blocks=engine.blocks.num_blocks,
-        slots_in_use=engine.adapters.slots_in_use,
-        cpu_adapters=len(engine.adapters.cpu),
-        preemptions=engine.scheduler.num_preemptions,
-        adapters=replace(engine.adapters.stats),
-    )
 
 
 class EngineLoop:
@@ -92,6 +78,7 @@ class EngineLoop:
                     cmd.sampling_params,
                     cmd.lora_request,
                     cmd.arrival_time,
+                    resume_token_ids=cmd.resume_token_ids,
                 )
             else:
                 engine.add_chat_request(
@@ -102,6 +89,7 @@ class EngineLoop:
                     cmd.arrival_time,
                     cmd.add_generation_prompt,
                     cmd.continue_final_message,
+                    cmd.resume_token_ids,
                 )
         except LoraFleetError as err:
             return _failed(cmd.request_id, err)
@@ -161,7 +149,7 @@ def serve(sock: socket.socket) -> int:
             outputs.extend(loop.step())
             stats = engine.last_step
         if outputs or stats is not None:
-            sock.sendall(pack(EngineUpdate(outputs, stats, snapshot(engine))))
+            sock.sendall(pack(EngineUpdate(outputs, stats, engine.snapshot())))
         backlog = inbox.read(wait=not engine.has_unfinished())
         if backlog is None:  # the worker is gone
             return 0

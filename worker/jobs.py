@@ -40,6 +40,8 @@ from lorafleet.worker.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.heartbeat import Heartbeat
 from lorafleet.worker.logs import ensure_logging
 from lorafleet.worker.publisher import StreamPublisher
+from lorafleet.worker.resume import earlier_tokens, resume_point
+from lorafleet.worker.slot_contention import SlotContentionWatch
 from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class WorkerState:
     """Per-process state shared by all jobs (kept in arq's ``ctx``)."""
 
     config: WorkerConfig
+    redis: Any
     engine: AsyncEngine
     publisher: StreamPublisher
     aborts: AbortWatcher
@@ -61,6 +64,7 @@ class WorkerState:
     jobs: JobTracker
     heartbeat: Heartbeat
     limits: JobLimits
+    contention: SlotContentionWatch
 
 
 def _engine_exited(status: int | None) -> None:
@@ -120,8 +124,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         jobs=tracker,
     )
     limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
+    contention = SlotContentionWatch(engine, config.max_loras)
+    contention.start()
     ctx["lorafleet"] = WorkerState(
-        config, engine, publisher, aborts, metrics, tracker, heartbeat, limits
+        config, redis, engine, publisher, aborts, metrics, tracker, heartbeat, limits, contention
     )
     await heartbeat.start()  # registers the worker: from here on it takes jobs
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
@@ -148,6 +154,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     try:
         await state.heartbeat.close()
     finally:
+        await state.contention.close()
         await state.aborts.close()
         await state.publisher.close()
         await state.engine.stop()
@@ -296,6 +303,9 @@ async def _generate(
     engine = state.engine
     completed = False
     started = time.time()
+    resumed: list[int] = []
+    if attempt > 1 and job.sampling_params.resumable:
+        resumed = resume_point(await earlier_tokens(state.redis, job_id, attempt))
     try:
         stream = engine.add_request(
             stopper.request_id,
@@ -305,11 +315,22 @@ async def _generate(
             messages=job.messages,
             add_generation_prompt=job.add_generation_prompt,
             continue_final_message=job.continue_final_message,
+            resume_token_ids=resumed,
         )
         stopper.mark_added()
         state.jobs.sent_to_engine += 1
         # A stream carries one completion's text: with n > 1 only the final event does.
         streams_text = job.sampling_params.n == 1
+        if resumed:  # this run's events carry every token, so it can be continued too
+            tracked.started = True
+            state.publisher.delta(job_id, attempt, "", resumed, job.v)
+            logger.info(
+                "job %s (attempt %d) continues after the %d tokens its last run streamed",
+                job_id,
+                attempt,
+                len(resumed),
+                extra={"job_id": job_id, "attempt": attempt, "resumed_tokens": len(resumed)},
+            )
         async for delta in stream:
             if delta.text or delta.token_ids:
                 tracked.started = True  # visible now: a drain lets it finish

@@ -426,6 +426,7 @@ class EngineCollector(Collector):
         gauges = (
             ("lorafleet_requests_running", "Requests in the running batch.", snap.running),
             ("lorafleet_requests_waiting", "Requests waiting for admission in the engine.", snap.waiting),
+            ("lorafleet_requests_waiting_for_adapter_slot", "Waiting requests whose adapter cannot get a device slot now: every slot is held by running requests on other adapters (raise max_loras if it persists).", snap.waiting_for_slot),
             ("lorafleet_adapter_slots", "Adapter slots on the device (max_loras).", config.max_loras),
             ("lorafleet_adapter_slots_used", "Adapter slots pinned by running requests.", snap.slots_in_use),
             ("lorafleet_adapter_cpu_cache_adapters", "Adapters held in the CPU cache.", snap.cpu_adapters),

@@ -1,12 +1,12 @@
-"""What the engine reports: per-request ``StepOutput``, per-step ``StepStats`` and the
-adapter tiers' ``AdapterStats``.
+"""What the engine reports: per-request ``StepOutput``, per-step ``StepStats``, the
+adapter tiers' ``AdapterStats`` and the ``EngineSnapshot`` of its gauges and counters.
 
 Torch-free, so the worker process, which only relays them, never loads torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.types import RequestOutput
@@ -52,3 +52,25 @@ class AdapterStats:
     slot_loads: int = 0
     cpu_evictions: int = 0
     slot_evictions: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's gauges and counters after a step: what metrics and heartbeats export.
+    ``waiting_for_slot`` counts waiting requests whose adapter has no device slot and
+    cannot get one now: every slot is pinned by running requests (``max_loras`` too few
+    for the adapters in demand)."""
+
+    running: int = 0
+    waiting: int = 0
+    waiting_for_slot: int = 0
+    free_blocks: int = 0
+    num_blocks: int = 0
+    slots_in_use: int = 0
+    cpu_adapters: int = 0
+    preemptions: int = 0
+    adapters: AdapterStats = field(default_factory=AdapterStats)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.num_blocks if self.num_blocks else 0.0

@@ -14,6 +14,8 @@ from arq.constants import retry_key_prefix
 from reliability_support import registry_entry, stream_events, wait_until
 
 from lorafleet.producer import Client, SamplingParams
+from lorafleet.producer.keys import stream_key
+from lorafleet.producer.stream import FIELD, StreamEvent, decode_event
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +145,58 @@ def test_jobs_still_running_when_the_grace_period_ends_are_re_run(
 
 async def _text(handle) -> str:
     return "".join([delta async for delta in handle.stream()])
+
+
+def _entries(url: str, job_id: str) -> list[tuple[float, StreamEvent]]:
+    """(Redis time the entry was added, in seconds; event) for each event of the stream."""
+    with redis.Redis.from_url(url) as r:
+        return [
+            (int(entry_id.split(b"-")[0]) / 1000, decode_event(fields[FIELD]))
+            for entry_id, fields in r.xrange(stream_key(job_id))
+        ]
+
+
+def test_a_drained_long_job_continues_where_it_stopped(
+    rel_redis, make_config, start_worker, rescuer
+):
+    """The grace period ends mid-generation: the re-run continues after the tokens already
+    streamed instead of starting over; the client's stream pauses, never restarts."""
+    url, queue = rel_redis.url, rescuer.config.queue
+    rescuer.signal(signal.SIGSTOP)
+    draining = start_worker(make_config(url, queue=queue, drain_timeout=0.3))
+
+    async def scenario():
+        async with Client(url, queue_name=queue) as client:
+            handle = await client.submit("keep going", LONG)
+            follower = asyncio.create_task(_text(handle))
+            await asyncio.to_thread(
+                wait_until,
+                lambda: len(stream_events(url, handle.job_id)) >= 3,
+                20,
+                "the job to stream a few tokens",
+            )
+            rescuer.signal(signal.SIGCONT)  # ready to take the job over once it is back
+            draining.signal(signal.SIGTERM)
+            exit_code = await asyncio.to_thread(draining.stop, 20)
+            output = await asyncio.wait_for(handle.result(), 60)
+            text = await asyncio.wait_for(follower, 10)
+            (uninterrupted,) = await client.generate("keep going", LONG)
+            return handle.job_id, output, text, exit_code, uninterrupted
+
+    job_id, output, text, exit_code, uninterrupted = asyncio.run(scenario())
+
+    assert exit_code == 0
+    entries = _entries(url, job_id)
+    first = [(t, e) for t, e in entries if e.attempt == 1]
+    second = [(t, e) for t, e in entries if e.attempt == 2]
+    assert first and second and not any(e.final for _, e in first), "the run was not cut"
+    streamed = [tok for _, e in first for tok in e.token_ids]
+    continued_from = second[0][1].token_ids
+    assert len(streamed) >= 2 and continued_from == streamed[:-1]
+    made_again = sum(len(e.token_ids) for _, e in second) - len(continued_from)
+    assert made_again == LONG.max_tokens - len(continued_from)  # no token made twice but one
+    gap = second[0][0] - first[-1][0]
+    assert gap < 5.0, f"the stream paused {gap:.2f}s"
+    assert output.outputs[0].token_ids == uninterrupted.outputs[0].token_ids
+    assert text == output.outputs[0].text  # the client's stream continued, never restarted
+    assert second[-1][1].final and second[-1][1].result.worker == rescuer.config.name
