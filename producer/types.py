@@ -135,6 +135,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.temperature == 0.0
 
     @property
+    def resumable(self) -> bool:
+        """Whether a run cut short (a drained or killed worker) may continue from the tokens
+        it made: one completion, no log-probabilities to account for, and no seeded draw
+        (a seed promises the same output every run, which a continuation cannot keep)."""
+        seeded_draw = self.seed is not None and not self.greedy
+        return self.n == 1 and self.logprobs is None and not seeded_draw
+
+    @property
     def penalized(self) -> bool:
         """Whether a penalty makes each draw depend on the tokens so far."""
         return (
