@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Self
+from urllib.parse import quote
 
 import redis
 
@@ -60,7 +61,8 @@ class EmbeddedRedis:
     a test can stop the server and bring it back where clients expect it). ``unix_socket``
     listens on a socket file in the data folder instead of TCP. ``persist=True`` turns on the
     append-only file, so a restart keeps the data (use ``data_dir`` to choose where it lives;
-    a folder you pass is never deleted).
+    a folder you pass is never deleted). ``password`` makes the server require it; ``url``
+    then carries it.
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class EmbeddedRedis:
         persist: bool = False,
         data_dir: str | Path | None = None,
         binary: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host = host
+        self.password = password
         self.port = port
         self.unix_socket = unix_socket
         self.persist = persist
@@ -91,11 +95,13 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         """``redis://host:port/0`` or ``unix://path?db=0``; valid once started."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         if self.unix_socket:
-            return f"unix://{self.socket_path}?db=0"
+            password = f"&password={quote(self.password, safe='')}" if self.password else ""
+            return f"unix://{self.socket_path}?db=0{password}"
         if self.port is None:
             raise RedisServerError("the server has no port yet: start it first")
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -114,6 +120,8 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.unix_socket:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.persist:
             args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1"]
         else:

@@ -40,6 +40,7 @@ class WorkerProcess:
         *,
         log_path: str | Path | None = None,
         arq_cli: bool = False,
+        verbose: bool = False,
         ready_timeout: float = 120.0,
     ) -> None:
         self.ready_timeout = ready_timeout  # used by ``with``; loading a model can be slow
@@ -53,6 +54,8 @@ class WorkerProcess:
         self.command = [sys.executable, "-m", "lorafleet.worker.cli", "worker"]
         if arq_cli:
             self.command = [sys.executable, "-m", "arq", "lorafleet.worker.WorkerSettings"]
+        if verbose:  # a line per job
+            self.command.append("--verbose")
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -68,15 +68,7 @@ class PasswordRedis(EmbeddedRedis):
     """An embedded Redis that requires ``password`` (``requirepass``)."""
 
     def __init__(self, password: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.password = password
-
-    def _args(self) -> list[str]:
-        return [*super()._args(), "--requirepass", self.password]
-
-    @property
-    def url(self) -> str:
-        return self.url_with(self.password)
+        super().__init__(password=password, **kwargs)
 
     def url_with(self, password: str, *, scheme: str = "redis", port: int | None = None) -> str:
         """A URL with ``password`` percent-encoded (it may hold ``@``, ``:`` or ``/``)."""
