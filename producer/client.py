@@ -19,21 +19,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import socket
+import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
-from redis.exceptions import WatchError
+from redis.asyncio.connection import parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    InvalidResponse,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lorafleet.producer.codec import GenerateJob, JobResult, arq_deserialize, arq_serialize, encode
 from lorafleet.producer.errors import (
     InternalError,
     QueueUnavailableError,
+    RedisURLError,
     StreamRestartedError,
     error_from_info,
 )
@@ -61,6 +73,10 @@ DEFAULT_URL = "redis://localhost:6379/0"
 #: How long an abort request is remembered for a job that has not started yet.
 ABORT_TTL_S = 86_400
 
+#: What to do when nothing answers at the URL.
+_ELSEWHERE_HINT = f"pass --redis-url / set {URL_ENV}"
+_START_HINT = f"start Redis or {_ELSEWHERE_HINT}"
+
 
 def resolve_url(url: str | None) -> str:
     """``url``, else ``$LORAFLEET_REDIS_URL``, else ``redis://localhost:6379/0``."""
@@ -74,6 +90,56 @@ def redact_url(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_url(url: str) -> None:
+    """Raise ``RedisURLError`` (a ``ValueError``) for a URL that redis-py would refuse when
+    connecting or read other than written: a scheme other than ``redis://``, ``rediss://``
+    or ``unix://``, a port or option value that is not a number, a database (the path)
+    that is not a number (redis-py would silently use database 0). The message names the
+    URL with its password masked."""
+    try:
+        shown = redact_url(url)
+    except ValueError as e:  # urlsplit refuses an unbalanced "[" (an IPv6 host)
+        raise RedisURLError(f"Redis URL is not valid: {e}") from e
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        hint = f"; did you mean 'redis://{shown}'?" if "://" not in url else ""
+        raise RedisURLError(
+            f"Redis URL must start with redis://, rediss:// or unix://, got {shown!r}{hint}"
+        )
+    try:
+        options = parse_url(url)
+    except ValueError as e:
+        raise RedisURLError(f"Redis URL {shown!r} is not valid: {e}") from e
+    database = urlsplit(url).path.strip("/")
+    if not url.startswith("unix://") and database and "db" not in options:
+        raise RedisURLError(
+            f"Redis URL {shown!r} names database {database!r}: a database is a number "
+            "(redis://host:6379/0)"
+        )
+
+
+def _connect_failure(error: BaseException) -> tuple[str, str]:
+    """(why, what to do) for a connection that failed at the socket, read from the OS
+    error under redis-py's (whose own message repeats the address and errno)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return (
+                f"its TLS certificate is not trusted: {cause.verify_message}",
+                "name the CA that signed it in the URL (?ssl_ca_certs=/path/to/ca.pem)",
+            )
+        if isinstance(cause, socket.gaierror):
+            return f"host not found: {cause.strerror.lower()}", f"check it or {_ELSEWHERE_HINT}"
+        if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError):
+            # asyncio reports a host with several addresses (localhost: ::1 and 127.0.0.1)
+            # as one errno-less "Multiple exceptions: [Errno 111] ..., [Errno 111] ...".
+            listed = re.findall(r"\[Errno (\d+)\]", str(cause))
+            codes = {cause.errno} if cause.errno else {int(code) for code in listed}
+            if len(codes) == 1:
+                return os.strerror(codes.pop()).lower(), _START_HINT
+        cause = cause.__cause__ or cause.__context__
+    return str(error) or type(error).__name__, _START_HINT
 
 
 def _result_output(result: JobResult) -> RequestOutput:
@@ -108,8 +174,16 @@ class JobHandle:
 
     async def result(self, timeout: float | None = None) -> RequestOutput:
         """The job's output. Raises its typed ``LoraFleetError`` if it failed, and
-        ``TimeoutError`` after ``timeout`` seconds (the job keeps running)."""
-        result = await asyncio.wait_for(self._watch.wait_done(), timeout)
+        ``TimeoutError`` (with a message naming the job) after ``timeout`` seconds; the job
+        keeps running, and ``result()`` may be called again."""
+        async with _time_limit(
+            timeout,
+            lambda: (
+                f"job {self.job_id} is not done after {timeout:g}s; it keeps running: "
+                "call result() again to wait longer, or abort() it"
+            ),
+        ):
+            result = await self._watch.wait_done()
         return _result_output(result)
 
     async def stream(self) -> AsyncIterator[str]:
@@ -123,8 +197,10 @@ class JobHandle:
         """
         if self._n is not None and self._n > 1:
             raise ValueError(f"job {self.job_id} has n={self._n} completions: use result()")
-        async with self._watcher.follow(self._watch):
-            async for delta in self._deltas():
+        # aclosing: when the caller stops early, end `_deltas` here rather than leave it to
+        # the event loop's finalizer (a task of its own, run whenever it is collected).
+        async with self._watcher.follow(self._watch), contextlib.aclosing(self._deltas()) as deltas:
+            async for delta in deltas:
                 yield delta
 
     async def _deltas(self) -> AsyncIterator[str]:
@@ -173,8 +249,11 @@ class Client:
     """asyncio client over a Redis URL (``redis://``, ``rediss://`` or ``unix://``).
 
     Connects on first use (or ``await client.connect()``); raises ``QueueUnavailableError``
-    when Redis does not answer within ``connect_timeout`` seconds. ``max_connections``
-    bounds the pool used for enqueueing; waiting on results uses one more connection.
+    when Redis does not answer within ``connect_timeout`` seconds, refuses the connection,
+    the login or the URL's database, with a one-line message that names the URL (password
+    masked) and what to do. A malformed URL raises ``RedisURLError`` (a ``ValueError``)
+    here, before anything connects. ``max_connections`` bounds the pool used for
+    enqueueing; waiting on results uses one more connection.
     """
 
     def __init__(
@@ -188,6 +267,11 @@ class Client:
         if connect_timeout <= 0:
             raise ValueError("connect_timeout must be > 0")
         self.url = resolve_url(url)
+        check_url(self.url)
+        # How messages name the server; a URL from the environment says so, as the user
+        # may not know that the variable is set.
+        origin = f" (from ${URL_ENV})" if not url and os.environ.get(URL_ENV) else ""
+        self._where = f"Redis at {redact_url(self.url)}{origin}"
         self.queue_name = queue_name
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
@@ -196,6 +280,8 @@ class Client:
         self._reader: aioredis.Redis | None = None
         self._watcher: StreamWatcher | None = None
         self._connecting = asyncio.Lock()
+        # Handles of `stream()` loops not yet ended: close() aborts their jobs.
+        self._open_streams: set[JobHandle] = set()
 
     # -- connection ------------------------------------------------------------------
 
@@ -211,9 +297,8 @@ class Client:
         try:
             yield
         except (*REDIS_ERRORS, WatchError) as e:
-            raise QueueUnavailableError(
-                f"Redis at {redact_url(self.url)} is unavailable: {e or type(e).__name__}"
-            ) from e
+            why, _ = _connect_failure(e)
+            raise QueueUnavailableError(f"{self._where} is unavailable ({why})") from e
 
     async def connect(self) -> Self:
         async with self._connecting:
@@ -238,16 +323,12 @@ class Client:
             default_queue_name=self.queue_name,
         )
         try:
-            with self._transport():
-                async with asyncio.timeout(self.connect_timeout):
-                    await arq.ping()
-        except QueueUnavailableError as e:
+            async with asyncio.timeout(self.connect_timeout):
+                await arq.ping()
+        except BaseException as e:
             await arq.aclose(close_connection_pool=True)
-            if isinstance(e.__cause__, TimeoutError):
-                raise QueueUnavailableError(
-                    f"Redis at {redact_url(self.url)} did not answer within "
-                    f"{self.connect_timeout:g}s"
-                ) from e.__cause__
+            if isinstance(e, RedisError | OSError):
+                raise await self._connect_error(e) from e
             raise
         block_ms = 1000
         # Blocking reads need their own connection and a socket timeout beyond the block.
@@ -266,9 +347,64 @@ class Client:
         )
         self._arq = arq
 
+    async def _connect_error(self, error: RedisError | OSError) -> QueueUnavailableError:
+        """The one-line error for a failed first connection: what went wrong and what to do."""
+        where = self._where
+        if isinstance(error, TimeoutError | RedisTimeoutError):  # builtin: asyncio.timeout's
+            message = (
+                f"{where} did not answer within {self.connect_timeout:g}s: check the host "
+                "and port, and that Redis is up"
+            )
+        elif isinstance(error, AuthenticationError):  # before ConnectionError: a subclass
+            why = str(error).rstrip(".")
+            message = f"{where} refused the login ({why}): check the user and password"
+        elif isinstance(error, ResponseError) and "DB index is out of range" in str(error):
+            db = parse_url(self.url).get("db", 0)
+            count = await self._database_count()
+            has = f" (it has {count}: 0 to {count - 1})" if count else ""
+            message = f"{where}: database {db} does not exist on this server{has}"
+        elif isinstance(error, InvalidResponse):
+            message = f"{where} does not answer like Redis ({error}): check the host and port"
+        elif isinstance(error, ResponseError):
+            message = f"{where} refused the connection: {error}"
+        else:
+            why, hint = _connect_failure(error)
+            message = f"{where} is unavailable ({why}): {hint}"
+        return QueueUnavailableError(message)
+
+    async def _database_count(self) -> int | None:
+        """How many databases the server has (``CONFIG GET databases``, asked on database
+        0), or None if it will not say (managed Redis often disables CONFIG)."""
+        probe = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.connect_timeout,
+        )
+        # The URL's database is the one that does not exist; the URL wins over a keyword.
+        probe.connection_pool.connection_kwargs["db"] = 0
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reply = await probe.config_get("databases")
+            return int(next(iter(reply.values())))
+        except (RedisError, OSError, StopIteration, ValueError):
+            return None
+        finally:
+            await probe.aclose(close_connection_pool=True)
+
     async def close(self) -> None:
         """Stop waiting on jobs (their handles fail) and close connections. Jobs keep
-        running on the workers."""
+        running on the workers, except those of ``stream()`` loops not ended yet: nobody
+        can read them any more, so they are aborted, as leaving such a loop does.
+
+        Quiet and complete: no task or connection of this client outlives it, and a
+        ``stream()`` generator that the event loop finalizes later (an ``async for`` left
+        with ``break`` is closed only when collected) neither aborts again nor reconnects.
+        """
+        left, self._open_streams = self._open_streams, set()
+        unfinished = [handle.job_id for handle in left if not handle.done]
+        if unfinished and self._arq is not None:
+            with contextlib.suppress(QueueUnavailableError):
+                await self._send_aborts(self._arq, unfinished)
         if self._watcher is not None:
             await self._watcher.close()
         if self._reader is not None:
@@ -349,10 +485,14 @@ class Client:
     async def abort(self, job_id: str) -> None:
         """Abort a job by id (see ``JobHandle.abort``)."""
         arq, _ = await self._connected()
+        await self._send_aborts(arq, [job_id])
+
+    async def _send_aborts(self, arq: ArqRedis, job_ids: Sequence[str]) -> None:
         with self._transport():
             async with arq.pipeline(transaction=True) as pipe:
-                pipe.set(abort_key(job_id), b"1", ex=ABORT_TTL_S)
-                pipe.publish(ABORT_CHANNEL, job_id)
+                for job_id in job_ids:
+                    pipe.set(abort_key(job_id), b"1", ex=ABORT_TTL_S)
+                    pipe.publish(ABORT_CHANNEL, job_id)
                 await pipe.execute()
 
     async def generate(
@@ -406,7 +546,13 @@ class Client:
         n = len(jobs)
         params = per_prompt(sampling_params, n, "sampling_params", SamplingParams)
         loras = per_prompt(lora_request, n, "lora_request", LoRARequest)
-        async with asyncio.timeout(timeout):
+        async with _time_limit(
+            timeout,
+            lambda: (
+                f"not all of the {n} job(s) were done after {timeout:g}s; the unfinished "
+                "ones keep running on the workers (submit() gives a handle to wait on each)"
+            ),
+        ):
             handles = await asyncio.gather(
                 *(
                     self.submit(sampling_params=sp, lora_request=lr, **job)
@@ -435,13 +581,34 @@ class Client:
             deadline=deadline,
             timeout=timeout,
         )
+        self._open_streams.add(handle)
         try:
-            async for delta in handle.stream():
-                yield delta
+            async with contextlib.aclosing(handle.stream()) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
-            if not handle.done:
-                with contextlib.suppress(QueueUnavailableError):
-                    await handle.abort()
+            # Not in the set: close() took it and aborted the job already; aborting again
+            # would reconnect a closed client.
+            if handle in self._open_streams:
+                self._open_streams.discard(handle)
+                if not handle.done:
+                    with contextlib.suppress(QueueUnavailableError):
+                        await handle.abort()
+
+
+@contextlib.asynccontextmanager
+async def _time_limit(seconds: float | None, message: Callable[[], str]) -> AsyncIterator[None]:
+    """``asyncio.timeout(seconds)`` whose ``TimeoutError`` says what timed out (asyncio's
+    own has no message). A ``TimeoutError`` from inside (a job's ``DeadlineExceededError``)
+    passes unchanged."""
+    timer = asyncio.timeout(seconds)
+    try:
+        async with timer:
+            yield
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise TimeoutError(message()) from None
 
 
 def _make_job(

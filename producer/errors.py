@@ -89,9 +89,20 @@ class InternalError(LoraFleetError):
 
 
 class QueueUnavailableError(LoraFleetError, ConnectionError):
-    """Redis could not be reached within the client's timeout."""
+    """Redis cannot be used: it does not answer within the client's timeout, refuses the
+    connection, the login or the URL's database, or the connection was lost. The message
+    names the URL (password masked) and, for a first connection, what to do."""
 
     code = "queue_unavailable"
+
+
+class RedisURLError(LoraFleetError, ValueError):
+    """A Redis URL the client cannot use: a scheme other than ``redis://``, ``rediss://`` or
+    ``unix://``, or a port, database or option that is not a number. Raised when the client
+    is created, before anything connects. Client-side only: it never travels on the wire,
+    so it is not in ``ERROR_TYPES``."""
+
+    code = "invalid_redis_url"
 
 
 class JobNotFoundError(LoraFleetError, LookupError):

@@ -39,7 +39,11 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait. Ctrl-C in the caller cancels it."""
+        """Run ``coro`` on the loop and wait. Ctrl-C in the caller cancels it. Raises
+        ``RuntimeError`` once the loop is stopped (its client was closed)."""
+        if self.loop.is_closed():
+            coro.close()  # never run: without this, Python warns that it was never awaited
+            raise RuntimeError("this SyncClient is closed: create a new one")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()

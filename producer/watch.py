@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -114,6 +113,30 @@ class JobWatch:
         return self.result
 
 
+class Following:
+    """``StreamWatcher.follow``'s context. A class rather than an ``asynccontextmanager``:
+    that one runs on an async generator of its own, which asyncio's shutdown may close
+    before the generator inside it (it closes every live one at once, in no order), and
+    leaving the block then raises ``RuntimeError``."""
+
+    def __init__(self, watcher: StreamWatcher, watch: JobWatch) -> None:
+        self._watcher = watcher
+        self._watch = watch
+
+    async def __aenter__(self) -> None:
+        watch = self._watch
+        watch.followers += 1
+        if watch.followers == 1 and watch.via_inbox and not watch.done:
+            try:
+                await self._watcher._wake()
+            except BaseException:
+                watch.followers -= 1
+                raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._watch.followers -= 1
+
+
 class StreamWatcher:
     """Feeds ``JobWatch``es from Redis. Create one per client; ``close()`` when done.
 
@@ -121,6 +144,9 @@ class StreamWatcher:
     writes and result sweeps. A lost connection is retried for ``reconnect_s`` before every
     outstanding watch fails with ``QueueUnavailableError``.
     """
+
+    #: How often ``close()`` repeats a cancellation that did not end the reading task.
+    CANCEL_RETRY_S = 0.05
 
     def __init__(
         self,
@@ -145,12 +171,16 @@ class StreamWatcher:
         self._wake_sent = False
         self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def watch(self, job_id: str, *, via_inbox: bool, sweep_now: bool = False) -> JobWatch:
         """Start following ``job_id`` and return its watch (an already followed job returns
         the same watch). ``via_inbox``: the job replies to this client's inbox.
         ``sweep_now`` checks arq's result key at once instead of after a sweep period (for
-        jobs that may have finished long ago)."""
+        jobs that may have finished long ago). Raises ``QueueUnavailableError`` once
+        ``close()`` has begun: a closed watcher starts no reads."""
+        if self._closed:
+            raise QueueUnavailableError(f"the client was closed before job {job_id} was watched")
         watch = self._watches.get(job_id)
         if watch is not None:
             return watch
@@ -165,20 +195,13 @@ class StreamWatcher:
             await self._wake()
         return watch
 
-    @contextlib.asynccontextmanager
-    async def follow(self, watch: JobWatch) -> AsyncIterator[None]:
-        """Read the job's own stream (its tokens) while inside the block."""
-        watch.followers += 1
-        try:
-            if watch.followers == 1 and watch.via_inbox and not watch.done:
-                await self._wake()
-            yield
-        finally:
-            watch.followers -= 1
+    def follow(self, watch: JobWatch) -> Following:
+        """An async context manager: read the job's own stream (its tokens) while inside."""
+        return Following(self, watch)
 
     async def _wake(self) -> None:
         """End the XREAD in flight so that the next one names the current keys."""
-        if self._blocked and not self._wake_sent:
+        if self._blocked and not self._wake_sent and not self._closed:
             self._wake_sent = True
             async with self._pool.pipeline(transaction=False) as pipe:
                 pipe.xadd(self.inbox, {b"w": b"1"}, maxlen=1000, approximate=True)
@@ -190,17 +213,33 @@ class StreamWatcher:
         self._watches.pop(job_id, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._fail_all(QueueUnavailableError("the client was closed while waiting for the job"))
+        """Stop reading, fail the watches still open with ``QueueUnavailableError`` and
+        delete the inbox. Returns once the reading task has ended; idempotent.
+
+        Closing is deliberate, so the watches it fails are not logged (a lost connection's
+        are)."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            # One cancel() is not always enough: redis-py can swallow it. Its socket writes
+            # run under asyncio.wait_for, and on Python 3.11 wait_for returns the write's
+            # result instead of raising CancelledError when the write finished in the loop
+            # turn that the cancellation arrived in (CPython gh-86296). That is the usual
+            # case, not a rare race: right after handing a delta to its reader, the task
+            # sends its next XREAD, so a reader that closes the client on that delta
+            # cancels exactly then. The task would then read on forever (or sleep on
+            # `_has_work`), and awaiting it hung. So cancel until it has ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=self.CANCEL_RETRY_S)
+        closed = QueueUnavailableError("the client was closed while waiting for the job")
+        self._fail_all(closed, quietly=True)
         with contextlib.suppress(*REDIS_ERRORS):
             await self._pool.delete(self.inbox)
 
     async def _run(self) -> None:
         failing_since: float | None = None
-        while True:
+        while not self._closed:
             if not self._watches:
                 self._has_work.clear()
                 await self._has_work.wait()
@@ -213,7 +252,8 @@ class StreamWatcher:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since >= self._reconnect_s:
-                    self._fail_all(QueueUnavailableError(f"lost the connection to Redis: {e}"))
+                    why = e or type(e).__name__
+                    self._fail_all(QueueUnavailableError(f"lost the connection to Redis: {why}"))
                     failing_since = None
                 else:
                     await asyncio.sleep(0.1)
@@ -282,8 +322,10 @@ class StreamWatcher:
             if w.done:
                 self.forget(w.job_id)
 
-    def _fail_all(self, error: LoraFleetError) -> None:
-        if self._watches:
+    def _fail_all(self, error: LoraFleetError, *, quietly: bool = False) -> None:
+        """Fail and forget every watch, each with its own instance of ``error``; logged
+        unless ``quietly`` (a deliberate close)."""
+        if self._watches and not quietly:
             logger.warning("giving up on %d jobs: %s", len(self._watches), error)
         for watch in self._watches.values():
             watch.fail(type(error)(error.message))  # one instance per waiter: own traceback

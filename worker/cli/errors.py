@@ -13,12 +13,19 @@ class UsageError(Exception):
 
 def is_user_error(error: BaseException) -> bool:
     """A refusal with a message meant for the user: bad flags or variables, a Redis that
-    cannot be reached, a request error, a local worker or model that cannot start."""
+    cannot be reached, a request error, a local worker or model that cannot start, a result
+    not there in time (``TimeoutError``, whose message names the job)."""
     from lorafleet.producer.errors import LoraFleetError
     from lorafleet.worker.catalog import ModelPrepareError
     from lorafleet.worker.launcher import WorkerStartError
     from lorafleet.worker.settings import ConfigError
 
     return isinstance(
-        error, UsageError | ConfigError | LoraFleetError | ModelPrepareError | WorkerStartError
+        error,
+        UsageError
+        | ConfigError
+        | LoraFleetError
+        | ModelPrepareError
+        | WorkerStartError
+        | TimeoutError,
     )
