@@ -9,28 +9,40 @@ from __future__ import annotations
 
 import msgspec
 
+from lorafleet.producer.types import RequestOutput
+
 
 class ErrorInfo(msgspec.Struct, frozen=True):
-    """An error on the wire: a stable ``code`` and a human message."""
+    """An error on the wire: a stable ``code``, a human message, and for a request cut short
+    (a deadline, an abort) the ``output`` it had produced by then."""
 
     code: str
     message: str
+    output: RequestOutput | None = None
 
 
 class LoraFleetError(Exception):
-    """Base of all request errors. ``code`` is stable; ``message`` is for humans."""
+    """Base of all request errors. ``code`` is stable; ``message`` is for humans.
+    ``output``: what a request cut short had produced (its ``finish_reason`` is ``abort``),
+    else None."""
 
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, output: RequestOutput | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.output = output
+
+    @property
+    def partial_text(self) -> str:
+        """The text generated before the request was cut short ("" if none)."""
+        return self.output.outputs[0].text if self.output and self.output.outputs else ""
 
     def to_info(self) -> ErrorInfo:
-        return ErrorInfo(self.code, self.message)
+        return ErrorInfo(self.code, self.message, self.output)
 
     def __reduce__(self):  # keep subclasses picklable for multiprocessing users
-        return (type(self), (self.message,))
+        return (type(self), (self.message, self.output))
 
 
 class InvalidRequestError(LoraFleetError, ValueError):
@@ -144,7 +156,7 @@ def error_from_info(info: ErrorInfo) -> LoraFleetError:
     """The typed exception for a wire error; unknown codes become ``LoraFleetError``."""
     cls = ERROR_TYPES.get(info.code)
     if cls is None:
-        err = LoraFleetError(info.message)
+        err = LoraFleetError(info.message, info.output)
         err.code = info.code
         return err
-    return cls(info.message)
+    return cls(info.message, info.output)

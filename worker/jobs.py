@@ -349,12 +349,15 @@ async def _generate(
             # Cancelled or failed: free the request's KV blocks and adapter slot now
             # (a no-op for a request the engine already finished).
             engine.abort(stopper.request_id)
-    # A request that completed before the abort took effect keeps its full output.
+    output.request_id = job_id
+    # A request that completed before the abort took effect keeps its full output; one cut
+    # short carries what it had made.
     if any(o.finish_reason == "abort" for o in output.outputs):
         if stopper.reason is DeadlineExceededError:
-            return _error(job_id, DeadlineExceededError(f"job {job_id} reached its deadline"))
-        return _error(job_id, AbortedError(f"job {job_id} was aborted"))
-    output.request_id = job_id
+            made = sum(len(o.token_ids) for o in output.outputs)
+            message = f"job {job_id} reached its deadline after {made} tokens"
+            return _error(job_id, DeadlineExceededError(message, output))
+        return _error(job_id, AbortedError(f"job {job_id} was aborted", output))
     output.metrics = RequestMetrics(
         arrival_time=job.enqueued_at,
         first_scheduled_time=started,

@@ -83,3 +83,23 @@ def test_deadline_and_abort_free_kv_blocks_and_the_adapter_slot(shared_worker, r
     # slot in the same call), and no block of theirs was lost: all are free once idle.
     assert freed["slots_in_use"] == 0 and freed["running"] == OTHERS and freed["requests"] == OTHERS
     assert idle["free_blocks"] == idle["num_blocks"] and idle["running"] == 0
+
+
+def test_a_deadline_mid_generation_keeps_the_text_made_so_far(shared_worker):
+    url, queue = shared_worker.config.redis_url, shared_worker.config.queue
+
+    async def scenario():
+        async with Client(url, queue_name=queue) as client:
+            handle = await client.submit("cut by the clock", LONG, timeout=1.0)
+            streamed = []
+            with pytest.raises(DeadlineExceededError) as caught:
+                async for delta in handle.stream():
+                    streamed.append(delta)
+            return "".join(streamed), caught.value
+
+    streamed, error = asyncio.run(scenario())
+    completion = error.output.outputs[0]
+    assert 0 < len(completion.token_ids) < LONG.max_tokens
+    assert completion.finish_reason == "abort"
+    assert error.partial_text == completion.text and completion.text.startswith(streamed)
+    assert f"after {len(completion.token_ids)} tokens" in error.message
