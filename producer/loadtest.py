@@ -363,10 +363,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--num-requests", type=int, help="requests to send (default 200 unless --duration)"
     )
-    load.add_argument("--duration", type=float, help="stop sending after this many seconds")
-    load.add_argument("--warmup", type=int, default=8, help="unmeasured requests sent first")
     load.add_argument(
-        "--timeout", type=float, default=300.0, help="deadline of each request, seconds"
+        "--duration", type=float, help="stop sending after this many seconds (default: none)"
+    )
+    load.add_argument(
+        "--warmup", type=int, default=8, help="unmeasured requests sent first (default 8)"
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="deadline of each request, seconds (default 300)",
     )
     work = parser.add_argument_group("workload")
     work.add_argument(
@@ -376,7 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     work.add_argument("--num-adapters", type=int, help="use the first N adapters (default all)")
     work.add_argument(
-        "--base-share", type=float, default=0.0, help="fraction of requests on the base model"
+        "--base-share",
+        type=float,
+        default=0.0,
+        help="fraction of requests on the base model (default 0)",
     )
     work.add_argument(
         "--prompt-len",
@@ -387,12 +397,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument(
         "--output-len", default="24", help="output tokens: N or uniform:A:B (default 24)"
     )
-    work.add_argument("--temperature", type=float, default=0.0)
-    work.add_argument("--seed", type=int, default=0, help="seed of the workload and arrivals")
-    slo = parser.add_argument_group("SLOs for goodput (milliseconds)")
-    slo.add_argument("--slo-ttft", type=float, metavar="MS")
-    slo.add_argument("--slo-tpot", type=float, metavar="MS")
-    slo.add_argument("--slo-e2e", type=float, metavar="MS")
+    work.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    work.add_argument(
+        "--seed", type=int, default=0, help="seed of the workload and arrivals (default 0)"
+    )
+    slo = parser.add_argument_group(
+        "SLOs for goodput (milliseconds): a request counts toward goodput when it meets all given"
+    )
+    slo.add_argument("--slo-ttft", type=float, metavar="MS", help="time to first token at most MS")
+    slo.add_argument(
+        "--slo-tpot",
+        type=float,
+        metavar="MS",
+        help="time per output token (after the first) at most MS",
+    )
+    slo.add_argument("--slo-e2e", type=float, metavar="MS", help="end-to-end latency at most MS")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write the full report (JSON) here")
     out.add_argument("--plot", metavar="PATH", help="write latency CDFs and throughput (PNG)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,3 +73,56 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path):
     for entry in accuracy:
         matched, total = entry.rsplit(" ", 1)[1].split("/")
         assert matched == total, proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--redis-url", "http://127.0.0.1:38361", "hi"], "must start with redis://"),
+        (["generate", "--redis-url", "redis://127.0.0.1:1/0", "hi"], "connection refused"),
+        (["generate", "--lora", "a=/x", "--lora", "a=/y", "--redis-url", "redis://h/0", "hi"],
+         "--lora names 'a' twice"),
+        (["generate", "--system", "be brief", "hi"], "--system needs --chat"),
+        (["worker", "--model", "/nowhere", "--max-model-len", "abc"], "--max-model-len must be an integer"),
+        (["loadtest", "--model", "/nowhere", "--adapters-dir", "/nowhere"], "no PEFT adapter folders"),
+        (["prepare-model", "gpt-9"], "unknown model 'gpt-9'"),
+    ],
+)  # fmt: skip
+def test_an_ordinary_mistake_is_one_line_and_status_2(args, message):
+    proc = _run(args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"lorafleet {args[0]}: "), proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_missing_database_is_one_line(redis_server):
+    url = redis_server.url.rsplit("/", 1)[0] + "/99"
+    proc = _run(["generate", "--redis-url", url, "hi"])
+    assert proc.returncode == 2 and "database 99 does not exist" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_generate_json_lines_and_worker_side_refusals(worker, adapters, adapter_root, tmp_path):
+    url, queue = worker.config.redis_url, worker.config.queue
+    a = adapters[0]
+    relative = "relative/adapter"
+    proc = _run(
+        ["generate", "--redis-url", url, "--queue", queue, "--max-tokens", "3", "--json", "--base",
+         "--lora", f"{a.lora_name}={a.lora_path}", "one\ntwo"],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(e["adapter"], e["prompt"]) for e in lines] == [
+        (a.lora_name, "one\ntwo"),
+        (None, "one\ntwo"),
+    ]
+    assert all(e["output_tokens"] == 3 and "text" in e and e["job_id"] for e in lines)
+    # The worker resolves adapter paths itself: a relative one is named as such.
+    from lorafleet.producer import LoRARequest, SamplingParams, SyncClient
+    from lorafleet.producer.errors import AdapterNotFoundError
+
+    with (
+        SyncClient(url, queue_name=queue) as client,
+        pytest.raises(AdapterNotFoundError, match=r"is relative .* use an absolute path"),
+    ):
+        client.generate("x", SamplingParams(max_tokens=2), LoRARequest("rel", 4242, relative))

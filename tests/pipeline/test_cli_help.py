@@ -1,0 +1,41 @@
+"""The command line helps: a version, a description for every command, help text for every
+flag (with its default where it has one), and nothing heavy imported to print it."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from lorafleet.worker.cli import build_parser
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "lorafleet.worker.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("lorafleet ") and out.split()[1][0].isdigit()
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_and_flag_says_what_it_does(name):
+    command = _commands()[name]
+    assert command.description, f"lorafleet {name} has no description"
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = "/".join(action.option_strings) or action.dest
+        assert action.help, f"lorafleet {name} {flag} has no help text"
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            assert "default" in action.help, f"lorafleet {name} {flag} hides its default"
