@@ -28,12 +28,19 @@ def real_adapter_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_adapters(real_model, real_adapter_root) -> list[LoRARequest]:
-    """Random PEFT-format adapters for the real model, small enough that answers stay
-    sentences (a larger std turns them to noise, where near-ties make greedy comparisons
-    fragile)."""
+    """Two trained chat demo adapters (PEFT-saved; rank 4 on q/v, rank 16 on q/v of layers
+    10-29), then random PEFT-format ones small enough that answers stay sentences (a larger
+    std turns them to noise, where near-ties make greedy comparisons fragile)."""
+    import shutil
+
+    from lorafleet.worker import chat_demo
     from lorafleet.worker.synthetic import build_random_adapter
 
     made = []
+    for i, task in enumerate(("json", "title")):
+        # Copied under the adapters' root: a worker test allows that folder alone.
+        path = shutil.copytree(chat_demo.adapters()[task], real_adapter_root / task)
+        made.append(LoRARequest(task, 90 + i, str(path)))
     for i, (name, rank, targets) in enumerate(REAL_ADAPTERS):
         path = build_random_adapter(
             real_model,

@@ -35,12 +35,14 @@ def test_defaults_serve_the_whole_context(llm, real_model):
 
 
 def test_mixed_batch_with_evicting_slots_equals_peft(llm, real_adapters, peft_reference):
-    """Base model and four adapters (ranks 4-32, attention / MLP / all targets) in one batch
-    through two slots, each request equal to transformers + PEFT alone."""
+    """Base model and six adapters (two trained, four random; ranks 4-32, attention / MLP /
+    all targets, some on a subset of layers) in one batch through two slots, each request
+    equal to transformers + PEFT alone."""
+    n = len(real_adapters)
     requests = [
         (lora, question)
         for i, question in enumerate(QUESTIONS)
-        for lora in (None, real_adapters[i % 4], real_adapters[(i + 1) % 4])
+        for lora in (None, real_adapters[i % n], real_adapters[(i + 3) % n])
     ]
     outs = llm.chat(
         [_chat(q) for _, q in requests], GREEDY, lora_request=[lora for lora, _ in requests]

