@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -57,42 +56,45 @@ def real_adapters(real_model, real_adapter_root) -> list[LoRARequest]:
 
 @pytest.fixture(scope="session")
 def peft_reference(real_model):
-    """(lora or None, question, max_tokens) -> the greedy token ids of transformers + PEFT
-    for that request alone (fp32, CPU)."""
+    """[(lora or None, question)], max_tokens -> for each request, the greedy token ids of
+    transformers + PEFT for it alone (fp32, CPU), in order.
+
+    One adapter is loaded at a time (a PEFT model holding several runs each of them several
+    times slower), and every request of that adapter runs before the next is loaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(real_model)
     base = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
-    state: dict = {"model": None, "loaded": set()}
 
-    @torch.no_grad()
-    def generate(lora: LoRARequest | None, question: str, max_tokens: int) -> list[int]:
+    def generate(model, question: str, max_tokens: int) -> list[int]:
         ids = torch.tensor([chat_prompt_ids(tokenizer, question)])
-        if lora is None:
-            model = base if state["model"] is None else state["model"]
-            context = model.disable_adapter() if state["model"] is not None else nullcontext()
-        else:
-            if state["model"] is None:
-                state["model"] = PeftModel.from_pretrained(
-                    base, lora.lora_path, adapter_name=lora.lora_name
-                )
-            elif lora.lora_name not in state["loaded"]:
-                state["model"].load_adapter(lora.lora_path, adapter_name=lora.lora_name)
-            state["loaded"].add(lora.lora_name)
-            state["model"].set_adapter(lora.lora_name)
-            model, context = state["model"], nullcontext()
-        with context:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                top_p=None,
-                top_k=None,
-                temperature=None,
-                pad_token_id=tokenizer.eos_token_id,
-            )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         return out[0, ids.shape[1] :].tolist()
 
-    return generate
+    @torch.no_grad()
+    def reference(
+        requests: list[tuple[LoRARequest | None, str]], max_tokens: int
+    ) -> list[list[int]]:
+        results: dict[int, list[int]] = {}
+        by_adapter: dict[LoRARequest | None, list[int]] = {}
+        for i, (lora, _) in enumerate(requests):
+            by_adapter.setdefault(lora, []).append(i)
+        for lora, indices in by_adapter.items():
+            model = base if lora is None else PeftModel.from_pretrained(base, lora.lora_path)
+            for i in indices:
+                results[i] = generate(model, requests[i][1], max_tokens)
+            if lora is not None:
+                model.unload()  # the base model without the adapter's layers
+        return [results[i] for i in range(len(requests))]
+
+    return reference

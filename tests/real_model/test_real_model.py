@@ -48,9 +48,9 @@ def test_mixed_batch_with_evicting_slots_equals_peft(llm, real_adapters, peft_re
         [_chat(q) for _, q in requests], GREEDY, lora_request=[lora for lora, _ in requests]
     )
     assert llm.engine.adapters.stats.slot_evictions > 0
-    for (lora, question), out in zip(requests, outs, strict=True):
-        expected = peft_reference(lora, question, MAX_TOKENS)
-        assert out.outputs[0].token_ids == expected, (lora and lora.lora_name, question)
+    expected = peft_reference(requests, MAX_TOKENS)
+    for (lora, question), out, tokens in zip(requests, outs, expected, strict=True):
+        assert out.outputs[0].token_ids == tokens, (lora and lora.lora_name, question)
     texts = {o.outputs[0].text for o in outs[: 3 * 2]}
     assert len(texts) > 2  # the adapters change the answers
 

@@ -62,8 +62,9 @@ def test_mixed_chat_batch_through_the_queue_equals_peft(
         outs = client.chat(
             chats, SamplingParams(max_tokens=16, temperature=0), [lr for lr, _ in requests]
         )
-    for (lora, question), out in zip(requests, outs, strict=True):
-        assert out.outputs[0].token_ids == peft_reference(lora, question, 16), question
+    expected = peft_reference(requests, 16)
+    for (_, question), out, tokens in zip(requests, outs, expected, strict=True):
+        assert out.outputs[0].token_ids == tokens, question
 
 
 def test_generate_with_the_catalog_name(real_model):
