@@ -19,7 +19,7 @@ import torch
 
 from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM
-from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
 
 def build(root: Path, args) -> tuple[Path, list[LoRARequest]]:

@@ -35,8 +35,8 @@ from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
 from lorafleet.producer.keys import arq_result_key
 from lorafleet.producer.redis_server import EmbeddedRedis
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 NOOP_QUEUE = "bench:noop"
 PIPE_QUEUE = "bench:lorafleet"
@@ -148,7 +148,7 @@ def engine_alone(model: Path, n: int, rounds: int, loras: list[LoRARequest | Non
 
 
 def build_assets(root: Path, adapters: int) -> tuple[Path, list[LoRARequest | None]]:
-    from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     model = build_random_model(root / "model", "llama", seed=1)
     (root / "adapters").mkdir()

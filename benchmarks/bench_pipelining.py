@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from lorafleet.producer import LoRARequest
     from lorafleet.worker import LLM
-    from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     mode = GPU if args.gpu else CPU
     if args.gpu:

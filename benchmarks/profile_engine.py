@@ -54,7 +54,7 @@ def main() -> None:
 
     from lorafleet.producer import LoRARequest, SamplingParams
     from lorafleet.worker import LLM
-    from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     mode = GPU if args.gpu else CPU
     targets = args.targets.split(",") if args.targets else mode.targets

@@ -152,7 +152,7 @@ def machine_line(mode: Mode, threads: int) -> str:
 def build_model(root: Path, mode: Mode) -> Path:
     import torch
 
-    from lorafleet.worker.synthetic import build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_model
 
     return build_random_model(
         root / "model", "llama", seed=1, dtype=getattr(torch, mode.dtype), **mode.model_shape

@@ -12,8 +12,8 @@ COPY worker worker
 COPY kernels kernels
 RUN pip install --no-cache-dir '.[worker]'
 
-ENV LORAFLEET_MODEL=/app/worker/assets/demo/base \
-    LORAFLEET_ADAPTER_ROOTS=/app/worker/assets/demo/adapters \
+ENV LORAFLEET_MODEL=/app/worker/demo/assets/demo/base \
+    LORAFLEET_ADAPTER_ROOTS=/app/worker/demo/assets/demo/adapters \
     LORAFLEET_DEVICE=cpu \
     LORAFLEET_METRICS_PORT=9400
 EXPOSE 9400

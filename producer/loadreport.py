@@ -13,6 +13,7 @@ The figure needs matplotlib (``pip install matplotlib``); nothing else here does
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 #: Schema version of the JSON report.
 REPORT_VERSION = 1
@@ -307,8 +311,8 @@ def build_report(
 # -- output ----------------------------------------------------------------------------
 
 
-def _ms(value: float | None, width: int = 9) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value * 1000:>{width}.1f}"
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
 
 
 def format_summary(report: Report, *, top: int = 10) -> str:
@@ -332,8 +336,7 @@ def format_summary(report: Report, *, top: int = 10) -> str:
             f"goodput      {report.goodput:.2f} req/s ({attained:.1%} of requests met "
             f"{report.slo.describe()})"
         )
-    header = f"{'latency (ms)':<20}{'mean':>9}" + "".join(f"{'p' + str(q):>9}" for q in PERCENTILES)
-    lines += ["", header + f"{'max':>9}{'n':>7}"]
+    latency = _table("latency (ms)", "mean", *(f"p{q}" for q in PERCENTILES), "max", "n")
     for label, stats in (
         ("queue wait", report.queue_wait),
         ("TTFT", report.ttft),
@@ -342,23 +345,35 @@ def format_summary(report: Report, *, top: int = 10) -> str:
         ("end-to-end", report.e2e),
     ):
         values = [stats.mean, stats.p50, stats.p90, stats.p99, stats.max]
-        lines.append(f"{label:<20}" + "".join(_ms(v) for v in values) + f"{stats.count:>7}")
+        latency.add_row(label, *(_ms(v) for v in values), str(stats.count))
     rows = report.per_adapter
     shown = rows[:top]
     title = "per adapter" + (f" (busiest {top} of {len(rows)})" if len(rows) > top else "")
-    width = max([len("adapter"), *(len(r.adapter) for r in shown)]) + 2
-    lines += [
-        "",
-        title,
-        f"{'adapter':<{width}}{'requests':>9}{'ok':>7}{'failed':>7}{'out tok':>9}"
-        f"{'TTFT p50':>10}{'TPOT p50':>10}{'e2e p50':>10}{'e2e p99':>10}  (ms)",
-    ]
+    adapters = _table(
+        "adapter", "requests", "ok", "failed", "out tok", "TTFT p50", "TPOT p50", "e2e p50",
+        "e2e p99", title=f"{title}, latencies in ms",
+    )  # fmt: skip
     for r in shown:
-        lines.append(
-            f"{r.adapter:<{width}}{r.requests:>9}{r.ok:>7}{r.failed:>7}{r.output_tokens:>9}"
-            + "".join(_ms(v, 10) for v in (r.ttft_p50, r.tpot_p50, r.e2e_p50, r.e2e_p99))
-        )
-    return "\n".join(lines)
+        counts = (r.requests, r.ok, r.failed, r.output_tokens)
+        latencies = (r.ttft_p50, r.tpot_p50, r.e2e_p50, r.e2e_p99)
+        adapters.add_row(r.adapter, *map(str, counts), *(_ms(v) for v in latencies))
+    return "\n".join(lines) + "\n\n" + _render(latency) + "\n" + _render(adapters)
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    """A plain table: the first column left-aligned, the numbers right-aligned."""
+    table = Table(*columns, title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    return table
+
+
+def _render(table: Table) -> str:
+    """``table`` as plain text (no colours), as wide as it needs."""
+    console = Console(file=io.StringIO(), width=200, color_system=None, highlight=False)
+    console.print(table)
+    lines = console.file.getvalue().strip("\n").splitlines()
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def write_json(report: Report, path: str | Path) -> None:

@@ -10,8 +10,8 @@ flight. A warm-up batch (separate requests, not measured) goes first.
 Every request is streamed, as an interactive client would: the client records when it sent
 the request, each text delta's arrival and the end. ``RequestOutput.metrics`` adds when a
 worker took the job off the queue. ``lorafleet.producer.loadreport`` turns the records into
-the summary, the JSON report and the figure. The end of this module is the glue of the
-``lorafleet loadtest`` command (whose fleet and adapter flags live in the CLI).
+the summary, the JSON report and the figure; the ``lorafleet loadtest`` command
+(``lorafleet.worker.cli.loadtest``) is its front end.
 
 Example::
 
@@ -23,37 +23,25 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
 import math
 import random
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
 
 from lorafleet.producer.client import Client, JobHandle
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.keys import DEFAULT_QUEUE
 from lorafleet.producer.loadreport import (
-    SLO,
     RequestRecord,
-    build_report,
-    format_summary,
-    plot_report,
-    require_matplotlib,
-    write_json,
 )
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.producer.workload import (
-    AdapterMix,
     Arrivals,
-    Length,
     PlannedRequest,
-    Prompts,
     Workload,
 )
 
@@ -139,59 +127,29 @@ class LoadTestSpec:
         return f"{load}; at most {' / '.join(bounds)}"
 
 
-class Progress:
-    """A one-line progress bar on ``stream`` (stderr): redrawn in place on a terminal,
-    a plain line every few seconds otherwise (CI logs)."""
+@dataclass
+class LoadCounts:
+    """Requests of the measured run so far: sent, and of those finished, ok and failed.
+    ``run_load_test`` updates one and calls its ``progress`` callback on every change."""
 
-    def __init__(self, total: int | None, duration: float | None, stream: TextIO = sys.stderr):
-        self.total = total
-        self.duration = duration
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.sent = self.ok = self.failed = 0
-        self._started = time.perf_counter()
-        self._last_plain = -math.inf
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self._started
-        done = self.ok + self.failed
-        if self.total is not None:
-            fraction = done / self.total
-        else:
-            fraction = min(1.0, elapsed / self.duration) if self.duration else 0.0
-        width = 24
-        bar = "#" * int(fraction * width)
-        count = f"{done}/{self.total}" if self.total is not None else f"{done} done"
-        rate = done / elapsed if elapsed > 0 else 0.0
-        return (
-            f"[{bar:<{width}}] {count}  ok {self.ok}  failed {self.failed}  "
-            f"in flight {self.sent - done}  {rate:.1f} req/s  {elapsed:.1f}s"
-        )
-
-    def draw(self, final: bool = False) -> None:
-        now = time.perf_counter()
-        if self.tty:
-            self.stream.write("\r" + self.line() + ("\n" if final else ""))
-        elif final or now - self._last_plain >= 5.0:
-            self.stream.write(self.line() + "\n")
-            self._last_plain = now
-        self.stream.flush()
-
-    async def run(self) -> None:
-        """Redraw four times a second until cancelled; the clock starts here."""
-        self._started = time.perf_counter()
-        while True:
-            self.draw()
-            await asyncio.sleep(0.25)
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
 
 
 class _Runner:
     """One load-test run against one client; see ``run_load_test``."""
 
-    def __init__(self, client: Client, spec: LoadTestSpec, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        spec: LoadTestSpec,
+        progress: Callable[[LoadCounts], None] | None,
+    ) -> None:
         self.client = client
         self.spec = spec
         self.progress = progress
+        self.counts = LoadCounts()
         self.records: list[RequestRecord] = []
         self.start = 0.0
         self._planned: Iterator[PlannedRequest] = iter(())
@@ -241,8 +199,8 @@ class _Runner:
             sent=self.now(),
         )
         self.records.append(record)
-        if self.progress:
-            self.progress.sent += 1
+        self.counts.sent += 1
+        self._report()
         handle = None
         try:
             handle = await self._submit(planned)
@@ -263,9 +221,13 @@ class _Runner:
         finally:
             if record.finished is None:
                 record.finished = self.now()
-            if self.progress:
-                self.progress.ok += record.ok
-                self.progress.failed += not record.ok
+            self.counts.ok += record.ok
+            self.counts.failed += not record.ok
+            self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.counts)
 
     def _next(self) -> PlannedRequest | None:
         return next(self._planned, None) if self._more() else None
@@ -295,16 +257,7 @@ class _Runner:
         """Run the measured part; return its length in seconds (to the last answer)."""
         self._planned = itertools.islice(self.spec.workload.requests(), self.spec.num_requests)
         self.start = time.perf_counter()
-        ticker = asyncio.create_task(self.progress.run()) if self.progress else None
-        try:
-            await (self.closed_loop() if self.spec.closed_loop else self.open_loop())
-        finally:
-            if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-                assert self.progress is not None
-                self.progress.draw(final=True)
+        await (self.closed_loop() if self.spec.closed_loop else self.open_loop())
         return self.now()
 
 
@@ -320,9 +273,10 @@ async def run_load_test(
     spec: LoadTestSpec,
     *,
     queue_name: str = DEFAULT_QUEUE,
-    progress: Progress | None = None,
+    progress: Callable[[LoadCounts], None] | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """Warm up, then run ``spec`` against the workers of ``url`` / ``queue_name``.
+    """Warm up, then run ``spec`` against the workers of ``url`` / ``queue_name``;
+    ``progress`` is called with the measured run's counts whenever they change.
 
     Returns the records of the measured requests (in sending order) and the measured
     run's length in seconds, from the first send to the last answer. Raises
@@ -336,176 +290,3 @@ async def run_load_test(
         elapsed = await runner.run()
     records = sorted(runner.records, key=lambda r: r.sent)
     return records, elapsed
-
-
-# -- command line (``lorafleet loadtest``; the fleet and adapter flags live in the CLI) ----
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Load, workload, SLO and output flags of ``lorafleet loadtest``."""
-    load = parser.add_argument_group("load (open loop by default)")
-    how = load.add_mutually_exclusive_group()
-    how.add_argument(
-        "--rate",
-        type=float,
-        default=10.0,
-        help="open loop: mean arrivals per second; 'inf' sends everything at once (default 10)",
-    )
-    how.add_argument(
-        "--concurrency", type=int, help="closed loop: this many users, each waiting for its answer"
-    )
-    load.add_argument(
-        "--burstiness",
-        type=float,
-        default=1.0,
-        help="gamma shape of the arrival gaps: 1 is Poisson, below 1 burstier (default 1)",
-    )
-    load.add_argument(
-        "--num-requests", type=int, help="requests to send (default 200 unless --duration)"
-    )
-    load.add_argument(
-        "--duration", type=float, help="stop sending after this many seconds (default: none)"
-    )
-    load.add_argument(
-        "--warmup", type=int, default=8, help="unmeasured requests sent first (default 8)"
-    )
-    load.add_argument(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="deadline of each request, seconds (default 300)",
-    )
-    work = parser.add_argument_group("workload")
-    work.add_argument(
-        "--adapter-mix",
-        default="uniform",
-        help="identical, uniform, zipf[:ALPHA] or distinct (default uniform)",
-    )
-    work.add_argument("--num-adapters", type=int, help="use the first N adapters (default all)")
-    work.add_argument(
-        "--base-share",
-        type=float,
-        default=0.0,
-        help="fraction of requests on the base model (default 0)",
-    )
-    work.add_argument(
-        "--prompt-len",
-        default="uniform:8:24",
-        help="prompt length in characters: N or uniform:A:B (default uniform:8:24)",
-    )
-    work.add_argument("--prompts", metavar="FILE", help="draw prompts from FILE, one per line")
-    work.add_argument(
-        "--output-len", default="24", help="output tokens: N or uniform:A:B (default 24)"
-    )
-    work.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
-    )
-    work.add_argument(
-        "--seed", type=int, default=0, help="seed of the workload and arrivals (default 0)"
-    )
-    slo = parser.add_argument_group(
-        "SLOs for goodput (milliseconds): a request counts toward goodput when it meets all given"
-    )
-    slo.add_argument("--slo-ttft", type=float, metavar="MS", help="time to first token at most MS")
-    slo.add_argument(
-        "--slo-tpot",
-        type=float,
-        metavar="MS",
-        help="time per output token (after the first) at most MS",
-    )
-    slo.add_argument("--slo-e2e", type=float, metavar="MS", help="end-to-end latency at most MS")
-    out = parser.add_argument_group("output")
-    out.add_argument("--json", metavar="PATH", help="write the full report (JSON) here")
-    out.add_argument("--plot", metavar="PATH", help="write latency CDFs and throughput (PNG)")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def spec_from_args(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:
-    """The ``LoadTestSpec`` the flags describe. Raises ``ValueError`` with a message for a
-    bad value, an unreadable prompts file or a missing matplotlib, so call it before
-    starting anything."""
-    try:
-        if args.plot:
-            require_matplotlib()
-        return _spec(args, loras)
-    except (OSError, RuntimeError) as e:
-        raise ValueError(str(e)) from None
-
-
-def _spec(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpec:
-    prompts = (
-        Prompts.from_file(args.prompts) if args.prompts else Prompts(Length.parse(args.prompt_len))
-    )
-    workload = Workload(
-        AdapterMix.parse(args.adapter_mix, len(loras), args.base_share),
-        prompts,
-        Length.parse(args.output_len),
-        seed=args.seed,
-    )
-    num_requests = args.num_requests
-    if num_requests is None and args.duration is None:
-        num_requests = 200
-    return LoadTestSpec(
-        workload,
-        loras,
-        arrivals=Arrivals(args.rate, args.burstiness),
-        concurrency=args.concurrency,
-        num_requests=num_requests,
-        duration=args.duration,
-        warmup=args.warmup,
-        temperature=args.temperature,
-        request_timeout=args.timeout,
-    )
-
-
-def slo_from_args(args: argparse.Namespace) -> SLO:
-    def seconds(ms: float | None) -> float | None:
-        return None if ms is None else ms / 1000.0
-
-    return SLO(ttft=seconds(args.slo_ttft), tpot=seconds(args.slo_tpot), e2e=seconds(args.slo_e2e))
-
-
-def run_command(
-    args: argparse.Namespace, spec: LoadTestSpec, url: str, queue_name: str, setup: dict[str, Any]
-) -> int:
-    """Run ``spec`` (from ``spec_from_args(args, ...)``) against ``url`` and print, write
-    and plot the report as the flags ask. ``setup`` (model, worker settings...) is recorded
-    in the report's config. Returns the exit status: 0 if every request succeeded, else 1."""
-    slo = slo_from_args(args)
-    progress = None if args.quiet else Progress(spec.num_requests, spec.duration)
-    records, elapsed = asyncio.run(
-        run_load_test(url, spec, queue_name=queue_name, progress=progress)
-    )
-    config = {
-        **setup,
-        "mode": "closed" if spec.closed_loop else "open",
-        "rate": None if math.isinf(spec.arrivals.rate) else spec.arrivals.rate,
-        "burstiness": spec.arrivals.burstiness,
-        "concurrency": spec.concurrency,
-        "num_requests": spec.num_requests,
-        "duration": spec.duration,
-        "warmup": spec.warmup,
-        "adapter_mix": args.adapter_mix,
-        "base_share": args.base_share,
-        "prompts": spec.workload.prompts.describe(),
-        "output_len": args.output_len,
-        "temperature": spec.temperature,
-        "seed": args.seed,
-        "request_timeout": spec.request_timeout,
-        "adapters": [lora.lora_name for lora in spec.loras],
-    }
-    report = build_report(
-        records,
-        elapsed,
-        description=f"{spec.describe()}; {spec.workload.describe()}",
-        config=config,
-        slo=slo,
-    )
-    print(format_summary(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"\nreport: {args.json}")
-    if args.plot:
-        plot_report(report, args.plot)
-        print(f"figure: {args.plot}")
-    return 0 if report.failed == 0 else 1

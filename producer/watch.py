@@ -36,7 +36,7 @@ from lorafleet.producer.errors import (
 from lorafleet.producer.keys import arq_job_key, arq_result_key, inbox_key, stream_key
 from lorafleet.producer.stream import DEFAULT_TTL_S, FIELD, JOB_FIELD, StreamEvent, decode_event
 
-logger = logging.getLogger("lorafleet.producer")
+logger = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 

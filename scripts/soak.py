@@ -56,8 +56,8 @@ from lorafleet.producer.errors import (
 from lorafleet.producer.keys import stream_key
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.producer.stream import FIELD, decode_event
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 PROMPTS = [f"soak prompt {i}: the quick brown fox" for i in range(16)]
 FAULTS = ("kill", "drain", "redis")
@@ -104,7 +104,7 @@ class Fleet:
 
 
 def _assets(root: Path) -> tuple[Path, list[LoRARequest]]:
-    from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     model = build_random_model(root / "model", "llama", seed=1)
     loras = [

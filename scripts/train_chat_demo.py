@@ -1,6 +1,6 @@
 """Train the chat demo's task adapters on SmolLM2-135M-Instruct (CPU, fixed seeds).
 
-    python scripts/train_chat_demo.py --out worker/assets/chat_demo
+    python scripts/train_chat_demo.py --out worker/demo/assets/chat_demo
 
 (``--model`` defaults to the catalog's ``smollm2``, prepared under ``$LORAFLEET_CACHE`` on
 first use. Run the script by its path, never with ``python -c``/``-m`` from the repository
@@ -14,7 +14,7 @@ Steps, all on the CPU:
 2. The base model's own greedy answers to every question, generated with lorafleet's
    in-process engine (``LLM``), cut to their first sentence (two when short); answers that
    never finish a sentence, ramble, or already look like an adapter's format are dropped.
-3. One PEFT LoRA adapter per task of ``lorafleet.worker.chat_demo.TASKS``, trained on
+3. One PEFT LoRA adapter per task of ``lorafleet.worker.demo.chat_demo.TASKS``, trained on
    (chat-templated question -> ``transform(task, base answer)`` + end of turn), loss on
    the answer tokens only, saved in bfloat16 under ``adapters/<task>/``.
 4. Evaluation of what users get: lorafleet's engine serves the saved adapters and the
@@ -51,7 +51,7 @@ import torch
 
 from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM, chat_demo
-from lorafleet.worker.catalog import prepare_model
+from lorafleet.worker.model.catalog import prepare_model
 
 # -- questions ---------------------------------------------------------------------------
 
@@ -484,7 +484,7 @@ def peft_agreement(
 def main(argv: list[str] | None = None) -> None:
     """Generate the base answers, train and save every adapter, evaluate, write the record."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("worker/assets/chat_demo"))
+    ap.add_argument("--out", type=Path, default=Path("worker/demo/assets/chat_demo"))
     ap.add_argument(
         "--model",
         default="smollm2",
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out": held,
         "training_questions": training,
         "training": {
-            "command": "python scripts/train_chat_demo.py --out worker/assets/chat_demo "
+            "command": "python scripts/train_chat_demo.py --out worker/demo/assets/chat_demo "
             f"--threads {args.threads}",
             "torch": torch.__version__,
             "threads": args.threads,

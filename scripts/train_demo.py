@@ -1,17 +1,17 @@
 """Train the demo's tiny base model and its task adapters (CPU, fixed seeds, a few minutes).
 
-    python scripts/train_demo.py --out worker/assets/demo
+    python scripts/train_demo.py --out worker/demo/assets/demo
 
 writes, under ``--out``:
 
 - ``base/``: a from-scratch ``LlamaForCausalLM`` with a character-level tokenizer that
   copies a word: ``<s>hello>`` -> ``hello</s>``;
 - ``adapters/<task>/``: one PEFT LoRA adapter per task in
-  ``lorafleet.worker.demo_assets.TASKS`` (other than ``copy``), trained on the frozen base;
+  ``lorafleet.worker.demo.demo_assets.TASKS`` (other than ``copy``), trained on the frozen base;
 - ``words.json``: the held-out words and how training words are sampled.
 
 The task functions, prompt format and held-out words come from
-``lorafleet.worker.demo_assets``, the same module the demo and the tests read, so what is
+``lorafleet.worker.demo.demo_assets``, the same module the demo and the tests read, so what is
 trained is what is checked. Training words are random lowercase strings drawn on the fly
 from a seeded RNG (never a held-out word); held-out words are real English words, so the
 demo output is readable and accuracy measures generalisation, not memorisation.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.worker.demo_assets import (
+from lorafleet.worker.demo.demo_assets import (
     ALPHABET,
     BASE_MODEL_NAME,
     BASE_TASK,
@@ -229,7 +229,7 @@ def greedy_accuracy(model, tokenizer, task: str, words: list[str]) -> tuple[floa
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, train the base and every adapter, save, and report accuracy."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("worker/assets/demo"))
+    ap.add_argument("--out", type=Path, default=Path("worker/demo/assets/demo"))
     ap.add_argument("--base-steps", type=int, default=800)
     ap.add_argument(
         "--adapter-steps-scale",

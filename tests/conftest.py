@@ -45,7 +45,7 @@ ADAPTER_SPECS = (
 
 
 def _build_model(root: Path, arch: str) -> Path:
-    from lorafleet.worker.synthetic import build_random_model
+    from lorafleet.worker.demo.synthetic import build_random_model
 
     overrides: dict = {}
     if arch == "llama":
@@ -86,7 +86,7 @@ def llama_dir(model_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapter_factory(tmp_path_factory):
     """(model_dir) -> list of (spec, LoRARequest) for ADAPTER_SPECS, cached per model."""
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     root = tmp_path_factory.mktemp("adapters")
     cache: dict[Path, list[tuple[AdapterSpec, LoRARequest]]] = {}

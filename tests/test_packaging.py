@@ -42,7 +42,7 @@ def test_built_wheel_layout_and_import(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in (
         "lorafleet/producer/types.py",
-        "lorafleet/worker/engine.py",
+        "lorafleet/worker/engine/llm_engine.py",
         "lorafleet/kernels/meta.py",
     ):
         assert expected in names
@@ -53,7 +53,7 @@ def test_built_wheel_layout_and_import(tmp_path):
     # editable install's finder is not loaded, so the import must come from the wheel).
     code = (
         f"import sys; sys.path[:0] = [{str(site)!r}, {sysconfig.get_paths()['purelib']!r}];"
-        "import lorafleet.producer, lorafleet.kernels, lorafleet.worker.engine as e;"
+        "import lorafleet.producer, lorafleet.kernels, lorafleet.worker.engine.llm_engine as e;"
         f"assert lorafleet.producer.__file__.startswith({str(site)!r}), lorafleet.producer.__file__;"
         "from lorafleet.producer import LoRARequest; LoRARequest('a', 1, '/p')"
     )

@@ -7,8 +7,8 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from lorafleet.worker.config import EngineConfig
-from lorafleet.worker.settings import VARIABLES
+from lorafleet.worker.engine.config import EngineConfig
+from lorafleet.worker.serve.settings import VARIABLES
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -6,11 +6,11 @@ Names resolve lazily so ``import lorafleet.worker`` stays light (no torch) until
 from importlib import import_module
 
 _LAZY = {
-    "LLM": "lorafleet.worker.llm",
-    "LLMEngine": "lorafleet.worker.engine",
-    "EngineConfig": "lorafleet.worker.config",
+    "LLM": "lorafleet.worker.engine.llm",
+    "LLMEngine": "lorafleet.worker.engine.llm_engine",
+    "EngineConfig": "lorafleet.worker.engine.config",
     # Built from LORAFLEET_* on each lookup: `arq lorafleet.worker.WorkerSettings`.
-    "WorkerSettings": "lorafleet.worker.settings",
+    "WorkerSettings": "lorafleet.worker.serve.worker_settings",
 }
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.worker.cli import main
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,9 @@ from prometheus_client import generate_latest
 from lorafleet.producer.codec import GenerateJob, JobResult
 from lorafleet.producer.errors import AdapterNotFoundError
 from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
-from lorafleet.worker.metrics import (
-    BASE,
-    OTHER,
-    AdapterLabels,
-    MetricsPortInUseError,
-    WorkerMetrics,
-)
-from lorafleet.worker.settings import ConfigError, WorkerConfig
+from lorafleet.worker.serve.adapter_labels import BASE, OTHER, AdapterLabels
+from lorafleet.worker.serve.metrics import MetricsPortInUseError, WorkerMetrics
+from lorafleet.worker.serve.settings import ConfigError, WorkerConfig
 
 ADAPTER_LABELLED = (
     "lorafleet_requests_total",

@@ -27,8 +27,8 @@ import yaml
 from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.errors import AdapterNotFoundError
 from lorafleet.producer.redis_server import EmbeddedRedis
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 
 def _adapters(llama_dir: Path, root: Path) -> list[LoRARequest]:
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     made = []
     for i in range(NUM_ADAPTERS):

@@ -9,8 +9,8 @@ import pytest
 
 from lorafleet.producer import LoRARequest, SyncClient
 from lorafleet.producer.redis_server import EmbeddedRedis
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 NUM_ADAPTERS = 10
 
@@ -30,7 +30,7 @@ def adapter_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def adapters(llama_dir, adapter_root) -> list[LoRARequest]:
     """Ten small adapters of mixed ranks and targets, ids 1..10, under ``adapter_root``."""
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     ranks = (4, 8, 16)
     targets = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))

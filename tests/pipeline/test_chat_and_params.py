@@ -80,7 +80,7 @@ def _raw_result(worker, payload: bytes, timeout: float = 60) -> bytes:
     """Enqueue a raw payload as a producer of another version would; the raw ``JobResult``."""
     from arq.connections import create_pool
 
-    from lorafleet.worker.redis_url import redis_settings_from_url
+    from lorafleet.worker.serve.redis_url import redis_settings_from_url
 
     async def go() -> bytes:
         arq = await create_pool(

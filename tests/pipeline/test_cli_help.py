@@ -32,6 +32,7 @@ def test_version():
 def test_every_command_and_flag_says_what_it_does(name):
     command = _commands()[name]
     assert command.description, f"lorafleet {name} has no description"
+    assert command.format_help()  # renders (argparse %-formats every help text)
     for action in command._actions:
         if isinstance(action, argparse._HelpAction):
             continue

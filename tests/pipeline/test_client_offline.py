@@ -30,7 +30,7 @@ def test_worker_package_and_settings_stay_light(tmp_path):
     code = (
         "import sys, lorafleet.worker as w; s = w.WorkerSettings; "
         "assert s.max_jobs >= 8 and s.poll_delay <= 0.05, s; "
-        "import lorafleet.worker.cli, lorafleet.worker.launcher; "
+        "import lorafleet.worker.cli, lorafleet.worker.local.launcher; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     env = {"LORAFLEET_MODEL": str(tmp_path), "LORAFLEET_MAX_NUM_SEQS": "8", "PATH": ""}

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from lorafleet.producer import LoRARequest, SamplingParams, SyncClient
-from lorafleet.worker.demo_assets import (
+from lorafleet.worker.demo.demo_assets import (
     BASE_TASK,
     demo_adapters,
     demo_model_dir,
@@ -15,8 +15,8 @@ from lorafleet.worker.demo_assets import (
     expected_output,
     held_out_words,
 )
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow
 

@@ -112,7 +112,7 @@ def test_stream_deltas_concatenate_to_the_final_text(client, worker, adapters):
 
 
 def _bad_adapters(root, llama_dir, outside) -> dict[str, LoRARequest]:
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     corrupt = root / "corrupt"
     corrupt.mkdir(exist_ok=True)

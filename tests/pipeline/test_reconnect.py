@@ -9,7 +9,7 @@ import pytest
 from lorafleet.producer import SamplingParams, SyncClient
 from lorafleet.producer.errors import QueueUnavailableError
 from lorafleet.producer.redis_server import EmbeddedRedis, free_port
-from lorafleet.worker.launcher import WorkerProcess
+from lorafleet.worker.local.launcher import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,8 @@ import sys
 import pytest
 
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
-from lorafleet.worker.settings import (
-    VARIABLES,
-    ConfigError,
-    WorkerConfig,
-    build_worker_settings,
-)
+from lorafleet.worker.serve.settings import VARIABLES, ConfigError, WorkerConfig
+from lorafleet.worker.serve.worker_settings import build_worker_settings
 
 
 @pytest.fixture

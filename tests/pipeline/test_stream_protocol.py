@@ -25,7 +25,7 @@ from lorafleet.producer.stream import (
     decode_event,
     encode_event,
 )
-from lorafleet.worker.publisher import StreamPublisher
+from lorafleet.worker.serve.publisher import StreamPublisher
 
 
 def _result(job_id: str, text: str) -> JobResult:

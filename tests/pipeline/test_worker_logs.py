@@ -14,8 +14,8 @@ import pytest
 from lorafleet.producer import LoRARequest, SamplingParams, SyncClient
 from lorafleet.producer.errors import AdapterPathForbiddenError
 from lorafleet.producer.redis_server import EmbeddedRedis, free_port
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow
 
@@ -125,5 +125,5 @@ def test_json_log_lines(redis_server, llama_dir, adapter_root, adapters, tmp_pat
     assert entries and len(entries) >= len(lines) - 2, lines  # every lorafleet line is JSON
     (failure,) = [e for e in entries if e.get("job_id") == bad]
     assert failure["level"] == "WARNING" and failure["code"] == "adapter_path_forbidden"
-    assert failure["adapter"] == "evil" and failure["logger"] == "lorafleet.worker"
+    assert failure["adapter"] == "evil" and failure["logger"] == "lorafleet.worker.serve.jobs"
     assert any("ready in" in e["message"] for e in entries)

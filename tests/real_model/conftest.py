@@ -15,7 +15,7 @@ from lorafleet.producer import LoRARequest
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """The prepared SmolLM2 folder (downloaded and converted on the first run)."""
-    from lorafleet.worker.catalog import prepare_model
+    from lorafleet.worker.model.catalog import prepare_model
 
     return prepare_model("smollm2")
 
@@ -32,8 +32,8 @@ def real_adapters(real_model, real_adapter_root) -> list[LoRARequest]:
     std turns them to noise, where near-ties make greedy comparisons fragile)."""
     import shutil
 
-    from lorafleet.worker import chat_demo
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo import chat_demo
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     made = []
     for i, task in enumerate(("json", "title")):

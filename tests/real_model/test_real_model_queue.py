@@ -12,8 +12,8 @@ from real_model_support import QUESTIONS
 
 from lorafleet.producer import SamplingParams, SyncClient
 from lorafleet.producer.redis_server import EmbeddedRedis
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 pytestmark = pytest.mark.slow
 

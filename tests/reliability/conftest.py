@@ -16,8 +16,8 @@ from reliability_support import HEARTBEAT_TTL, MAX_MODEL_LEN
 
 from lorafleet.producer import LoRARequest
 from lorafleet.producer.redis_server import EmbeddedRedis
-from lorafleet.worker.launcher import WorkerProcess
-from lorafleet.worker.settings import WorkerConfig
+from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.settings import WorkerConfig
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def rel_adapter_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def rel_adapters(llama_dir, rel_adapter_root) -> list[LoRARequest]:
     """Three small adapters, ids 1..3, under ``rel_adapter_root``."""
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     made = []
     for i, rank in enumerate((4, 8, 16)):

@@ -19,7 +19,7 @@ from lorafleet.producer.errors import (
     AdapterPathForbiddenError,
 )
 from lorafleet.worker import LLM, adapter_manager
-from lorafleet.worker.synthetic import build_random_adapter
+from lorafleet.worker.demo.synthetic import build_random_adapter
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -148,7 +148,7 @@ def test_a_hub_snapshot_linking_outside_the_cache_is_refused(llama_dir, good_ada
 
 
 def test_the_hub_setting_reaches_the_worker_engine(tmp_path):
-    from lorafleet.worker.settings import WorkerConfig
+    from lorafleet.worker.serve.settings import WorkerConfig
 
     (tmp_path / "config.json").write_text(json.dumps({}))
     env = {

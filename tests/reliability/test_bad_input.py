@@ -23,7 +23,7 @@ from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.keys import GENERATE_FUNCTION, arq_job_key
-from lorafleet.worker.redis_url import redis_settings_from_url
+from lorafleet.worker.serve.redis_url import redis_settings_from_url
 
 pytestmark = pytest.mark.slow
 

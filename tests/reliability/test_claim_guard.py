@@ -17,7 +17,7 @@ from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.jobs import Job
 from arq.worker import Worker, func
 
-from lorafleet.worker.arq_fixes import guard_claims
+from lorafleet.worker.serve.arq_fixes import guard_claims
 
 QUEUE = "lorafleet:test:claim-guard"
 

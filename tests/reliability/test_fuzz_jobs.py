@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from lorafleet.producer.codec import GenerateJob, decode_job
 from lorafleet.producer.errors import LoraFleetError
-from lorafleet.worker.validation import JobLimits, check_job, salvage_reply_to
+from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_reply_to
 
 LIMITS = JobLimits(max_model_len=512)
 MIN_PAYLOADS = 1000
@@ -80,7 +80,7 @@ _payloads = st.one_of(
 
 
 def _worker_side(payload: bytes) -> GenerateJob | LoraFleetError:
-    """What ``lorafleet.worker.jobs.generate`` does before the engine: the job or its error."""
+    """What ``lorafleet.worker.serve.jobs.generate`` does before the engine: the job or its error."""
     salvage_reply_to(payload)  # never raises
     try:
         job = decode_job(payload)

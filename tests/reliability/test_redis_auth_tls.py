@@ -17,7 +17,7 @@ from lorafleet.producer import SamplingParams, SyncClient
 from lorafleet.producer.codec import decode_result
 from lorafleet.producer.errors import QueueUnavailableError
 from lorafleet.producer.keys import arq_result_key
-from lorafleet.worker.launcher import WorkerProcess
+from lorafleet.worker.local.launcher import WorkerProcess
 
 pytestmark = pytest.mark.slow
 

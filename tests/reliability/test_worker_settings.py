@@ -12,8 +12,9 @@ import pytest
 from arq.connections import RedisSettings
 
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
-from lorafleet.worker.redis_url import redis_settings_from_url
-from lorafleet.worker.settings import ConfigError, WorkerConfig, build_worker_settings
+from lorafleet.worker.serve.redis_url import redis_settings_from_url
+from lorafleet.worker.serve.settings import ConfigError, WorkerConfig
+from lorafleet.worker.serve.worker_settings import build_worker_settings
 
 
 @pytest.fixture

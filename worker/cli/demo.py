@@ -4,7 +4,7 @@ worker and a mixed batch across adapters, printed with a check of each answer.
 The default is the zero-download character-level model shipped in the package (its
 adapters reverse, sort, rot13 or dedupe a word). ``--chat`` serves the catalog's real
 instruct model, SmolLM2-135M-Instruct (prepared on first use), with the chat adapters
-shipped in the package (``lorafleet.worker.chat_demo``), through chat jobs.
+shipped in the package (``lorafleet.worker.demo.chat_demo``), through chat jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
-from lorafleet.worker.cli.local_worker import local_fleet
+from lorafleet.worker.local.fleet import local_fleet
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class _DemoAssets:
 
     def prompt(self, word: str) -> str:
         if self.trained:
-            from lorafleet.worker import demo_assets
+            from lorafleet.worker.demo import demo_assets
 
             return demo_assets.demo_prompt(word)
         return word + ">"
@@ -37,7 +37,7 @@ class _DemoAssets:
         """What a trained model answers (``task`` None: the base model), else None."""
         if not self.trained:
             return None
-        from lorafleet.worker import demo_assets
+        from lorafleet.worker.demo import demo_assets
 
         return demo_assets.expected_output(task or demo_assets.BASE_TASK, word)
 
@@ -45,7 +45,7 @@ class _DemoAssets:
 def _demo_assets(num_words: int) -> _DemoAssets:
     """The shipped trained demo model and adapters, or random ones built into the cache."""
     try:
-        from lorafleet.worker import demo_assets
+        from lorafleet.worker.demo import demo_assets
 
         model, adapters = demo_assets.demo_model_dir(), demo_assets.demo_adapters()
         words = demo_assets.held_out_words()[:num_words]
@@ -53,7 +53,7 @@ def _demo_assets(num_words: int) -> _DemoAssets:
             return _DemoAssets(model, adapters, words, trained=True)
     except (ImportError, OSError, KeyError, ValueError):
         pass  # not shipped in this build: use random ones
-    from lorafleet.worker.catalog import cache_root
+    from lorafleet.worker.model.catalog import cache_root
 
     root = cache_root() / "demo-synthetic"
     model, adapters = root / "model", {n: root / "adapters" / n for n in ("alpha", "beta", "gamma")}
@@ -61,7 +61,7 @@ def _demo_assets(num_words: int) -> _DemoAssets:
         (p / "adapter_config.json").is_file() for p in adapters.values()
     ):
         print(f"building a tiny random demo model and adapters in {root} ...", flush=True)
-        from lorafleet.worker.synthetic import build_random_adapter, build_random_model
+        from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
         build_random_model(model, "llama", seed=1)
         for i, path in enumerate(adapters.values()):
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _demo_config(model: Path, adapters: dict[str, Path], args: argparse.Namespace):
     """A worker for the demo: its adapters' folder allowed, its own queue."""
-    from lorafleet.worker.settings import WorkerConfig
+    from lorafleet.worker.serve.settings import WorkerConfig
 
     return WorkerConfig.create(
         model=str(model),
@@ -115,8 +115,8 @@ def _demo_config(model: Path, adapters: dict[str, Path], args: argparse.Namespac
 
 def _run_chat(args: argparse.Namespace) -> int:
     from lorafleet.producer.sync_client import SyncClient
-    from lorafleet.worker import chat_demo
-    from lorafleet.worker.catalog import find_model, is_prepared, prepare_model
+    from lorafleet.worker.demo import chat_demo
+    from lorafleet.worker.model.catalog import find_model, is_prepared, prepare_model
 
     entry = find_model(chat_demo.BASE_MODEL_NAME)
     if not is_prepared(entry):
@@ -149,7 +149,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 def _print_chat(
     jobs: list[tuple[str, str | None]], outs: list[RequestOutput], elapsed: float, adapters: int
 ) -> int:
-    from lorafleet.worker import chat_demo
+    from lorafleet.worker.demo import chat_demo
 
     right: dict[str, list[bool]] = {}
     for (question, task), out in zip(jobs, outs, strict=True):

@@ -16,9 +16,9 @@ def is_user_error(error: BaseException) -> bool:
     cannot be reached, a request error, a local worker or model that cannot start, a result
     not there in time (``TimeoutError``, whose message names the job)."""
     from lorafleet.producer.errors import LoraFleetError
-    from lorafleet.worker.catalog import ModelPrepareError
-    from lorafleet.worker.launcher import WorkerStartError
-    from lorafleet.worker.settings import ConfigError
+    from lorafleet.worker.local.launcher import WorkerStartError
+    from lorafleet.worker.model.catalog import ModelPrepareError
+    from lorafleet.worker.serve.settings import ConfigError
 
     return isinstance(
         error,

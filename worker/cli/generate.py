@@ -18,13 +18,9 @@ from dataclasses import dataclass
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.cli.adapters import parse_lora_flags
+from lorafleet.worker.cli.engine_flags import add_engine_flags
 from lorafleet.worker.cli.errors import UsageError
-from lorafleet.worker.cli.local_worker import (
-    add_engine_flags,
-    local_fleet,
-    local_worker_config,
-    model_arg,
-)
+from lorafleet.worker.local.fleet import local_fleet, local_worker_config, model_arg
 
 URL_ENV = "LORAFLEET_REDIS_URL"
 INDENT = "  "

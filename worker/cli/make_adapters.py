@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafleet.worker.catalog import local_model
+    from lorafleet.worker.model.catalog import local_model
 
     model = local_model(args.model)
     try:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read {model}/config.json: {e}") from None
     if args.count < 1 or args.rank < 1:
         raise UsageError("--count and --rank must be >= 1")
-    from lorafleet.worker.synthetic import build_random_adapter
+    from lorafleet.worker.demo.synthetic import build_random_adapter
 
     out = Path(args.out)
     width = max(4, len(str(args.count - 1)))

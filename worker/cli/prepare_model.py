@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lorafleet.worker.catalog import CATALOG
+    from lorafleet.worker.model.catalog import CATALOG
 
     names = ", ".join(f"{m.name} ({', '.join(m.aliases)})" for m in CATALOG)
     p = sub.add_parser(
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafleet.worker.catalog import CATALOG, is_prepared, model_folder, prepare_model
+    from lorafleet.worker.model.catalog import CATALOG, is_prepared, model_folder, prepare_model
 
     if args.list:
         for m in CATALOG:

@@ -8,11 +8,8 @@ import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from dataclasses import fields
+    from lorafleet.worker.serve.settings import VARIABLES, default_of
 
-    from lorafleet.worker.settings import VARIABLES, WorkerConfig
-
-    defaults = {f.name: f.default for f in fields(WorkerConfig)}
     p = sub.add_parser(
         "worker",
         help="run a worker (same as `arq lorafleet.worker.WorkerSettings`)",
@@ -22,13 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     for var in VARIABLES:
-        default = defaults[var.field]
+        default = default_of(var)
         shown = "" if default in (None, "", ()) else f"; default {default}"
         p.add_argument(
             var.flag,
             dest=var.field,
             metavar=var.kind.upper(),
-            help=f"{var.help} [{var.env}{shown}]",
+            help=f"{var.help} [{var.env}{shown}]".replace("%", "%%"),  # argparse formats it
         )
     p.add_argument(
         "-v",
@@ -42,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from arq.worker import run_worker
 
-    from lorafleet.worker.logs import configure_logging
-    from lorafleet.worker.settings import VARIABLES, WorkerConfig, build_worker_settings
+    from lorafleet.worker.serve.logs import configure_logging
+    from lorafleet.worker.serve.settings import VARIABLES, WorkerConfig
+    from lorafleet.worker.serve.worker_settings import build_worker_settings
 
     environ = dict(os.environ)
     typed = set()

@@ -1,0 +1,20 @@
+"""The adapter tiers' counters (torch-free: metrics and heartbeats read them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class AdapterStats:
+    """Monotonic counters of an ``AdapterManager``, read by metrics."""
+
+    disk_loads: int = 0
+    disk_load_seconds: float = 0.0
+    disk_load_failures: int = 0
+    failure_cache_hits: int = 0
+    cpu_hits: int = 0
+    slot_hits: int = 0
+    slot_loads: int = 0
+    cpu_evictions: int = 0
+    slot_evictions: int = 0

@@ -1,0 +1,62 @@
+"""What the engine reports: per-request ``StepOutput``, per-step ``StepStats`` and the
+``EngineSnapshot`` of its gauges and counters (with the adapter tiers' ``AdapterStats``).
+
+Torch-free, so the worker process, which only relays them, never loads torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorafleet.producer.errors import LoraFleetError
+from lorafleet.worker.adapters.stats import AdapterStats
+from lorafleet.producer.types import RequestOutput
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one completion (``index`` of the request's ``n``): new
+    text and tokens, and when the whole request finished (``finished``) its final
+    ``RequestOutput`` (or the error that ended it). ``finish_reason`` is the completion's,
+    once it ended."""
+
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+    error: LoraFleetError | None = None
+    index: int = 0
+
+
+@dataclass
+class StepStats:
+    """Facts about the last step, for metrics."""
+
+    num_seqs: int = 0
+    num_tokens: int = 0
+    num_adapters: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's gauges and counters after a step: what metrics and heartbeats export.
+    ``waiting_for_slot`` counts waiting requests whose adapter has no device slot and
+    cannot get one now: every slot is pinned by running requests (``max_loras`` too few
+    for the adapters in demand)."""
+
+    running: int = 0
+    waiting: int = 0
+    waiting_for_slot: int = 0
+    free_blocks: int = 0
+    num_blocks: int = 0
+    slots_in_use: int = 0
+    cpu_adapters: int = 0
+    preemptions: int = 0
+    adapters: AdapterStats = field(default_factory=AdapterStats)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.num_blocks if self.num_blocks else 0.0

@@ -1,0 +1,367 @@
+"""What a worker process runs under arq: start-up, the ``generate`` job, shut-down.
+
+``startup`` starts the engine process and waits for its model to load, then starts the stream publisher
+and the abort listener; ``generate`` runs one job on the engine and returns the encoded
+``JobResult``. Request-level failures are returned as error values, never raised: arq's
+custom serializers cannot encode exceptions, and a raise would make arq retry a job that
+can never succeed. Only cancellation (shutdown, arq's job timeout) propagates, after the
+engine request has been aborted, so arq can re-queue the job.
+
+Reliability (see docs/pipeline.md): a ``Heartbeat`` keeps this worker's claims on its jobs
+short-lived, so a killed worker's jobs run again elsewhere within ``heartbeat_ttl``; a
+``Drain`` turns SIGTERM into a graceful drain; every job is checked against this worker's
+limits (``lorafleet.worker.serve.validation``) before the engine sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from lorafleet.producer.client import redact_url
+from lorafleet.producer.codec import WIRE_VERSION, GenerateJob, JobResult, decode_job, encode
+from lorafleet.producer.errors import (
+    AbortedError,
+    DeadlineExceededError,
+    InternalError,
+    LoraFleetError,
+)
+from lorafleet.producer.types import RequestMetrics
+from lorafleet.worker.process.async_engine import AsyncEngine, EngineStartError
+from lorafleet.worker.serve.aborts import AbortWatcher
+from lorafleet.worker.serve.arq_fixes import current_arq_worker, guard_claims
+from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
+from lorafleet.worker.serve.heartbeat import Heartbeat
+from lorafleet.worker.serve.logs import ensure_logging
+from lorafleet.worker.serve.publisher import StreamPublisher
+from lorafleet.worker.serve.resume import earlier_tokens, resume_point
+from lorafleet.worker.serve.slot_contention import SlotContentionWatch
+from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_reply_to
+
+if TYPE_CHECKING:
+    from lorafleet.worker.serve.metrics import WorkerMetrics
+    from lorafleet.worker.serve.settings import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    """Per-process state shared by all jobs (kept in arq's ``ctx``)."""
+
+    config: WorkerConfig
+    redis: Any
+    engine: AsyncEngine
+    publisher: StreamPublisher
+    aborts: AbortWatcher
+    metrics: WorkerMetrics
+    jobs: JobTracker
+    heartbeat: Heartbeat
+    limits: JobLimits
+    contention: SlotContentionWatch
+
+
+def _engine_exited(status: int | None) -> None:
+    """The engine process died (or hung and was killed): so does the worker, at once,
+    without answering its jobs. Its claims lapse within the heartbeat TTL and arq runs the
+    jobs again on a healthy worker; a supervisor (systemd, Kubernetes) restarts this one."""
+    logger.critical("engine process exited with status %s; the worker exits too", status)
+    logging.shutdown()
+    os._exit(70)
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup``: load and start the engine, then announce the worker."""
+    config: WorkerConfig = ctx["config"]
+    ensure_logging(config.log_format)
+    redis = ctx["redis"]
+    started = time.monotonic()
+    logger.info("lorafleet worker %s loading %s ...", config.name, config.model)
+    engine = AsyncEngine(
+        config.engine_config(),
+        on_exit=_engine_exited,
+        stall_timeout_s=config.engine_stall_timeout,
+    )
+    try:
+        await engine.start()
+    except EngineStartError as e:
+        # A setting that cannot work (a context the KV cache cannot hold, a model folder
+        # that does not load): one line, and the exit status of a configuration error.
+        logger.critical("lorafleet worker %s cannot start: %s", config.name, e)
+        raise SystemExit(2) from None
+    publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
+    await publisher.start()
+    aborts = AbortWatcher(redis)
+    await aborts.start()
+    # Imported here: the producer-only commands of the CLI import this module, and
+    # prometheus_client comes with the worker extra.
+    from lorafleet.worker.serve.metrics import start_worker_metrics
+
+    metrics = start_worker_metrics(config, engine, redis)
+    worker = current_arq_worker()
+    guard_claims(worker)
+    tracker = JobTracker(redis)
+    info = {
+        "pid": os.getpid(),
+        "engine_pid": engine.pid,
+        "model": config.model,
+        "queue": config.queue,
+        "since": time.time(),
+    }
+    heartbeat = Heartbeat(
+        redis,
+        worker,
+        name=config.name,
+        ttl=config.heartbeat_ttl,
+        info=info,
+        engine=engine,
+        jobs=tracker,
+    )
+    limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
+    contention = SlotContentionWatch(engine, config.max_loras)
+    contention.start()
+    ctx["lorafleet"] = WorkerState(
+        config, redis, engine, publisher, aborts, metrics, tracker, heartbeat, limits, contention
+    )
+    await heartbeat.start()  # registers the worker: from here on it takes jobs
+    Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
+    if config.adapter_roots:
+        roots = "adapters from " + os.pathsep.join(config.adapter_roots)
+    else:
+        roots = "no local adapters (set --adapter-roots / LORAFLEET_ADAPTER_ROOTS to serve some)"
+    logger.info(
+        "lorafleet worker %s ready in %.1fs: %s; %s; queue %s on %s",
+        config.name,
+        time.monotonic() - started,
+        engine.info.describe(),
+        roots,
+        config.queue,
+        redact_url(config.redis_url),
+    )
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """arq ``on_shutdown``: withdraw the worker and stop the engine."""
+    state: WorkerState | None = ctx.get("lorafleet")
+    if state is None:
+        return
+    try:
+        await state.heartbeat.close()
+    finally:
+        await state.contention.close()
+        await state.aborts.close()
+        await state.publisher.close()
+        await state.engine.stop()
+        await state.metrics.close()
+
+
+class _Stopper:
+    """Stops one engine request on abort or deadline, whether or not it was added yet."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.added = False
+        self.reason: type[LoraFleetError] | None = None
+
+    def stop(self, reason: type[LoraFleetError]) -> None:
+        if self.reason is None:
+            self.reason = reason
+            if self.added:
+                self.engine.abort(self.request_id)
+
+    def mark_added(self) -> None:
+        self.added = True
+        if self.reason is not None:  # the abort came before the request existed
+            self.engine.abort(self.request_id)
+
+
+async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
+    """arq job: run one encoded ``GenerateJob``; return the encoded ``JobResult``.
+
+    Deltas go to the job's stream as they come; the final stream event, also appended to
+    the producer's inbox, carries the same ``JobResult`` as the return value (arq stores
+    that one as the durable record).
+    """
+    state: WorkerState = ctx["lorafleet"]
+    job_id: str = ctx["job_id"]
+    attempt: int = ctx["job_try"]
+    started = time.monotonic()
+    version = WIRE_VERSION
+    job: GenerateJob | None = None
+    try:
+        job = decode_job(payload)
+        version = job.v  # answered in the producer's own version
+        check_job(job, state.limits)
+    except LoraFleetError as e:
+        result = _error(job_id, e)
+        reply_to = salvage_reply_to(payload)
+    else:
+        reply_to = job.reply_to
+        state.metrics.job_started(job_id, job)
+        try:
+            async with state.jobs.track(job_id) as tracked:
+                result = await _run(state, job_id, attempt, job, tracked)
+        except asyncio.CancelledError:
+            state.publisher.forget(job_id)
+            state.metrics.job_cancelled(job_id)
+            raise
+    state.metrics.job_finished(job_id, result)
+    result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
+    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
+    _log_outcome(job_id, attempt, job, result, time.monotonic() - started)
+    return encode(result)
+
+
+def _log_outcome(
+    job_id: str, attempt: int, job: GenerateJob | None, result: JobResult, seconds: float
+) -> None:
+    """One line per job: a failure at WARNING (an operator must hear of a refused adapter
+    path), a success at DEBUG (``-v``). ``extra`` fields are keys in JSON logs."""
+    lora = job.lora_request if job is not None else None
+    adapter = lora.lora_name if lora is not None else ("base" if job is not None else "-")
+    extra: dict[str, Any] = {
+        "job_id": job_id,
+        "attempt": attempt,
+        "adapter": adapter,
+        "seconds": round(seconds, 4),
+    }
+    if result.error is not None:
+        extra["code"] = result.error.code
+        logger.warning(
+            "job %s failed (adapter %s, attempt %d) after %.2fs: %s: %s",
+            job_id,
+            adapter,
+            attempt,
+            seconds,
+            result.error.code,
+            result.error.message,
+            extra=extra,
+        )
+        return
+    output = result.output
+    completion = output.outputs[0]
+    extra.update(
+        prompt_tokens=len(output.prompt_token_ids),
+        output_tokens=sum(len(c.token_ids) for c in output.outputs),
+        finish_reason=completion.finish_reason,
+    )
+    logger.debug(
+        "job %s done (adapter %s, attempt %d) in %.2fs: %d prompt + %d output tokens, %s",
+        job_id,
+        adapter,
+        attempt,
+        seconds,
+        extra["prompt_tokens"],
+        extra["output_tokens"],
+        completion.finish_reason,
+        extra=extra,
+    )
+
+
+def _error(job_id: str, error: LoraFleetError) -> JobResult:
+    return JobResult(request_id=job_id, error=error.to_info())
+
+
+async def _run(
+    state: WorkerState, job_id: str, attempt: int, job: GenerateJob, tracked: TrackedJob
+) -> JobResult:
+    if job.deadline is not None and time.time() >= job.deadline:
+        return _error(
+            job_id, DeadlineExceededError(f"job {job_id} reached its deadline in the queue")
+        )
+    # The attempt in the engine id keeps a re-run clear of a cancelled run still draining.
+    stopper = _Stopper(state.engine, f"{job_id}.{attempt}")
+    if await state.aborts.register(job_id, lambda: stopper.stop(AbortedError)):
+        return _error(job_id, AbortedError(f"job {job_id} was aborted before it started"))
+    timer = None
+    if job.deadline is not None:
+        delay = job.deadline - time.time()
+        timer = asyncio.get_running_loop().call_later(delay, stopper.stop, DeadlineExceededError)
+    try:
+        return await _generate(state, job_id, attempt, job, stopper, tracked)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        state.aborts.unregister(job_id)
+
+
+async def _generate(
+    state: WorkerState,
+    job_id: str,
+    attempt: int,
+    job: GenerateJob,
+    stopper: _Stopper,
+    tracked: TrackedJob,
+) -> JobResult:
+    engine = state.engine
+    completed = False
+    started = time.time()
+    resumed: list[int] = []
+    if attempt > 1 and job.sampling_params.resumable:
+        resumed = resume_point(await earlier_tokens(state.redis, job_id, attempt))
+    try:
+        stream = engine.add_request(
+            stopper.request_id,
+            job.prompt,
+            job.sampling_params,
+            job.lora_request,
+            messages=job.messages,
+            add_generation_prompt=job.add_generation_prompt,
+            continue_final_message=job.continue_final_message,
+            resume_token_ids=resumed,
+        )
+        stopper.mark_added()
+        state.jobs.sent_to_engine += 1
+        # A stream carries one completion's text: with n > 1 only the final event does.
+        streams_text = job.sampling_params.n == 1
+        if resumed:  # this run's events carry every token, so it can be continued too
+            tracked.started = True
+            state.publisher.delta(job_id, attempt, "", resumed, job.v)
+            logger.info(
+                "job %s (attempt %d) continues after the %d tokens its last run streamed",
+                job_id,
+                attempt,
+                len(resumed),
+                extra={"job_id": job_id, "attempt": attempt, "resumed_tokens": len(resumed)},
+            )
+        async for delta in stream:
+            if delta.text or delta.token_ids:
+                tracked.started = True  # visible now: a drain lets it finish
+                if streams_text:
+                    state.publisher.delta(job_id, attempt, delta.text, list(delta.token_ids), job.v)
+                state.metrics.job_tokens(job_id, len(delta.token_ids))
+        output = await stream.result()
+        completed = True
+    except LoraFleetError as e:
+        return _error(job_id, e)
+    except Exception as e:  # an engine bug must not take the worker down with it
+        logger.exception("job %s failed inside the engine", job_id)
+        return _error(job_id, InternalError(f"{type(e).__name__}: {e}"))
+    finally:
+        if not completed and stopper.added:
+            # Cancelled or failed: free the request's KV blocks and adapter slot now
+            # (a no-op for a request the engine already finished).
+            engine.abort(stopper.request_id)
+    output.request_id = job_id
+    # A request that completed before the abort took effect keeps its full output; one cut
+    # short carries what it had made.
+    if any(o.finish_reason == "abort" for o in output.outputs):
+        if stopper.reason is DeadlineExceededError:
+            made = sum(len(o.token_ids) for o in output.outputs)
+            message = f"job {job_id} reached its deadline after {made} tokens"
+            return _error(job_id, DeadlineExceededError(message, output))
+        return _error(job_id, AbortedError(f"job {job_id} was aborted", output))
+    output.metrics = RequestMetrics(
+        arrival_time=job.enqueued_at,
+        first_scheduled_time=started,
+        finished_time=time.time(),
+        time_in_queue=started - job.enqueued_at,
+    )
+    return JobResult(request_id=job_id, output=output)
