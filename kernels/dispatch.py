@@ -1,6 +1,7 @@
 """Pick the implementation of each LoRA op per call: Triton kernels or the torch reference.
 
-Rules (read at call time, so a test may flip ``TRITON_INTERPRET`` after import):
+Rules (read at call time, so a test may flip ``TRITON_INTERPRET`` after import; the
+engine's ``add_lora_slices`` reads them once per step, on the step's ``LoRAMeta``):
   - CUDA tensors run the compiled Triton kernels;
   - CPU tensors run the torch reference, unless ``TRITON_INTERPRET=1``, in which case the
     real kernels run in Triton's interpreter (slow; for tests);
@@ -25,6 +26,7 @@ from lorafleet.kernels.reference import (
     lora_shrink_ref,
     lora_shrink_slices_ref,
 )
+from lorafleet.kernels.segmented import FusedStacks, add_lora_fused
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -55,6 +57,18 @@ def use_triton(device: torch.device) -> bool:
     if not triton_available():
         return False
     return device.type == "cuda" or interpret_requested()
+
+
+def step_uses_triton(meta: LoRAMeta, tensor: torch.Tensor) -> bool:
+    """``use_triton`` for a step's tensors (``tensor`` is one of them), decided on the
+    step's first LoRA op and kept in its metadata, which every layer shares: the engine
+    runs ``add_lora_slices`` on every projection (120 times a step on a 30-layer model),
+    and reading the environment costs microseconds (a missing variable raises a KeyError
+    inside ``os.environ.get``)."""
+    found = meta.cache.get("use_triton")
+    if found is None:
+        found = meta.cache["use_triton"] = use_triton(tensor.device)
+    return found
 
 
 def lora_shrink(
@@ -120,17 +134,27 @@ def add_lora_slices(
     out: torch.Tensor,
     slice_offsets: Sequence[int] | None = None,
     scale: float = 1.0,
+    *,
+    slot_mask: int = -1,
+    fused: FusedStacks | None = None,
 ) -> torch.Tensor:
     """A LoRA linear's update in one call: ``out[t, off_i:off_i+N_i] += scale * x[t] @
     lora_as[i][slot].T @ lora_bs[i][slot].T`` (shapes as the shrink and expand slices ops).
 
     The same result as ``lora_expand_slices(lora_shrink_slices(...), ...)``; on the Triton
-    path the intermediate rank buffer is private, which saves its zeroing. Returns ``out``.
+    path the intermediate rank buffer is private, which saves its zeroing. ``slot_mask``:
+    bit s clear says slot s holds zeros in these stacks, so its tokens may be skipped.
+    ``fused``: the same stacks as ``FusedStacks`` (``lora_as``/``lora_bs`` its views, slices
+    back to back), for the CPU's segmented path. Returns ``out``.
     """
-    if use_triton(out.device):
+    if step_uses_triton(meta, out):
         return _triton_ops().add_lora_slices_triton(
             x, lora_as, lora_bs, meta, out, slice_offsets, scale
         )
     meta = meta.concrete()
+    if fused is not None:
+        if fused.lora_as is not lora_as or fused.lora_bs is not lora_bs:
+            raise ValueError("lora_as / lora_bs must be the fused stacks' own views")
+        return add_lora_fused(x, fused, meta, out, slot_mask, scale)
     buf = lora_shrink_slices_ref(x, lora_as, meta, scale)
     return lora_expand_slices_ref(buf, lora_bs, meta, out, slice_offsets, add=True)

@@ -187,9 +187,9 @@ def test_projections_no_active_adapter_targets_skip_the_lora_ops(
     shrinks: list[int] = []
     real = model_module.add_lora_slices
 
-    def counting(x, lora_as, *rest):
+    def counting(x, lora_as, *rest, **options):
         shrinks.append(lora_as[0].shape[-1])  # in_features of the projection
-        return real(x, lora_as, *rest)
+        return real(x, lora_as, *rest, **options)
 
     monkeypatch.setattr(model_module, "add_lora_slices", counting)
     llm = LLM(str(llama_dir), max_loras=1, max_lora_rank=64)  # one slot: each load evicts

@@ -14,8 +14,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from lorafleet.kernels import triton_available
-from lorafleet.kernels.attention import paged_decode_attention, paged_decode_attention_ref
+from lorafleet.kernels import attention, triton_available
+from lorafleet.kernels.attention import (
+    key_gather,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -125,6 +129,24 @@ def test_kernel_interpreted_matches_float64(case: Case) -> None:
 def test_dispatch_runs_the_reference_on_cpu(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     check(make_batch(CASES[1]), paged_decode_attention)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_step_key_gather_serves_every_layer(case: Case, monkeypatch) -> None:
+    """A decode step builds its ``key_gather`` once; every layer passes it and runs the
+    torch path straight away, without consulting the dispatch."""
+    batch = make_batch(case)
+    gather = key_gather(batch.tables, batch.lens, case.block_size, case.window)
+
+    def no_dispatch(device):
+        raise AssertionError("the dispatch ran although the step's gather was given")
+
+    monkeypatch.setattr(attention, "use_triton", no_dispatch)
+
+    def with_gather(q, k_cache, v_cache, tables, lens, block_size, window):
+        return paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size, window, gather)
+
+    check(batch, with_gather)
 
 
 @needs_triton

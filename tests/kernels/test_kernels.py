@@ -25,6 +25,7 @@ import torch
 from lorafleet.kernels import (
     LoRAMeta,
     add_lora_slices,
+    dispatch,
     lora_expand,
     lora_expand_ref,
     lora_expand_slices,
@@ -37,6 +38,7 @@ from lorafleet.kernels import (
     triton_available,
 )
 from lorafleet.kernels.meta import static_segment_capacity
+from lorafleet.kernels.segmented import FusedStacks, add_lora_fused
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -524,6 +526,190 @@ def test_triton_rejects_bad_shapes_and_tiles() -> None:
         ops.lora_shrink_triton(batch.x[:2], batch.lora_as[0], batch.meta)
     with pytest.raises(ValueError, match="power of two"):
         ops.ShrinkConfig(block_m=8, block_r=16, block_k=32)
+
+
+# --------------------------------------------------------------------------- segmented CPU path
+
+
+def fused_copy(batch: Batch, skipped: Sequence[int] = ()) -> FusedStacks:
+    """The batch's stacks in a ``FusedStacks`` (slices back to back). Slots in ``skipped``
+    stand for adapters without this projection: NaN in the copy, so a path that reads them
+    fails, and zero in the batch, so the float64 truth leaves their rows alone."""
+    case = batch.case
+    fused = FusedStacks.allocate(case.num_slots, case.rank, case.hidden, case.widths, batch.dtype)
+    kept = [s for s in range(case.num_slots) if s not in skipped]
+    for mine, theirs in zip(
+        fused.lora_as + fused.lora_bs, batch.lora_as + batch.lora_bs, strict=True
+    ):
+        theirs[list(skipped)] = 0.0
+        mine[list(skipped)] = float("nan")
+        mine[kept] = theirs[kept]
+    return fused
+
+
+def check_fused(batch: Batch, skipped: Sequence[int] = ()) -> None:
+    """``add_lora_fused`` against float64, every other row poisoned where it must not write."""
+    fused = fused_copy(batch, skipped)
+    mask = sum(1 << s for s in range(batch.case.num_slots) if s not in skipped)
+
+    def fn(x, lora_as, lora_bs, meta, out, offsets, scale):
+        return add_lora_fused(x, fused, meta, out, mask, scale)
+
+    check_add_lora(batch, "cpu", fn)
+
+
+def back_to_back(case: Case) -> Case:
+    """``case`` with its slices side by side from column 0, as ``FusedStacks`` lays them."""
+    return dataclasses.replace(case, gap=0)
+
+
+# Decode and prefill shapes of the engine's CPU path: mixed live ranks (0 and padded ones
+# included), -1 rows between adapters, a slot whose tokens are not one run of rows, runs
+# longer than BLOCK_DIAGONAL_MAX_TOKENS (one expand per slice), a whole batch on one slot.
+FUSED_CASES = [
+    Case("single-stream-fp32", "fp32", 16, 576, 8, (5,), (1,), (64, 16, 16), (8,) * 8),
+    Case("single-stream-bf16", "bf16", 16, 96, 2, (1,), (1,), (32, 32), (16, 8)),
+    Case(
+        "decode-mixed-ranks-fp32",
+        "fp32",
+        16,
+        96,
+        4,
+        (0, 0, -1, 1, 1, 2, 2, 3, -1),
+        (1,) * 9,
+        (48, 16, 16),
+        (16, 8, 0, 3),
+    ),
+    Case(
+        "scattered-groups-fp32",
+        "fp32",
+        8,
+        64,
+        3,
+        (2, -1, 0, 2, -1, 1, 0),
+        (1, 2, 1, 3, 1, 2, 1),
+        (40, 24),
+        (8, 4, 6),
+    ),
+    Case("scattered-groups-bf16", "bf16", 8, 64, 3, (1, 0, 1, -1, 2, 1), (2, 1, 1, 1, 2, 3)),
+    Case(
+        "prefill-long-runs-fp32",
+        "fp32",
+        16,
+        128,
+        3,
+        (-1, 0, 1, 2),
+        (5, 40, 33, 3),
+        (64, 32, 32),
+        (16, 8, 12),
+        scale=0.5,
+    ),
+    Case("prefill-long-runs-bf16", "bf16", 8, 128, 2, (1, -1, 0), (45, 4, 34), (48, 48), (8, 5)),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES + [back_to_back(c) for c in CASES], ids=str)
+def test_fused_add_matches_float64(case: Case) -> None:
+    check_fused(make_batch(case))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_add_skips_slots_without_the_projection(dtype: str) -> None:
+    """Adapters with different target sets in one batch: slots 1 and 3 hold nothing for this
+    projection (bit clear in the mask, NaN weights that must stay unread); slot 2 has zeros
+    in its second slice (a q/v adapter's k)."""
+    case = Case(f"targets-{dtype}", dtype, 16, 96, 4, (3, 0, -1, 1, 2, 0), (2, 1, 1, 3, 2, 1))
+    case = dataclasses.replace(case, widths=(48, 16, 16), slot_ranks=(16, 8, 16, 4))
+    batch = make_batch(case)
+    batch.lora_as[1][2], batch.lora_bs[1][2] = 0.0, 0.0
+    check_fused(batch, skipped=(1, 3))
+
+
+def test_fused_stacks_views_alias_the_fused_memory() -> None:
+    """``lora_as`` / ``lora_bs`` keep the kernels' shapes and are the fused memory: a slot
+    written through them (as the AdapterManager writes) is what the fused views read, and
+    the block-diagonal's zeros stay zero."""
+    fused = FusedStacks.allocate(3, 8, 20, (12, 4, 4), torch.float32)
+    assert [tuple(a.shape) for a in fused.lora_as] == [(3, 8, 20)] * 3
+    assert [tuple(b.shape) for b in fused.lora_bs] == [(3, 12, 8), (3, 4, 8), (3, 4, 8)]
+    a = [torch.randn(5, 20) for _ in range(3)]
+    b = [torch.randn(n, 5) for n in (12, 4, 4)]
+    for i in range(3):
+        fused.lora_as[i][2, :5], fused.lora_bs[i][2, :, :5] = a[i], b[i]
+    views = fused.views(2, 5)
+    assert torch.equal(views.a.t(), torch.stack(a, dim=1).reshape(15, 20))  # rows r*n + i
+    expected_b = torch.block_diag(*(m.t() for m in b)).view(3, 5, 20).transpose(0, 1)
+    assert torch.equal(views.b, expected_b.reshape(15, 20))
+    assert all(torch.equal(d, m.t()) for d, m in zip(views.diagonal, b, strict=True))
+    assert fused.views(2, 5) is views  # built once per slot and rank
+
+
+def test_dispatch_runs_the_fused_path_and_checks_its_stacks(monkeypatch) -> None:
+    """``add_lora_slices(..., fused=...)`` on CPU tensors takes the segmented path with the
+    slot mask, and refuses per-slice stacks that are not the fused stacks' own views."""
+    batch = make_batch(FUSED_CASES[2])
+    fused = fused_copy(batch)
+    calls = []
+    real = dispatch.add_lora_fused
+    monkeypatch.setattr(dispatch, "add_lora_fused", lambda *a: calls.append(a) or real(*a))
+
+    def fn(x, lora_as, lora_bs, meta, out, offsets, scale):
+        return add_lora_slices(
+            x,
+            fused.lora_as,
+            fused.lora_bs,
+            meta,
+            out,
+            offsets,
+            scale,
+            slot_mask=0b1011,
+            fused=fused,
+        )
+
+    check_add_lora(batch, "cpu", fn)
+    assert len(calls) == 1 and calls[0][4] == 0b1011
+    with pytest.raises(ValueError, match="own views"):
+        out = torch.zeros(batch.x.shape[0], batch.out_cols)
+        add_lora_slices(batch.x, batch.lora_as, batch.lora_bs, batch.meta, out, fused=fused)
+
+
+def test_lora_linear_on_cpu_takes_the_fused_path() -> None:
+    """A CPU ``LoRALinear`` keeps fused stacks and adds through them what the per-slice
+    reference adds, skipping slots outside its ``slot_mask``."""
+    from lorafleet.worker.model.context import StepContext
+    from lorafleet.worker.model.decoder import LoRALinear
+
+    gen = torch.Generator().manual_seed(5)
+    linear = LoRALinear(32, (24, 8, 8), bias=False)
+    linear.weight.copy_(torch.randn(40, 32, generator=gen))
+    linear.allocate_slots(3, 8)
+    assert linear.fused is not None and linear.lora_as is linear.fused.lora_as
+    for stack in (*linear.lora_as, *linear.lora_bs):
+        stack[:2] = torch.randn(stack[:2].shape, generator=gen)
+    linear.slot_mask = 0b011
+    x = torch.randn(5, 32, generator=gen)
+    meta = LoRAMeta.from_token_slots([1, 1, -1, 0, 2], 3, slot_ranks=[8, 6, 8])
+    ctx = StepContext(
+        positions=None,
+        slot_mapping=None,
+        logits_indices=None,
+        num_seqs=5,
+        max_query_len=1,
+        block_size=16,
+        lora=meta,
+    )
+    with torch.inference_mode():
+        got = linear(x, ctx)
+        buf = lora_shrink_slices_ref(x, [a[:2] for a in linear.lora_as], _two_slots(meta))
+        want = x @ linear.weight.T
+        lora_expand_slices_ref(buf, [b[:2] for b in linear.lora_bs], _two_slots(meta), want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _two_slots(meta: LoRAMeta) -> LoRAMeta:
+    """``meta`` with slot 2's tokens on no adapter (the linear's mask leaves slot 2 out)."""
+    slots = [s if s < 2 else -1 for s in meta.token_slots.tolist()]
+    return LoRAMeta.from_token_slots(slots, 2, slot_ranks=meta.slot_ranks_host[:2])
 
 
 # --------------------------------------------------------------------------- dispatch

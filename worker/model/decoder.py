@@ -9,14 +9,16 @@ with prefill chunks gather each sequence's keys into a padded batch for torch's 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.kernels import add_lora_slices
-from lorafleet.kernels.attention import paged_decode_attention
+from lorafleet.kernels import add_lora_slices, use_triton
+from lorafleet.kernels.attention import KeyGather, key_gather, paged_decode_attention
+from lorafleet.kernels.segmented import FusedStacks
 from lorafleet.worker.model.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,7 +79,9 @@ class LoRALinear(nn.Module):
     The output may be several fused projections side by side (q|k|v, gate|up), given by
     ``out_sizes``; each slice has its own slot stacks: ``lora_as[i]`` [S, R, in] and
     ``lora_bs[i]`` [S, out_sizes[i], R], owned by the ``AdapterManager``. B already carries
-    the adapter's scaling; unused rank columns are zero.
+    the adapter's scaling; unused rank columns are zero. On the CPU those stacks are views
+    of ``fused`` (``FusedStacks``), laid out for the segmented CPU path; elsewhere each is
+    its own tensor, B's rank axis innermost, as the Triton kernels load it.
     """
 
     def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool) -> None:
@@ -88,15 +92,25 @@ class LoRALinear(nn.Module):
         out_features = sum(out_sizes)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.lora_as: list[torch.Tensor] = []
-        self.lora_bs: list[torch.Tensor] = []
+        self.lora_as: Sequence[torch.Tensor] = ()
+        self.lora_bs: Sequence[torch.Tensor] = ()
+        self.fused: FusedStacks | None = None
         # Bit s set: the adapter in slot s has weights for this projection. A step whose
         # active slots miss every bit skips the LoRA ops here (adapters on q/k/v/o only
-        # leave the MLP alone); the AdapterManager keeps it in step with the slots.
+        # leave the MLP alone), and the CPU path skips the tokens of slots whose bit is
+        # clear; the AdapterManager keeps it in step with the slots.
         self.slot_mask = 0
 
     def allocate_slots(self, num_slots: int, rank: int) -> None:
-        kw = dict(dtype=self.weight.dtype, device=self.weight.device)
+        """Zeroed slot stacks for ``num_slots`` adapters of rank up to ``rank``."""
+        dtype, device = self.weight.dtype, self.weight.device
+        if device.type == "cpu":
+            self.fused = FusedStacks.allocate(
+                num_slots, rank, self.in_features, self.out_sizes, dtype, device
+            )
+            self.lora_as, self.lora_bs = self.fused.lora_as, self.fused.lora_bs
+            return
+        kw = dict(dtype=dtype, device=device)
         self.lora_as = [
             torch.zeros(num_slots, rank, self.in_features, **kw) for _ in self.out_sizes
         ]
@@ -106,7 +120,16 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         meta = ctx.lora
         if meta is not None and self.slot_mask & meta.active_mask:
-            add_lora_slices(x, self.lora_as, self.lora_bs, meta, y, self.offsets)
+            add_lora_slices(
+                x,
+                self.lora_as,
+                self.lora_bs,
+                meta,
+                y,
+                self.offsets,
+                slot_mask=self.slot_mask,
+                fused=self.fused,
+            )
         return y
 
 
@@ -176,8 +199,10 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         ctx: StepContext,
+        gather: KeyGather | None = None,
     ) -> torch.Tensor:
-        """x [T, hidden]; caches [num_blocks * block_size, kv_heads, head_dim]."""
+        """x [T, hidden]; caches [num_blocks * block_size, kv_heads, head_dim]; ``gather``:
+        a decode step's keys for the torch attention path (``CausalLM.forward``)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x, ctx).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -198,6 +223,7 @@ class Attention(nn.Module):
                 ctx.context_lens,
                 ctx.block_size,
                 self.sliding_window,
+                gather,
             )
             return self.o_proj(out.reshape(t, self.num_heads * self.head_dim), ctx)
         qp = q.new_zeros(b * max_q, self.num_heads, self.head_dim)
@@ -234,8 +260,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, ctx)
+    def forward(
+        self, x, cos, sin, k_cache, v_cache, ctx: StepContext, gather: KeyGather | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, ctx, gather)
         return x + self.mlp(self.post_attention_layernorm(x), ctx)
 
 
@@ -287,9 +315,18 @@ class CausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(x.dtype)[:, None, :]
         sin = emb.sin().to(x.dtype)[:, None, :]
+        gather = self._key_gather(ctx, x.device)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, k_cache, v_cache, ctx)
+            x = layer(x, cos, sin, k_cache, v_cache, ctx, gather)
         return self.model.norm(x.index_select(0, ctx.logits_indices))
+
+    def _key_gather(self, ctx: StepContext, device: torch.device) -> KeyGather | None:
+        """Where a decode step's keys sit in the cache, for the torch attention path, once
+        for every layer; None where the kernel runs (or the step has prefill chunks)."""
+        if ctx.max_query_len != 1 or use_triton(device):
+            return None
+        window = self.args.sliding_window
+        return key_gather(ctx.block_tables, ctx.context_lens, ctx.block_size, window)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
