@@ -50,7 +50,8 @@ from pathlib import Path
 import torch
 
 from lorafleet.producer import LoRARequest, SamplingParams
-from lorafleet.worker import LLM, chat_demo
+from lorafleet.worker import LLM
+from lorafleet.worker.demo import chat_demo
 from lorafleet.worker.model.catalog import prepare_model
 
 # -- questions ---------------------------------------------------------------------------

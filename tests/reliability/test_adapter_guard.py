@@ -18,7 +18,8 @@ from lorafleet.producer.errors import (
     AdapterNotFoundError,
     AdapterPathForbiddenError,
 )
-from lorafleet.worker import LLM, adapter_manager
+from lorafleet.worker import LLM
+from lorafleet.worker.adapters import manager as adapter_manager
 from lorafleet.worker.demo.synthetic import build_random_adapter
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)

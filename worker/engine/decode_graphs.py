@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
 
 from lorafleet.kernels import LoRAMeta

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorafleet.producer.errors import LoraFleetError
-from lorafleet.worker.adapters.stats import AdapterStats
 from lorafleet.producer.types import RequestOutput
+from lorafleet.worker.adapters.stats import AdapterStats
 
 
 @dataclass
