@@ -7,15 +7,13 @@ Triton's interpreter on CPU when ``TRITON_INTERPRET=1`` (read per call). Importi
 package does not import ``triton``; without it every op runs the reference.
 """
 
+from lorafleet.kernels.backend import interpret_requested, triton_available, use_triton
 from lorafleet.kernels.dispatch import (
     add_lora_slices,
-    interpret_requested,
     lora_expand,
     lora_expand_slices,
     lora_shrink,
     lora_shrink_slices,
-    triton_available,
-    use_triton,
 )
 from lorafleet.kernels.meta import LoRAMeta
 from lorafleet.kernels.reference import (

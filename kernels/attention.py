@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lorafleet.kernels.dispatch import use_triton
+from lorafleet.kernels.backend import use_triton
 
 
 @dataclass(frozen=True)

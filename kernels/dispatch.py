@@ -11,14 +11,13 @@ engine's ``add_lora_slices`` reads them once per step, on the step's ``LoRAMeta`
 
 from __future__ import annotations
 
-import functools
 import importlib
-import os
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
+from lorafleet.kernels.backend import use_triton
 from lorafleet.kernels.meta import LoRAMeta
 from lorafleet.kernels.reference import (
     lora_expand_ref,
@@ -28,35 +27,11 @@ from lorafleet.kernels.reference import (
 )
 from lorafleet.kernels.segmented import FusedStacks, add_lora_fused
 
-_TRUTHY = {"1", "true", "yes", "on"}
-
-
-def interpret_requested() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read on every call)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
-
-
-@functools.cache
-def triton_available() -> bool:
-    """Whether ``triton`` imports. Probed once; a broken install counts as absent."""
-    try:
-        importlib.import_module("triton")
-    except Exception:  # optional dependency: any import failure means "use the reference"
-        return False
-    return True
-
 
 def _triton_ops() -> ModuleType:
     # Imported only once triton is known to import, and not guarded: a bug in our own
     # launcher module must surface, not silently fall back to the reference.
     return importlib.import_module("lorafleet.kernels.triton_ops")
-
-
-def use_triton(device: torch.device) -> bool:
-    """Whether an op on tensors living on ``device`` runs the Triton kernels."""
-    if not triton_available():
-        return False
-    return device.type == "cuda" or interpret_requested()
 
 
 def step_uses_triton(meta: LoRAMeta, tensor: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ import torch
 import triton
 
 from lorafleet.kernels import _triton_attention as _k
-from lorafleet.kernels.dispatch import interpret_requested
+from lorafleet.kernels.backend import interpret_requested
 
 MIN_TILE = 16  # the smallest tl.dot shape a GPU compile accepts
 

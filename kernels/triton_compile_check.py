@@ -24,15 +24,15 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from lorafleet.kernels.triton_ops import (
+from lorafleet.kernels.tiles import (
     ExpandConfig,
     ShrinkConfig,
     default_expand_config,
     default_shrink_config,
     expand_constexprs,
-    kernels,
     shrink_constexprs,
 )
+from lorafleet.kernels.triton_ops import kernels
 
 _META_PTRS = {
     "sorted_ids_ptr": "*i64",

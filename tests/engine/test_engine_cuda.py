@@ -159,7 +159,7 @@ def test_reading_tokens_back_waits_for_their_step_only():
 
 def test_uploads_do_not_wait_for_the_gpu():
     """Queueing a step's inputs while the previous step computes must not wait for it."""
-    from lorafleet.kernels.meta import copy_to_device, int_tensor, to_device
+    from lorafleet.kernels.transfer import copy_to_device, int_tensor, to_device
 
     host = int_tensor(list(range(1000)))
     dst = torch.zeros(1000, dtype=torch.int64, device="cuda")

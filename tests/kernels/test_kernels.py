@@ -323,6 +323,12 @@ def _triton_ops():
     return triton_ops
 
 
+def _tiles():
+    from lorafleet.kernels import tiles
+
+    return tiles
+
+
 @needs_triton
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_interpreted(case: Case) -> None:
@@ -368,12 +374,13 @@ def random_case(seed: int) -> Case:
 def test_triton_interpreted_random(seed: int) -> None:
     """Random batches, alternately with the interpreter default and with 16-wide tiles."""
     ops = _triton_ops()
+    tiles = _tiles()
     case = random_case(seed)
     cfg = {}
     if seed % 2:
         cfg = {
-            "shrink": {"config": ops.ShrinkConfig(16, 16, 64, split_k=1 + seed % 3)},
-            "expand": {"config": ops.ExpandConfig(16, 16, 16)},
+            "shrink": {"config": tiles.ShrinkConfig(16, 16, 64, split_k=1 + seed % 3)},
+            "expand": {"config": tiles.ExpandConfig(16, 16, 16)},
         }
     batch = make_batch(case, seed=seed)
     run_slices(
@@ -391,8 +398,11 @@ def test_triton_interpreted_random(seed: int) -> None:
 def test_triton_interpreted_small_tiles(case: Case) -> None:
     """16-wide tiles: multi-iteration K and rank loops, several token and column tiles."""
     ops = _triton_ops()
-    shrink_cfg = ops.ShrinkConfig(block_m=16, block_r=16, block_k=256 if case.hidden > 1024 else 32)
-    expand_cfg = ops.ExpandConfig(block_m=16, block_n=16, block_r=16)
+    tiles = _tiles()
+    shrink_cfg = tiles.ShrinkConfig(
+        block_m=16, block_r=16, block_k=256 if case.hidden > 1024 else 32
+    )
+    expand_cfg = tiles.ExpandConfig(block_m=16, block_n=16, block_r=16)
     cfg = {"shrink": {"config": shrink_cfg}, "expand": {"config": expand_cfg}}
     add = CASES.index(case) % 2 == 1
     run_slices(
@@ -410,9 +420,10 @@ def test_triton_interpreted_small_tiles(case: Case) -> None:
 def test_triton_split_k_atomics(dtype: str) -> None:
     """The GPU decode config splits H across programs that accumulate with atomics."""
     ops = _triton_ops()
+    tiles = _tiles()
     case = Case(f"splitk-{dtype}", dtype, 16, 2049, 3, (0, -1, 2, 1), (2, 1, 3, 1))
     batch = make_batch(case)
-    cfg = ops.ShrinkConfig(block_m=16, block_r=16, block_k=512, split_k=3)
+    cfg = tiles.ShrinkConfig(block_m=16, block_r=16, block_k=512, split_k=3)
     buf = ops.lora_shrink_slices_triton(batch.x, batch.lora_as, batch.meta, config=cfg)
     check_shrink(batch, buf)
 
@@ -436,6 +447,7 @@ def test_add_lora_interpreted(case: Case) -> None:
     split K into 2 or 3 partial sums that the expand adds on load, on a static meta for
     every third case."""
     ops = _triton_ops()
+    tiles = _tiles()
     batch = make_batch(case)
     if CASES.index(case) % 3 == 0:
         batch = static_batch(batch, "cpu")
@@ -443,7 +455,7 @@ def test_add_lora_interpreted(case: Case) -> None:
     if CASES.index(case) % 2:
         k = 2 + CASES.index(case) % 4 // 2
         block_k = 256 if case.hidden > 1024 else 32
-        config["shrink_config"] = ops.ShrinkConfig(16, 16, block_k, split_k=k)
+        config["shrink_config"] = tiles.ShrinkConfig(16, 16, block_k, split_k=k)
     check_add_lora(batch, "cpu", ops.add_lora_slices_triton, **config)
 
 
@@ -516,6 +528,7 @@ def test_triton_no_adapter_tokens_is_a_no_op() -> None:
 @needs_triton
 def test_triton_rejects_bad_shapes_and_tiles() -> None:
     ops = _triton_ops()
+    tiles = _tiles()
     batch = make_batch(CASES[0])
     with pytest.raises(ValueError, match="H="):
         ops.lora_shrink_triton(batch.x[:, :10], batch.lora_as[0], batch.meta)
@@ -525,7 +538,7 @@ def test_triton_rejects_bad_shapes_and_tiles() -> None:
     with pytest.raises(ValueError, match="tokens"):
         ops.lora_shrink_triton(batch.x[:2], batch.lora_as[0], batch.meta)
     with pytest.raises(ValueError, match="power of two"):
-        ops.ShrinkConfig(block_m=8, block_r=16, block_k=32)
+        tiles.ShrinkConfig(block_m=8, block_r=16, block_k=32)
 
 
 # --------------------------------------------------------------------------- segmented CPU path
@@ -982,7 +995,7 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_triton
 def test_deterministic_mode_turns_atomic_split_k_off() -> None:
-    ops = _triton_ops()
+    tiles = _tiles()
     kwargs = dict(
         max_segment_tokens=4,
         num_segments=8,
@@ -993,12 +1006,12 @@ def test_deterministic_mode_turns_atomic_split_k_off() -> None:
         sm_count=132,
         interpret=False,
     )
-    assert ops.default_shrink_config(**kwargs).split_k > 1
+    assert tiles.default_shrink_config(**kwargs).split_k > 1
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        assert ops.default_shrink_config(**kwargs).split_k == 1
+        assert tiles.default_shrink_config(**kwargs).split_k == 1
         # add_lora_slices' partial sums add in a fixed order: the split stays.
-        assert ops.default_shrink_config(**kwargs, partials=True).split_k > 1
+        assert tiles.default_shrink_config(**kwargs, partials=True).split_k > 1
     finally:
         torch.use_deterministic_algorithms(before)

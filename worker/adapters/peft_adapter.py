@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lorafleet.kernels.meta import to_device
+from lorafleet.kernels.transfer import to_device
 from lorafleet.producer.errors import (
     AdapterInvalidError,
     AdapterNotFoundError,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.kernels import LoRAMeta
-from lorafleet.kernels.meta import copy_to_device, int_tensor
+from lorafleet.kernels.transfer import copy_to_device, int_tensor
 from lorafleet.worker.engine.step_layout import PendingTokens, StepLayout, fill_pending
 from lorafleet.worker.model.context import StepContext
 from lorafleet.worker.model.decoder import CausalLM

@@ -10,7 +10,7 @@ import mmap
 import torch
 
 from lorafleet.kernels import LoRAMeta
-from lorafleet.kernels.meta import int_tensor, to_device
+from lorafleet.kernels.transfer import int_tensor, to_device
 from lorafleet.worker.adapters.manager import AdapterManager
 from lorafleet.worker.engine.decode_graphs import DecodeGraphs, GraphCaptureError
 from lorafleet.worker.engine.scheduler import ScheduledBatch

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafleet.kernels.meta import int_tensor, to_device
+from lorafleet.kernels.transfer import int_tensor, to_device
 from lorafleet.worker.engine.sequence import Sequence
 
 #: Rows of ``SamplingPlan.params``.
