@@ -1,8 +1,11 @@
 """The ``lorafleet`` command, one module per subcommand.
 
-Building the parser imports the command modules and nothing heavy: each command imports
-what it needs when it runs, so ``lorafleet --help`` and the producer-only commands never
-load torch. Nothing else in lorafleet imports this package.
+Each command module declares itself: ``NAME``, ``HELP`` (its line in ``lorafleet --help``),
+``DESCRIPTION`` (the top of its own ``--help``), ``add_arguments(parser)`` and
+``run(args) -> exit status``; ``build_parser`` makes the subparsers from those, so no command
+repeats the registration. Building the parser imports the command modules and nothing
+heavy: each command imports what it needs when it runs, so ``lorafleet --help`` and the
+producer-only commands never load torch. Nothing else in lorafleet imports this package.
 
 A mistake a user can fix (a bad flag value, an unreachable Redis, a model that does not
 fit, a missing adapter folder) prints one line, ``lorafleet COMMAND: message``, and exits
@@ -44,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorafleet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(sub)
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 

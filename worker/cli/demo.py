@@ -18,6 +18,13 @@ from pathlib import Path
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.local.fleet import local_fleet
 
+NAME = "demo"
+HELP = "serve a tiny model with several adapters through Redis, end to end"
+DESCRIPTION = (
+    "Start Redis (embedded unless --redis-url) and a worker, submit a mixed batch "
+    "across adapters and the base model, print what each request got, and stop."
+)
+
 
 @dataclass(frozen=True)
 class _DemoAssets:
@@ -70,15 +77,7 @@ def _demo_assets(num_words: int) -> _DemoAssets:
     return _DemoAssets(model, adapters, words, trained=False)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="serve a tiny model with several adapters through Redis, end to end",
-        description=(
-            "Start Redis (embedded unless --redis-url) and a worker, submit a mixed batch "
-            "across adapters and the base model, print what each request got, and stop."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="use this Redis instead of an embedded one")
     p.add_argument("--words", type=int, default=4, help="words per adapter (default 4)")
     p.add_argument(
@@ -92,7 +91,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="device of the worker (default auto)")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

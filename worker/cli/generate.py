@@ -36,17 +36,17 @@ class _Request:
         return self.lora.lora_name if self.lora else "(base)"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate through the queue",
-        description=(
-            "Submit prompts (arguments, or one per line on stdin) and print the outputs. "
-            f"With --redis-url (or ${URL_ENV}) running workers serve them; otherwise --model "
-            "starts an embedded Redis and a worker for this command. Sampling defaults here "
-            "are greedy and 64 tokens (SamplingParams' own are temperature 1.0, 16 tokens)."
-        ),
-    )
+NAME = "generate"
+HELP = "generate through the queue"
+DESCRIPTION = (
+    "Submit prompts (arguments, or one per line on stdin) and print the outputs. "
+    f"With --redis-url (or ${URL_ENV}) running workers serve them; otherwise --model "
+    "starts an embedded Redis and a worker for this command. Sampling defaults here "
+    "are greedy and 64 tokens (SamplingParams' own are temperature 1.0, 16 tokens)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts (default: lines of stdin)")
     p.add_argument(
         "--lora",
@@ -89,7 +89,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_engine_flags(local)
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,19 +37,19 @@ from lorafleet.worker.local.fleet import local_fleet, local_worker_config, model
 URL_ENV = "LORAFLEET_REDIS_URL"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "loadtest",
-        help="drive workers with a synthetic workload; report throughput and latency",
-        description=(
-            "Send a workload through the queue (open loop at --rate, or closed loop with "
-            "--concurrency) and report throughput, goodput and queue wait / TTFT / "
-            "inter-token / end-to-end percentiles, overall and per adapter. With "
-            f"--redis-url (or ${URL_ENV}) running workers serve it; otherwise an embedded "
-            "Redis and one worker start for the run, on --model and --adapters-dir (default: "
-            "the shipped demo model and adapters)."
-        ),
-    )
+NAME = "loadtest"
+HELP = "drive workers with a synthetic workload; report throughput and latency"
+DESCRIPTION = (
+    "Send a workload through the queue (open loop at --rate, or closed loop with "
+    "--concurrency) and report throughput, goodput and queue wait / TTFT / "
+    "inter-token / end-to-end percentiles, overall and per adapter. With "
+    f"--redis-url (or ${URL_ENV}) running workers serve it; otherwise an embedded "
+    "Redis and one worker start for the run, on --model and --adapters-dir (default: "
+    "the shipped demo model and adapters)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     fleet = p.add_argument_group("workers")
     fleet.add_argument("--redis-url", help=f"Redis of running workers [{URL_ENV}]")
     fleet.add_argument("--queue", help="queue name (default lorafleet:queue) [LORAFLEET_QUEUE]")
@@ -88,7 +88,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_workload_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
-    p.set_defaults(run=run)
 
 
 def _assets(args: argparse.Namespace) -> tuple[str | None, list[Path]]:

