@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -48,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lora_training import lr_at, pad_batch
 
 from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM
@@ -276,15 +276,7 @@ def encode(
         a = [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         rows.append(p + a)
         label_rows.append([-100] * len(p) + a)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lr) in enumerate(zip(rows, label_rows, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(lr)] = torch.tensor(lr)
-        mask[i, : len(r)] = 1
-    return ids, mask, labels
+    return pad_batch(rows, label_rows, tokenizer.pad_token_id)
 
 
 def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -296,15 +288,6 @@ def answer_loss(lm, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor)
     target = labels[:, 1:]
     keep = target != -100
     return torch.nn.functional.cross_entropy(lm.lm_head(hidden[keep]), target[keep])
-
-
-def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warmup over the first 10% of steps, then cosine decay to 5% of peak."""
-    warmup = max(1, steps // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_adapter(
@@ -341,7 +324,7 @@ def train_adapter(
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, plan.steps, plan.lr)
+            group["lr"] = lr_at(step, plan.steps, plan.lr, warmup=max(1, plan.steps // 10))
         loss = answer_loss(lm, *encode(tokenizer, batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()

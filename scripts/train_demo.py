@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from lora_training import lr_at, pad_batch
 
 from lorafleet.worker.demo.demo_assets import (
     ALPHABET,
@@ -155,23 +155,7 @@ def encode_batch(
         rows.append(prompt + answer)
         # Loss on the answer and EOS only: the prompt is random, there is nothing to learn.
         label_rows.append([-100] * len(prompt) + answer)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lr) in enumerate(zip(rows, label_rows, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(lr)] = torch.tensor(lr)
-        mask[i, : len(r)] = 1
-    return ids, mask, labels
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 5% of peak (the low tail sharpens greedy accuracy)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return pad_batch(rows, label_rows, PAD_ID)
 
 
 def train(
