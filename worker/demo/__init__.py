@@ -3,5 +3,6 @@ adapters for the real model, and random tiny models and PEFT adapters built offl
 tests, benchmarks and load tests).
 
 May import: ``model.catalog``, the producer. ``demo_assets`` and ``chat_demo`` are
-torch-free; ``synthetic`` builds models with torch and transformers.
+torch-free (both read their files through ``shipped``); ``synthetic`` builds models with
+torch and transformers.
 """

@@ -32,8 +32,9 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
+
+from lorafleet.worker.demo.shipped import adapter_folders, read_record, shipped_dir
 
 #: The catalog model the adapters were trained on: the adapter configs'
 #: ``base_model_name_or_path``, and the name a worker serving the prepared folder answers to
@@ -158,21 +159,16 @@ def messages(question: str) -> list[dict[str, str]]:
 
 def assets_dir() -> Path:
     """Folder holding the shipped chat demo assets (``lorafleet/worker/demo/assets/chat_demo``)."""
-    # Package data is installed as plain files, which is what PEFT and the engine read.
-    return Path(__file__).resolve().parent / "assets" / "chat_demo"
+    return shipped_dir("chat_demo")
 
 
 def adapters() -> dict[str, Path]:
     """Task name -> PEFT adapter folder, for every adapter shipped (sorted by name)."""
-    root = assets_dir() / "adapters"
-    return {
-        p.parent.name: p.parent for p in sorted(root.glob("*/adapter_config.json")) if p.is_file()
-    }
+    return adapter_folders(assets_dir() / "adapters")
 
 
-@cache
 def _record() -> dict:
-    return json.loads((assets_dir() / "questions.json").read_text(encoding="utf-8"))
+    return read_record(assets_dir() / "questions.json")
 
 
 def questions() -> list[str]:

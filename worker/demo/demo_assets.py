@@ -24,10 +24,10 @@ This module only reads files; it does not import torch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
+
+from lorafleet.worker.demo.shipped import adapter_folders, read_record, shipped_dir
 
 #: Separates the word from the answer in a prompt; the answer follows it directly.
 PROMPT_SUFFIX = ">"
@@ -65,9 +65,7 @@ TASKS: dict[str, Callable[[str], str]] = {
 
 def assets_dir() -> Path:
     """Folder holding the shipped demo assets (``lorafleet/worker/demo/assets/demo``)."""
-    # Package data is installed as plain files (setuptools wheels are never zipped on
-    # install), so a filesystem path is what transformers and PEFT need anyway.
-    return Path(__file__).resolve().parent / "assets" / "demo"
+    return shipped_dir("demo")
 
 
 def demo_model_dir() -> Path:
@@ -77,15 +75,11 @@ def demo_model_dir() -> Path:
 
 def demo_adapters() -> dict[str, Path]:
     """Task name -> PEFT adapter folder, for every adapter shipped (sorted by name)."""
-    root = assets_dir() / "adapters"
-    return {
-        p.parent.name: p.parent for p in sorted(root.glob("*/adapter_config.json")) if p.is_file()
-    }
+    return adapter_folders(assets_dir() / "adapters")
 
 
-@cache
 def _words() -> dict:
-    return json.loads((assets_dir() / "words.json").read_text(encoding="utf-8"))
+    return read_record(assets_dir() / "words.json")
 
 
 def held_out_words() -> list[str]:
