@@ -1,7 +1,7 @@
 """A real model on the CPU: lorafleet's LoRA path against its own base model and transformers.
 
 Side by side in one process, on a real checkpoint (default: the catalog's
-SmolLM2-135M-Instruct, prepared by ``lorafleet.worker.catalog.prepare_model``); greedy,
+SmolLM2-135M-Instruct, prepared by ``lorafleet.worker.model.catalog.prepare_model``); greedy,
 EOS ignored, every request makes exactly ``--new-tokens`` tokens; prompts of about 30-60
 tokens rendered with the model's chat template:
 

@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from lorafleet.producer.codec import GenerateJob, JobResult
 from lorafleet.producer.errors import AdapterNotFoundError
 from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
+from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.serve.adapter_labels import BASE, OTHER, AdapterLabels
 from lorafleet.worker.serve.metrics import MetricsPortInUseError, WorkerMetrics
 from lorafleet.worker.serve.settings import ConfigError, WorkerConfig
@@ -190,6 +191,6 @@ def test_max_adapters_setting(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     env = {"LORAFLEET_MODEL": str(tmp_path), "LORAFLEET_METRICS_MAX_ADAPTERS": "7"}
     assert WorkerConfig.from_env(env).metrics_max_adapters == 7
-    assert WorkerConfig(model="m").metrics_max_adapters == 20
+    assert WorkerConfig(engine=EngineConfig(model="m")).metrics_max_adapters == 20
     with pytest.raises(ConfigError, match="LORAFLEET_METRICS_MAX_ADAPTERS must be >= 0"):
         WorkerConfig.from_env({**env, "LORAFLEET_METRICS_MAX_ADAPTERS": "-1"})

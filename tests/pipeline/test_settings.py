@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
+from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.serve.settings import VARIABLES, ConfigError, WorkerConfig
 from lorafleet.worker.serve.worker_settings import build_worker_settings
 
@@ -81,8 +82,10 @@ def test_engine_config_checks_are_included(model_dir):
 
 
 def test_every_variable_has_a_flag_and_a_field():
-    fields = set(WorkerConfig.__dataclass_fields__)
-    assert {v.field for v in VARIABLES} == fields
+    # The engine's settings are EngineConfig's own fields (WorkerConfig.engine), declared once.
+    fields = set(WorkerConfig.__dataclass_fields__) - {"engine"}
+    assert {v.field for v in VARIABLES if v.engine is None} == fields
+    assert {v.engine for v in VARIABLES if v.engine} <= set(EngineConfig.__dataclass_fields__)
     assert all(v.env.startswith("LORAFLEET_") and v.flag.startswith("--") for v in VARIABLES)
 
 

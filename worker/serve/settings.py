@@ -175,11 +175,11 @@ class WorkerConfig:
     def create(cls, **values: Any) -> WorkerConfig:
         """Build and validate from settings by their ``WorkerConfig`` names (``model=``,
         ``max_loras=``, ``kv_cache_mb=``, ``redis_url=``...). Raises ``ConfigError`` listing
-        every problem."""
+        every problem, each setting named as the caller typed it."""
         unknown = sorted(set(values) - {v.field for v in VARIABLES})
         if unknown:
             raise TypeError(f"unknown worker settings {unknown}")
-        return cls._build(values, {v.field: v.env for v in VARIABLES}, [], check_model=True)
+        return cls._build(values, {v.field: v.field for v in VARIABLES}, [], check_model=True)
 
     @classmethod
     def _build(
