@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from lorafleet.producer.keys import ABORT_CHANNEL, abort_key
+from lorafleet.worker.serve.background import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,7 @@ class AbortWatcher:
         self._task = asyncio.create_task(self._listen_forever(), name="lorafleet-aborts")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def register(self, job_id: str, on_abort: Callable[[], None]) -> bool:
         """Call ``on_abort`` (once) when the job is aborted. Returns whether it already was,

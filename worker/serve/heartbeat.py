@@ -24,7 +24,6 @@ TTL loses its claims, and its jobs may then run twice. Clients still see one res
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 from lorafleet.producer.keys import WORKERS_KEY
+from lorafleet.worker.serve.background import stop_task
 
 if TYPE_CHECKING:
     from lorafleet.worker.process.async_engine import AsyncEngine
@@ -101,10 +101,7 @@ class Heartbeat:
         self._draining_beat = asyncio.get_running_loop().create_task(self._beat_logged())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self._redis.hdel(WORKERS_KEY, self._name)
 
     def held_jobs(self) -> list[str]:

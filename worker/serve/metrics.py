@@ -20,7 +20,6 @@ counters are exported by ``lorafleet.worker.serve.engine_collector``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import platform
@@ -47,6 +46,7 @@ from redis.exceptions import RedisError
 from lorafleet.producer.codec import GenerateJob, JobResult
 from lorafleet.producer.errors import ERROR_TYPES
 from lorafleet.worker.serve.adapter_labels import BASE, OTHER, AdapterLabels
+from lorafleet.worker.serve.background import stop_task
 from lorafleet.worker.serve.engine_collector import EngineCollector
 
 if TYPE_CHECKING:
@@ -326,10 +326,7 @@ class WorkerMetrics:
 
     async def close(self) -> None:
         """Stop the queue reader and the HTTP server."""
-        if self._queue_task is not None:
-            self._queue_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._queue_task
+        await stop_task(self._queue_task)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -10,7 +10,6 @@ pipeline per engine step instead of N round trips.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from lorafleet.producer.stream import (
     add_event,
     add_reply,
 )
+from lorafleet.worker.serve.background import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,7 @@ class StreamPublisher:
         self._task = asyncio.create_task(self._flush_forever(), name="lorafleet-publisher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         for pending in self._pending.values():
             if pending.written is not None and not pending.written.done():
                 pending.written.set_exception(RuntimeError("stream publisher closed"))

@@ -11,10 +11,11 @@ writes a warning when it has lasted ``PERSIST_S``, at most every ``REPEAT_S``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
+
+from lorafleet.worker.serve.background import stop_task
 
 if TYPE_CHECKING:
     from lorafleet.worker.process.async_engine import AsyncEngine
@@ -43,10 +44,7 @@ class SlotContentionWatch:
         self._task = asyncio.create_task(self._run(), name="lorafleet-slot-contention")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def _run(self) -> None:
         while True:
