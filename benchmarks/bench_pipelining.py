@@ -33,10 +33,17 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(BENCH_DIR))
     import torch
-    from run_all import CPU, GPU, adapter_workload, machine_line, require_cuda, timed_tokens
+    from run_all import (
+        CPU,
+        GPU,
+        adapter_workload,
+        machine_line,
+        mode_llm,
+        require_cuda,
+        timed_tokens,
+    )
 
     from lorafleet.producer import LoRARequest
-    from lorafleet.worker import LLM
     from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     mode = GPU if args.gpu else CPU
@@ -55,16 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                 model, root / f"a{i}", rank=mode.rank, seed=i, target_modules=mode.targets
             )
             loras.append(LoRARequest(f"a{i}", i + 1, str(path)))
-        llm = LLM(
-            str(model),
-            device=mode.device,
-            dtype=mode.dtype,
-            max_loras=args.adapters,
-            max_lora_rank=mode.rank,
-            max_num_seqs=mode.max_num_seqs,
-            kv_cache_bytes=mode.kv_cache_mb * 2**20,
-            cuda_graphs=args.cuda_graphs,
-        )
+        llm = mode_llm(model, mode, args, max_loras=args.adapters)
         prompts, params, picks = adapter_workload(args.adapters, mode, args)
         requests = [None if a is None else loras[a] for a in picks]
         llm.generate(prompts, params, requests)  # warm-up: kernel compiles, graph captures

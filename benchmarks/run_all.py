@@ -218,6 +218,25 @@ class Tiers:
         return f"{self.max_loras}:{self.max_cpu_loras}"
 
 
+def mode_llm(model: Path, mode: Mode, args, max_loras: int, max_cpu_loras: int | None = None):
+    """The engine a suite section times: ``mode``'s device, dtype, rank, batch size and KV
+    cache, ``max_loras`` device slots, ``max_cpu_loras`` host cache entries (None: the
+    engine's default), decode steps from CUDA graphs when ``--cuda-graphs`` says so."""
+    from lorafleet.worker import LLM
+
+    return LLM(
+        str(model),
+        device=mode.device,
+        dtype=mode.dtype,
+        kv_cache_bytes=mode.kv_cache_mb * 2**20,
+        max_num_seqs=mode.max_num_seqs,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_lora_rank=mode.rank,
+        cuda_graphs=args.cuda_graphs,
+    )
+
+
 def adapter_workload(n: int, mode: Mode, args):
     """Prompts, sampling params and adapters of section 1 for N adapters.
 
@@ -241,7 +260,6 @@ def adapter_workload(n: int, mode: Mode, args):
 
 
 def adapters_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[str]:
-    from lorafleet.worker import LLM
 
     loras = adapter_requests(adapter_root, max(args.counts))
     bases: list[float] = []
@@ -251,17 +269,7 @@ def adapters_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for tiers in args.tiers:
-        llm = LLM(
-            str(model),
-            device=mode.device,
-            dtype=mode.dtype,
-            max_loras=tiers.max_loras,
-            max_cpu_loras=tiers.max_cpu_loras,
-            max_lora_rank=mode.rank,
-            max_num_seqs=mode.max_num_seqs,
-            kv_cache_bytes=mode.kv_cache_mb * 2**20,
-            cuda_graphs=args.cuda_graphs,
-        )
+        llm = mode_llm(model, mode, args, tiers.max_loras, tiers.max_cpu_loras)
         for n in args.counts:
             prompts, params, indices = adapter_workload(n, mode, args)
             chosen = [loras[i] if i is not None else None for i in indices]
