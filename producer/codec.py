@@ -93,7 +93,10 @@ def encode(value: msgspec.Struct) -> bytes:
     return _encoder.encode(value)
 
 
-def _check_version(data: bytes, what: str) -> None:
+def _decode(data: bytes, decoder: msgspec.msgpack.Decoder, what: str) -> Any:
+    """``data`` decoded and validated by ``decoder`` once its schema version is known to be
+    readable. Raises ``InvalidRequestError`` (malformed, or not a valid ``what``) or
+    ``UnsupportedVersionError``."""
     try:
         header = _header_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -103,25 +106,21 @@ def _check_version(data: bytes, what: str) -> None:
             f"{what} schema version {header.v} is not supported (this build reads "
             f"v{READABLE_VERSIONS[0]} to v{READABLE_VERSIONS[-1]}); upgrade lorafleet here"
         )
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise InvalidRequestError(f"invalid {what}: {e}") from None
 
 
 def decode_job(data: bytes) -> GenerateJob:
     """Decode and validate a job. Raises ``InvalidRequestError`` or ``UnsupportedVersionError``."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidRequestError(f"job payload must be bytes, got {type(data).__name__}")
-    _check_version(data, "job")
-    try:
-        return _job_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise InvalidRequestError(f"invalid job: {e}") from None
+    return _decode(data, _job_decoder, "job")
 
 
 def decode_result(data: bytes) -> JobResult:
-    _check_version(data, "result")
-    try:
-        return _result_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise InvalidRequestError(f"invalid result: {e}") from None
+    return _decode(data, _result_decoder, "result")
 
 
 # arq's envelope (job and result dicts) is serialized with msgpack too, never pickle. arq puts
