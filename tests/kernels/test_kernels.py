@@ -43,6 +43,12 @@ from lorafleet.kernels.segmented import FusedStacks, add_lora_fused
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+def compiled_cuda(test):
+    """Marks a test of the compiled kernels: ``gpu``, skipped without CUDA or Triton."""
+    return pytest.mark.gpu(needs_cuda(needs_triton(test)))
+
+
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 T = TypeVar("T")
@@ -464,9 +470,7 @@ def test_add_lora_reference(case: Case) -> None:
     check_add_lora(make_batch(case), "cpu", add_lora_slices)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
+@compiled_cuda
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_add_lora_compiled_cuda(case: Case) -> None:
     ops = _triton_ops()
@@ -930,9 +934,7 @@ def test_per_slot_rank_expand_loads_whole_rank_tiles_16_bytes_wide() -> None:
 # --------------------------------------------------------------------------- GPU
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
+@compiled_cuda
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("add", [True, False])
 def test_triton_compiled_cuda(case: Case, add: bool) -> None:
@@ -946,9 +948,7 @@ def test_triton_compiled_cuda(case: Case, add: bool) -> None:
     )
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
+@compiled_cuda
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_compiled_cuda_static_meta(case: Case) -> None:
     ops = _triton_ops()
@@ -956,9 +956,7 @@ def test_triton_compiled_cuda_static_meta(case: Case) -> None:
     run_slices(batch, "cuda", ops.lora_shrink_slices_triton, ops.lora_expand_slices_triton, True)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
+@compiled_cuda
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_triton_compiled_cuda_decode_shape(dtype: str) -> None:
     """The benchmark's decode shape: 256 one-token sequences over 64 adapters, H=4096, r=16."""
@@ -973,9 +971,7 @@ def test_triton_compiled_cuda_decode_shape(dtype: str) -> None:
     )
 
 
-@pytest.mark.gpu
-@needs_cuda
-@needs_triton
+@compiled_cuda
 def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     _spy(monkeypatch, calls)
