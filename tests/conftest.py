@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +20,7 @@ os.environ.setdefault(
 )
 
 from lorafleet.producer import LoRARequest
+from lorafleet.worker.serve.settings import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,41 @@ def model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(model_factory) -> Path:
     return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def lorafleet_stdout() -> Callable[..., str]:
+    """(*argv) -> what ``lorafleet ARGV`` prints on stdout, run in a child process as
+    ``python -m lorafleet.worker.cli``; a non-zero exit raises ``CalledProcessError``."""
+
+    def run(*argv: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "lorafleet.worker.cli", *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_worker_config(llama_dir) -> Callable[..., WorkerConfig]:
+    """(redis_url, adapter_root, suite, **settings) -> the configuration of a CPU worker on
+    the tiny llama that may read adapters under ``adapter_root``, on a queue of its own
+    (``lorafleet:<suite>:<random>``); ``settings`` add to those or replace them."""
+
+    def make(redis_url: str, adapter_root: Path, suite: str, **settings: Any) -> WorkerConfig:
+        values: dict[str, Any] = {
+            "model": str(llama_dir),
+            "device": "cpu",
+            "adapter_roots": (str(adapter_root),),
+            "redis_url": redis_url,
+            "queue": f"lorafleet:{suite}:{uuid.uuid4().hex[:8]}",
+        }
+        return WorkerConfig.create(**{**values, **settings})
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ real worker subprocess serving them on the tiny llama (same pattern as tests/pip
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.worker.cli import main
 from lorafleet.worker.local.launcher import WorkerProcess
-from lorafleet.worker.serve.settings import WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,13 @@ def loadtest_redis():
 
 
 @pytest.fixture(scope="module")
-def loadtest_worker(loadtest_redis, llama_dir, made_adapters, tmp_path_factory) -> WorkerProcess:
-    config = WorkerConfig.create(
-        model=str(llama_dir),
-        device="cpu",
-        adapter_roots=(str(made_adapters.path),),
-        redis_url=loadtest_redis.url,
-        queue=f"lorafleet:loadtest-test:{uuid.uuid4().hex[:8]}",
+def loadtest_worker(
+    loadtest_redis, tiny_worker_config, made_adapters, tmp_path_factory
+) -> WorkerProcess:
+    config = tiny_worker_config(
+        loadtest_redis.url,
+        made_adapters.path,
+        "loadtest-test",
         max_loras=4,
         max_num_seqs=64,
         max_model_len=256,

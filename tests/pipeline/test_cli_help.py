@@ -18,13 +18,8 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     return dict(sub.choices)
 
 
-def test_version():
-    out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.worker.cli", "--version"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_version(lorafleet_stdout):
+    out = lorafleet_stdout("--version")
     assert out.startswith("lorafleet ") and out.split()[1][0].isdigit()
 
 

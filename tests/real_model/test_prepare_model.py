@@ -4,21 +4,14 @@ folder with its chat template."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def test_prepare_model_prints_the_prepared_folder(real_model):
-    out = subprocess.run(
-        [sys.executable, "-m", "lorafleet.worker.cli", "prepare-model", "smollm2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def test_prepare_model_prints_the_prepared_folder(real_model, lorafleet_stdout):
+    out = lorafleet_stdout("prepare-model", "smollm2")
     assert out.strip() == str(real_model)
     assert (real_model / "config.json").is_file()
     assert (real_model / "chat_template.jinja").is_file()

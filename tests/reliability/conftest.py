@@ -6,7 +6,6 @@ Workers here use a 3 s heartbeat TTL, so a dead worker's jobs come back within s
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,25 +39,15 @@ def rel_adapters(llama_dir, rel_adapter_root) -> list[LoRARequest]:
 
 
 @pytest.fixture(scope="session")
-def make_config(llama_dir, rel_adapter_root, rel_adapters) -> Callable[..., WorkerConfig]:
+def make_config(tiny_worker_config, rel_adapter_root, rel_adapters) -> Callable[..., WorkerConfig]:
     """(redis_url, **overrides) -> a worker configuration on the tiny llama, its own queue."""
 
     def make(redis_url: str, **overrides: Any) -> WorkerConfig:
-        values: dict[str, Any] = dict(
-            model=str(llama_dir),
-            device="cpu",
-            adapter_roots=(str(rel_adapter_root),),
-            redis_url=redis_url,
-            queue=f"lorafleet:rel:{uuid.uuid4().hex[:8]}",
-            max_loras=2,
-            max_num_seqs=16,
-            max_model_len=MAX_MODEL_LEN,
-            kv_cache_mb=16,
-            heartbeat_ttl=HEARTBEAT_TTL,
-            drain_timeout=10.0,
+        small = {"max_loras": 2, "max_num_seqs": 16, "max_model_len": MAX_MODEL_LEN}
+        timing = {"kv_cache_mb": 16, "heartbeat_ttl": HEARTBEAT_TTL, "drain_timeout": 10.0}
+        return tiny_worker_config(
+            redis_url, rel_adapter_root, "rel", **{**small, **timing, **overrides}
         )
-        values.update(overrides)
-        return WorkerConfig.create(**values)
 
     return make
 

@@ -40,16 +40,30 @@ def rescuer(rel_redis, make_config, start_worker):
     return start_worker(make_config(rel_redis.url))
 
 
-def test_sigterm_finishes_running_jobs_and_hands_back_the_rest(
-    rel_redis, make_config, start_worker, rescuer
-):
-    url, queue = rel_redis.url, rescuer.config.queue
-    rescuer.signal(signal.SIGSTOP)
+@pytest.fixture
+def draining_worker(rel_redis, make_config, start_worker, rescuer):
+    """``draining_worker(**config)`` freezes the rescuer (the test thaws it when it should
+    run jobs) and starts the worker to drain on its queue, with ``config``. Returns (Redis
+    URL, queue, draining worker)."""
+
+    def start(**config):
+        url, queue = rel_redis.url, rescuer.config.queue
+        rescuer.signal(signal.SIGSTOP)
+        return url, queue, start_worker(make_config(url, queue=queue, **config))
+
+    return start
+
+
+async def _submit_followed(client: Client, prompt: str):
+    """Submits ``prompt`` (``LONG``); returns its handle and a task reading its whole stream."""
+    handle = await client.submit(prompt, LONG)
+    return handle, asyncio.create_task(_text(handle))
+
+
+def test_sigterm_finishes_running_jobs_and_hands_back_the_rest(rescuer, draining_worker):
     # Two sequences at a time: two jobs generate, two more wait inside the engine, and the
     # remaining four stay in the queue (the worker holds at most four).
-    draining = start_worker(
-        make_config(url, queue=queue, max_num_seqs=2, max_jobs=4, drain_timeout=20)
-    )
+    url, queue, draining = draining_worker(max_num_seqs=2, max_jobs=4, drain_timeout=20)
 
     async def scenario():
         async with Client(url, queue_name=queue) as client:
@@ -112,17 +126,12 @@ def test_sigterm_finishes_running_jobs_and_hands_back_the_rest(
     assert registry_entry(url, draining.config.name) is None
 
 
-def test_jobs_still_running_when_the_grace_period_ends_are_re_run(
-    rel_redis, make_config, start_worker, rescuer
-):
-    url, queue = rel_redis.url, rescuer.config.queue
-    rescuer.signal(signal.SIGSTOP)
-    draining = start_worker(make_config(url, queue=queue, drain_timeout=0))
+def test_jobs_still_running_when_the_grace_period_ends_are_re_run(rescuer, draining_worker):
+    url, queue, draining = draining_worker(drain_timeout=0)
 
     async def scenario():
         async with Client(url, queue_name=queue) as client:
-            handle = await client.submit("cut short", LONG)
-            follower = asyncio.create_task(_text(handle))
+            handle, follower = await _submit_followed(client, "cut short")
             await asyncio.to_thread(
                 wait_until, lambda: stream_events(url, handle.job_id), 20, "the job to generate"
             )
@@ -156,19 +165,14 @@ def _entries(url: str, job_id: str) -> list[tuple[float, StreamEvent]]:
         ]
 
 
-def test_a_drained_long_job_continues_where_it_stopped(
-    rel_redis, make_config, start_worker, rescuer
-):
+def test_a_drained_long_job_continues_where_it_stopped(rescuer, draining_worker):
     """The grace period ends mid-generation: the re-run continues after the tokens already
     streamed instead of starting over; the client's stream pauses, never restarts."""
-    url, queue = rel_redis.url, rescuer.config.queue
-    rescuer.signal(signal.SIGSTOP)
-    draining = start_worker(make_config(url, queue=queue, drain_timeout=0.3))
+    url, queue, draining = draining_worker(drain_timeout=0.3)
 
     async def scenario():
         async with Client(url, queue_name=queue) as client:
-            handle = await client.submit("keep going", LONG)
-            follower = asyncio.create_task(_text(handle))
+            handle, follower = await _submit_followed(client, "keep going")
             await asyncio.to_thread(
                 wait_until,
                 lambda: len(stream_events(url, handle.job_id)) >= 3,
