@@ -42,17 +42,17 @@ SECTIONS = ("adapters", "peft", "pipeline", "loadtest")
 
 #: Llama-3.2-1B's shape (config.json of meta-llama/Llama-3.2-1B), minus rope scaling, which
 #: changes no cost. ``max_position_embeddings`` is cut so the KV cache can hold a full one.
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=4096,
-    rope_theta=500000.0,
-    tie_word_embeddings=True,
-)
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 4096,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+}
 
 
 @dataclass(frozen=True)
