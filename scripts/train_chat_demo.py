@@ -49,9 +49,10 @@ from pathlib import Path
 import torch
 from lora_training import lr_at, pad_batch
 
-from lorafleet.producer import LoRARequest, SamplingParams
+from lorafleet.producer import SamplingParams
 from lorafleet.worker import LLM
 from lorafleet.worker.demo import chat_demo
+from lorafleet.worker.demo.shipped import lora_requests
 from lorafleet.worker.model.catalog import prepare_model
 
 # -- questions ---------------------------------------------------------------------------
@@ -393,10 +394,7 @@ def evaluate(
         num_threads=threads,
     )
     tokenizer = llm.get_tokenizer()
-    loras = {
-        task: LoRARequest(task, i, str(path))
-        for i, (task, path) in enumerate(sorted(adapters.items()), start=1)
-    }
+    loras = lora_requests(adapters)
     jobs = [(q, task) for q in held for task in [None, *loras]]
     t0 = time.perf_counter()
     outs = llm.generate(

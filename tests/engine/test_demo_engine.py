@@ -8,7 +8,7 @@ from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM
 from lorafleet.worker.demo.demo_assets import (
     BASE_TASK,
-    demo_adapters,
+    demo_lora_requests,
     demo_model_dir,
     demo_prompt,
     expected_output,
@@ -19,10 +19,7 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
 
 def _requests() -> dict[str, LoRARequest]:
-    return {
-        task: LoRARequest(task, i + 1, str(path), base_model_name="lorafleet-demo")
-        for i, (task, path) in enumerate(sorted(demo_adapters().items()))
-    }
+    return demo_lora_requests(base_model_name="lorafleet-demo")
 
 
 def test_demo_mixed_batch_equals_peft_and_is_accurate():

@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 
-from lorafleet.producer import LoRARequest, SamplingParams, SyncClient
+from lorafleet.producer import SamplingParams, SyncClient
 from lorafleet.worker.demo.demo_assets import (
     BASE_TASK,
     demo_adapters,
+    demo_lora_requests,
     demo_model_dir,
     demo_prompt,
     expected_output,
@@ -41,10 +42,7 @@ def demo_worker(redis_server, tmp_path_factory):
 def test_each_adapter_does_its_task_through_the_queue(demo_worker):
     words = held_out_words()[:50]
     assert len(words) == 50
-    loras = {
-        task: LoRARequest(task, i, str(path))
-        for i, (task, path) in enumerate(sorted(demo_adapters().items()), start=1)
-    }
+    loras = demo_lora_requests()
     tasks = [BASE_TASK, *loras]
     jobs = [(word, task) for word in words for task in tasks]
     with SyncClient(demo_worker.config.redis_url, queue_name=demo_worker.config.queue) as client:

@@ -15,7 +15,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.types import RequestOutput, SamplingParams
+from lorafleet.worker.demo.shipped import lora_requests
 from lorafleet.worker.local.fleet import local_fleet
 
 NAME = "demo"
@@ -128,10 +129,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         _demo_config(model, adapters, args), embedded_redis=not args.redis_url
     ) as fleet:
         print(f"worker ready in {time.monotonic() - started:.1f}s ({fleet.redis_url})\n")
-        loras = {
-            task: LoRARequest(task, i, str(path), base_model_name=chat_demo.BASE_MODEL_NAME)
-            for i, (task, path) in enumerate(adapters.items(), start=1)
-        }
+        loras = lora_requests(adapters, chat_demo.BASE_MODEL_NAME)
         jobs = [(q, task) for q in questions for task in [None, *loras]]
         with SyncClient(fleet.redis_url, queue_name=fleet.queue) as client:
             t0 = time.monotonic()
@@ -180,10 +178,7 @@ def _run_words(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with local_fleet(config, embedded_redis=not args.redis_url) as fleet:
         print(f"worker ready in {time.monotonic() - started:.1f}s ({fleet.redis_url})\n")
-        loras = {
-            task: LoRARequest(task, i, str(path))
-            for i, (task, path) in enumerate(sorted(assets.adapters.items()), start=1)
-        }
+        loras = lora_requests(assets.adapters)
         jobs = [(w, task) for w in assets.words for task in [None, *loras]]
         with SyncClient(fleet.redis_url, queue_name=fleet.queue) as client:
             t0 = time.monotonic()

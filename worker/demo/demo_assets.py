@@ -27,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lorafleet.worker.demo.shipped import adapter_folders, read_record, shipped_dir
+from lorafleet.producer.types import LoRARequest
+from lorafleet.worker.demo.shipped import adapter_folders, lora_requests, read_record, shipped_dir
 
 #: Separates the word from the answer in a prompt; the answer follows it directly.
 PROMPT_SUFFIX = ">"
@@ -76,6 +77,11 @@ def demo_model_dir() -> Path:
 def demo_adapters() -> dict[str, Path]:
     """Task name -> PEFT adapter folder, for every adapter shipped (sorted by name)."""
     return adapter_folders(assets_dir() / "adapters")
+
+
+def demo_lora_requests(base_model_name: str | None = None) -> dict[str, LoRARequest]:
+    """Task name -> request for each shipped adapter, ids 1, 2, ... in name order."""
+    return lora_requests(demo_adapters(), base_model_name)
 
 
 def _words() -> dict:

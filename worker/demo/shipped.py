@@ -5,8 +5,11 @@ side read these files."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+
+from lorafleet.producer.types import LoRARequest
 
 
 def shipped_dir(demo: str) -> Path:
@@ -21,6 +24,17 @@ def adapter_folders(root: Path) -> dict[str, Path]:
     name); a missing ``root`` gives none."""
     return {
         p.parent.name: p.parent for p in sorted(root.glob("*/adapter_config.json")) if p.is_file()
+    }
+
+
+def lora_requests(
+    adapters: Mapping[str, Path], base_model_name: str | None = None
+) -> dict[str, LoRARequest]:
+    """Name -> request for each adapter folder, in name order with ids 1, 2, ...: the same
+    adapters get the same ids on every run."""
+    return {
+        name: LoRARequest(name, i, str(path), base_model_name=base_model_name)
+        for i, (name, path) in enumerate(sorted(adapters.items()), start=1)
     }
 
 
