@@ -11,9 +11,9 @@ and hidden sizes like 2049 are handled by masks.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import triton
@@ -138,61 +138,30 @@ def _cached_plan(meta: LoRAMeta, key: tuple, build) -> _Plan:
 
 def _launch(
     plan: _Plan,
-    kernel: Any,
+    inp: torch.Tensor,
     stacks: list[torch.Tensor],
     meta: LoRAMeta,
-    operands: Callable[[range, list[torch.Tensor]], tuple[torch.Tensor, ...]],
+    out: torch.Tensor,
+    interpret: bool,
+    op: Literal["shrink", "expand"],
 ) -> None:
-    """Run every launch of ``plan`` with ``kernel``; ``operands(part, slices)`` gives a
-    launch's tensor arguments before the meta pointers (its input, its up to three weight
-    stacks, its output), which is all that differs between the shrink and the expand."""
+    """Run every launch of a shrink plan (``inp`` the input [T, H], ``out`` fp32 [n, T, R]
+    or [k, n, T, R] partials) or of an expand plan (``inp`` that buffer, ``out`` the
+    output). A launch covers slices ``part`` of the weight stacks and of the buffer (the
+    shrink's output, the expand's input): which side is sliced is all that differs."""
+    expand = op == "expand"
+    kernel = kernels(interpret)[1 if expand else 0]
     if plan.contiguous:
         stacks = [t.contiguous() for t in stacks]
     meta_args = _meta_args(meta)
     for launch in plan.launches:
         part = launch.part
-        kernel[launch.grid](
-            *operands(part, _pad3([stacks[i] for i in part])),
-            *meta_args,
-            *launch.scalars,
-            **launch.consts,
-        )
-
-
-def _launch_shrink(
-    plan: _Plan,
-    x: torch.Tensor,
-    stacks: list[torch.Tensor],
-    meta: LoRAMeta,
-    out: torch.Tensor,
-    interpret: bool,
-) -> None:
-    """Run a shrink plan into ``out``: fp32 [n, T, R], or [k, n, T, R] partials."""
-    _launch(
-        plan,
-        kernels(interpret)[0],
-        stacks,
-        meta,
-        lambda part, a: (x, *a, out[..., part.start : part.stop, :, :]),
-    )
-
-
-def _launch_expand(
-    plan: _Plan,
-    buf: torch.Tensor,
-    stacks: list[torch.Tensor],
-    meta: LoRAMeta,
-    out: torch.Tensor,
-    interpret: bool,
-) -> None:
-    """Run an expand plan: ``buf`` [n, T, R] (or [k, n, T, R] partials) into ``out``."""
-    _launch(
-        plan,
-        kernels(interpret)[1],
-        stacks,
-        meta,
-        lambda part, b: (buf[..., part.start : part.stop, :, :], *b, out),
-    )
+        weights = _pad3([stacks[i] for i in part])
+        if expand:
+            operands = (inp[..., part.start : part.stop, :, :], *weights, out)
+        else:
+            operands = (inp, *weights, out[..., part.start : part.stop, :, :])
+        kernel[launch.grid](*operands, *meta_args, *launch.scalars, **launch.consts)
 
 
 # --------------------------------------------------------------------------- shrink
@@ -281,7 +250,7 @@ def lora_shrink_slices_triton(
     plan = _cached_plan(meta, key, lambda: _shrink_plan(x, stacks, meta, scale, config, interpret))
     max_rank = stacks[0].shape[1]
     out = torch.zeros(len(stacks), x.shape[0], max_rank, dtype=torch.float32, device=x.device)
-    _launch_shrink(plan, x, stacks, meta, out, interpret)
+    _launch(plan, x, stacks, meta, out, interpret, "shrink")
     return out
 
 
@@ -414,7 +383,7 @@ def lora_expand_slices_triton(
     plan = _cached_plan(
         meta, key, lambda: _expand_plan(buf, stacks, meta, out, offsets, add, config, interpret)
     )
-    _launch_expand(plan, buf, stacks, meta, out, interpret)
+    _launch(plan, buf, stacks, meta, out, interpret, "expand")
     return out
 
 
@@ -490,6 +459,6 @@ def add_lora_slices_triton(
         expand_key,
         lambda: _expand_plan(buf, b_stacks, meta, out, offsets, True, expand_config, interpret),
     )
-    _launch_shrink(shrink, x, a_stacks, meta, buf, interpret)
-    _launch_expand(expand, buf, b_stacks, meta, out, interpret)
+    _launch(shrink, x, a_stacks, meta, buf, interpret, "shrink")
+    _launch(expand, buf, b_stacks, meta, out, interpret, "expand")
     return out
