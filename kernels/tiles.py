@@ -10,7 +10,7 @@ same choices without launching anything.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -168,6 +168,30 @@ def _dot_mode(lhs: torch.dtype, rhs: torch.dtype, interpret: bool) -> tuple[bool
     return True, "tf32"
 
 
+def _constexprs(
+    cfg: ShrinkConfig | ExpandConfig,
+    lhs: torch.dtype,
+    rhs: torch.dtype,
+    interpret: bool,
+    flags: dict[str, Any],
+) -> dict[str, Any]:
+    """A launch's compile-time arguments: the kernel's own ``flags``, its tiles (the kernels
+    name the config's ``block_<dim>`` fields ``BLOCK_<DIM>``), the dot mode of its operand
+    dtypes ``lhs``, ``rhs``, and the config's launch options."""
+    upcast, precision = _dot_mode(lhs, rhs, interpret)
+    tiles = {
+        f.name.upper(): getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("block_")
+    }
+    return {
+        **flags,
+        **tiles,
+        "UPCAST": upcast,
+        "PRECISION": precision,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
 def shrink_constexprs(
     cfg: ShrinkConfig,
     x_dtype: torch.dtype,
@@ -179,19 +203,8 @@ def shrink_constexprs(
 ) -> dict[str, Any]:
     """Compile-time arguments (and launch options) of one shrink launch; ``partials``: each
     K split stores its own partial sum (for ``add_lora_slices``) instead of adding atomically."""
-    upcast, precision = _dot_mode(x_dtype, a_dtype, interpret)
-    return dict(
-        HAS_RANKS=has_ranks,
-        SPLIT_K=cfg.split_k,
-        PARTIALS=partials,
-        BLOCK_M=cfg.block_m,
-        BLOCK_R=cfg.block_r,
-        BLOCK_K=cfg.block_k,
-        UPCAST=upcast,
-        PRECISION=precision,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    flags = {"HAS_RANKS": has_ranks, "SPLIT_K": cfg.split_k, "PARTIALS": partials}
+    return _constexprs(cfg, x_dtype, a_dtype, interpret, flags)
 
 
 def expand_constexprs(
@@ -206,16 +219,5 @@ def expand_constexprs(
 ) -> dict[str, Any]:
     """Compile-time arguments (and launch options) of one expand launch; ``num_partials``
     buffers are summed on load (a partials shrink's split-K sums)."""
-    upcast, precision = _dot_mode(buf_dtype, b_dtype, interpret)
-    return dict(
-        HAS_RANKS=has_ranks,
-        ADD=add,
-        NUM_PARTIALS=num_partials,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_R=cfg.block_r,
-        UPCAST=upcast,
-        PRECISION=precision,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    flags = {"HAS_RANKS": has_ranks, "ADD": add, "NUM_PARTIALS": num_partials}
+    return _constexprs(cfg, buf_dtype, b_dtype, interpret, flags)
