@@ -54,39 +54,16 @@ class EngineCollector(Collector):
         )  # fmt: skip
         for name, doc, value in gauges:
             yield self._gauge(name, doc, value)
-        yield self._counter(
-            "lorafleet_adapter_loads",
-            "Adapter weight look-ups by source: `disk` reads and validates a PEFT folder, "
-            "`cpu_cache` finds them in host memory.",
-            {("disk",): stats.disk_loads, ("cpu_cache",): stats.cpu_hits},
-            "source",
-        )
-        yield self._counter(
-            "lorafleet_adapter_disk_load_seconds",
-            "Time spent reading and validating adapters from disk.",
-            {(): stats.disk_load_seconds},
-        )
-        yield self._counter(
-            "lorafleet_adapter_slot_loads",
-            "Adapters written into a device slot (slot misses).",
-            {(): stats.slot_loads},
-        )
-        yield self._counter(
-            "lorafleet_adapter_slot_hits",
-            "Admissions whose adapter already held a device slot.",
-            {(): stats.slot_hits},
-        )
-        yield self._counter(
-            "lorafleet_adapter_evictions",
-            "Adapters evicted, by tier (`slot`: device slot, `cpu`: CPU cache).",
-            {("slot",): stats.slot_evictions, ("cpu",): stats.cpu_evictions},
-            "tier",
-        )
-        yield self._counter(
-            "lorafleet_preemptions",
-            "Running requests preempted for lack of KV-cache blocks (recomputed later).",
-            {(): snap.preemptions},
-        )
+        counters = (
+            ("lorafleet_adapter_loads", "Adapter weight look-ups by source: `disk` reads and validates a PEFT folder, `cpu_cache` finds them in host memory.", "source", {("disk",): stats.disk_loads, ("cpu_cache",): stats.cpu_hits}),
+            ("lorafleet_adapter_disk_load_seconds", "Time spent reading and validating adapters from disk.", None, {(): stats.disk_load_seconds}),
+            ("lorafleet_adapter_slot_loads", "Adapters written into a device slot (slot misses).", None, {(): stats.slot_loads}),
+            ("lorafleet_adapter_slot_hits", "Admissions whose adapter already held a device slot.", None, {(): stats.slot_hits}),
+            ("lorafleet_adapter_evictions", "Adapters evicted, by tier (`slot`: device slot, `cpu`: CPU cache).", "tier", {("slot",): stats.slot_evictions, ("cpu",): stats.cpu_evictions}),
+            ("lorafleet_preemptions", "Running requests preempted for lack of KV-cache blocks (recomputed later).", None, {(): snap.preemptions}),
+        )  # fmt: skip
+        for name, doc, label, values in counters:
+            yield self._counter(name, doc, values, label)
         family = GaugeMetricFamily(
             "lorafleet_worker_info",
             "Configuration of the worker's engine.",
