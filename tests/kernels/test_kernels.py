@@ -992,16 +992,16 @@ def test_dispatch_uses_triton_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 @needs_triton
 def test_deterministic_mode_turns_atomic_split_k_off() -> None:
     tiles = _tiles()
-    kwargs = dict(
-        max_segment_tokens=4,
-        num_segments=8,
-        num_slices=1,
-        hidden=4096,
-        rank=16,
-        elem_size=2,
-        sm_count=132,
-        interpret=False,
-    )
+    kwargs = {
+        "max_segment_tokens": 4,
+        "num_segments": 8,
+        "num_slices": 1,
+        "hidden": 4096,
+        "rank": 16,
+        "elem_size": 2,
+        "sm_count": 132,
+        "interpret": False,
+    }
     assert tiles.default_shrink_config(**kwargs).split_k > 1
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

@@ -71,20 +71,20 @@ def _config(arch: Arch, tokenizer_vocab: int, **overrides: object):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     # Special ids are the tokenizer's (its last three tokens), whatever the model's vocab.
-    common: dict[str, object] = dict(
-        vocab_size=tokenizer_vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer_vocab - 3,
-        eos_token_id=tokenizer_vocab - 2,
-        pad_token_id=tokenizer_vocab - 1,
-        tie_word_embeddings=False,
-    )
+    common: dict[str, object] = {
+        "vocab_size": tokenizer_vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": tokenizer_vocab - 3,
+        "eos_token_id": tokenizer_vocab - 2,
+        "pad_token_id": tokenizer_vocab - 1,
+        "tie_word_embeddings": False,
+    }
     common.update(overrides)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
     if arch == "mistral":
