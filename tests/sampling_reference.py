@@ -1,9 +1,20 @@
-"""Float64 references for sampling rules that transformers has no processor for."""
+"""References for the engine's sampling: Hugging Face's greedy continuation, and float64
+rules that transformers has no processor for."""
 
 from __future__ import annotations
 
 import torch
 from transformers import LogitsProcessor
+
+
+def greedy_continuation(model, ids: torch.Tensor, max_new_tokens: int, **options) -> list[int]:
+    """The new token ids of ``model.generate``'s greedy continuation of the one prompt
+    ``ids`` [1, P]; ``options`` go to ``generate`` as given (``min_new_tokens``, ...)."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **options
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 class OpenAIPenalties(LogitsProcessor):

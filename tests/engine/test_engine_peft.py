@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sampling_reference import greedy_continuation
 
 from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM
@@ -45,13 +46,9 @@ class PeftReference:
     @torch.no_grad()
     def generate(self, prompt: str, lora: LoRARequest | None) -> list[int]:
         ids = torch.tensor([self.tok(prompt).input_ids])
-        out = self._run(
-            lambda: self.model.generate(
-                input_ids=ids, max_new_tokens=MAX_TOKENS, do_sample=False, top_p=None, top_k=None
-            ),
-            lora,
+        return self._run(
+            lambda: greedy_continuation(self.model, ids, MAX_TOKENS, top_p=None, top_k=None), lora
         )
-        return out[0, ids.shape[1] :].tolist()
 
     @torch.no_grad()
     def last_logits(self, prompt: str, lora: LoRARequest | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from sampling_reference import greedy_continuation
 
 from lorafleet.producer import LoRARequest, SamplingParams
 from lorafleet.worker import LLM
@@ -53,15 +54,11 @@ def test_engine_output_equals_peft_for_made_adapters(made_adapters, llama_dir):
         peft.set_adapter(lora.lora_name)
         for prompt in PROMPTS:
             ids = torch.tensor([tok(prompt).input_ids])
-            out = peft.generate(
-                input_ids=ids,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                top_p=None,
-                top_k=None,
+            expected.append(
+                greedy_continuation(
+                    peft, ids, NEW_TOKENS, min_new_tokens=NEW_TOKENS, top_p=None, top_k=None
+                )
             )
-            expected.append(out[0, ids.shape[1] :].tolist())
     assert ours == expected
     assert len({tuple(t) for t in ours[:: len(PROMPTS)]}) == len(loras)  # adapters differ
 
