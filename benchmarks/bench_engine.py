@@ -116,6 +116,19 @@ def peft_runner(model: Path, prompts, requests, args):
     return run
 
 
+def compare(model: Path, loras: list[LoRARequest], args) -> tuple[float, float]:
+    """Best tokens/s of the engine and of transformers + PEFT on ``args``' workload over
+    ``args.rounds`` alternating rounds (each side warmed up first)."""
+    prompts, requests = workload(args, loras)
+    ours_run = engine_runner(model, prompts, requests, args)
+    base_run = peft_runner(model, prompts, requests, args)
+    ours = base = 0.0
+    for _ in range(args.rounds):  # alternate so both see the same machine conditions
+        ours = max(ours, ours_run())
+        base = max(base, base_run())
+    return ours, base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=64)
@@ -133,13 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, loras = build(Path(tmp), args)
-        prompts, requests = workload(args, loras)
-        ours_run = engine_runner(model, prompts, requests, args)
-        base_run = peft_runner(model, prompts, requests, args)
-        ours = base = 0.0
-        for _ in range(args.rounds):  # alternate so both see the same machine conditions
-            ours = max(ours, ours_run())
-            base = max(base, base_run())
+        ours, base = compare(model, loras, args)
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, threads {torch.get_num_threads()}"
     )

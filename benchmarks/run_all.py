@@ -315,28 +315,22 @@ def adapters_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[
 
 def peft_section(model: Path, adapter_root: Path, mode: Mode, args) -> list[str]:
     sys.path.insert(0, str(BENCH_DIR))
-    from bench_engine import engine_runner, peft_runner, workload
+    from bench_engine import compare
 
     n_adapters = min(64, max(args.counts))
+    # bench_engine's flags: the mode's engine settings go by the same names.
+    engine = {
+        k: getattr(mode, k) for k in ("rank", "device", "dtype", "max_num_seqs", "kv_cache_mb")
+    }
     bench = argparse.Namespace(
+        **engine,
         requests=mode.peft_requests,
         adapters=n_adapters,
         new_tokens=mode.peft_tokens,
-        rank=mode.rank,
-        device=mode.device,
-        dtype=mode.dtype,
-        max_num_seqs=mode.max_num_seqs,
-        kv_cache_mb=mode.kv_cache_mb,
         cuda_graphs=args.cuda_graphs,
+        rounds=args.rounds,
     )
-    loras = adapter_requests(adapter_root, n_adapters)
-    prompts, requests = workload(bench, loras)
-    ours_run = engine_runner(model, prompts, requests, bench)
-    base_run = peft_runner(model, prompts, requests, bench)
-    ours = base = 0.0
-    for _ in range(args.rounds):
-        ours = max(ours, ours_run())
-        base = max(base, base_run())
+    ours, base = compare(model, adapter_requests(adapter_root, n_adapters), bench)
     log(f"peft: {ours:.0f} vs {base:.0f} tokens/s ({ours / base:.1f}x)")
     return [
         "### Engine vs transformers + PEFT",
