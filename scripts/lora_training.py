@@ -7,10 +7,25 @@ Imported by those scripts as a sibling module (``python scripts/train_demo.py`` 
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+
+
+def training_parser(
+    doc: str, *, out: Path, batch_size: int, threads_help: str
+) -> argparse.ArgumentParser:
+    """A trainer's parser (described by the first paragraph of its ``doc``) with the flags
+    every trainer has: ``--out``, ``--batch-size`` and ``--threads`` (torch threads, 1 by
+    default; ``threads_help`` says why)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--threads", type=int, default=1, help=threads_help)
+    return ap
 
 
 def pad_batch(

@@ -38,7 +38,6 @@ they differ by float rounding (the losses printed agreed to four decimals).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lora_training import lr_at, pad_batch
+from lora_training import lr_at, pad_batch, training_parser
 
 from lorafleet.producer import SamplingParams
 from lorafleet.worker import LLM
@@ -463,24 +462,23 @@ def peft_agreement(
 # -- main --------------------------------------------------------------------------------
 
 
+#: Where the assets are written (the package's shipped copy), and why one thread.
+OUT = Path("worker/demo/assets/chat_demo")
+THREADS_WHY = (
+    "torch threads (at most the cores you have). 1 by default: on 2 cores "
+    "shared with other jobs, 2 threads took twice as long (33 minutes against 16), and "
+    "bit-identical reruns need the same count"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Generate the base answers, train and save every adapter, evaluate, write the record."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("worker/demo/assets/chat_demo"))
+    ap = training_parser(__doc__, out=OUT, batch_size=8, threads_help=THREADS_WHY)
     ap.add_argument(
         "--model",
         default="smollm2",
         help="the base model: a prepared Hugging Face folder, or a catalog name to prepare",
     )
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (at most the cores you have). 1 by default: on 2 cores shared "
-        "with other jobs, 2 threads took twice as long (33 minutes against 16), and "
-        "bit-identical reruns need the same count",
-    )
-    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--peft-check",
         type=int,

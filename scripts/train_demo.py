@@ -23,7 +23,6 @@ rounding.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lora_training import lr_at, pad_batch
+from lora_training import lr_at, pad_batch, training_parser
 
 from lorafleet.worker.demo.demo_assets import (
     ALPHABET,
@@ -210,24 +209,23 @@ def greedy_accuracy(model, tokenizer, task: str, words: list[str]) -> tuple[floa
     return 1 - len(wrong) / len(words), wrong
 
 
+#: Where the assets are written (the package's shipped copy), and why one thread.
+OUT = Path("worker/demo/assets/demo")
+THREADS_WHY = (
+    "torch threads; 1 by default: a model this small gains little from more, "
+    "they thrash on a shared CPU, and bit-identical reruns need the same count"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, train the base and every adapter, save, and report accuracy."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("worker/demo/assets/demo"))
+    ap = training_parser(__doc__, out=OUT, batch_size=64, threads_help=THREADS_WHY)
     ap.add_argument("--base-steps", type=int, default=800)
     ap.add_argument(
         "--adapter-steps-scale",
         type=float,
         default=1.0,
         help="multiply every adapter's step count (quick experiments)",
-    )
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads; 1 by default: a model this small gains little from more, they "
-        "thrash on a shared CPU, and bit-identical reruns need the same count",
     )
     ap.add_argument(
         "--tasks",
