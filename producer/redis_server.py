@@ -76,6 +76,8 @@ class EmbeddedRedis:
         binary: str | None = None,
         password: str | None = None,
     ) -> None:
+        # First: without a server binary, fail before a data folder is made for nothing.
+        self.binary = binary or find_redis_server()
         self.host = host
         self.password = password
         self.port = port
@@ -85,7 +87,6 @@ class EmbeddedRedis:
         self.data_dir = (
             Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="lorafleet-redis-"))
         )
-        self.binary = binary or find_redis_server()
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

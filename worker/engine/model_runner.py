@@ -43,11 +43,11 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
     ) -> None:
+        param = next(model.parameters())  # the caches live where the weights do, in their dtype
+        self.device, self.dtype = param.device, param.dtype
         self.model = model
         self.adapters = adapters
         self.block_size = block_size
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         a = model.args
         self.scratch_block = num_blocks
         shape = ((num_blocks + 1) * block_size, a.num_kv_heads, a.head_dim)
