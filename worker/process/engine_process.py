@@ -26,18 +26,7 @@ from lorafleet.worker.engine.kv_budget import KVBudgetError
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.outputs import StepOutput
 from lorafleet.worker.model.catalog import ModelPrepareError
-from lorafleet.worker.process.link import (
-    AbortRequest,
-    AddRequest,
-    Command,
-    EngineFailed,
-    EngineInfo,
-    EngineReady,
-    EngineUpdate,
-    FrameReader,
-    Shutdown,
-    pack,
-)
+from lorafleet.worker.process import link
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +38,24 @@ class EngineLoop:
         self.engine = engine
         self.stopped = False
 
-    def apply(self, commands: list[Command]) -> list[StepOutput]:
+    def apply(self, commands: list[link.Command]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         for cmd in commands:
-            if isinstance(cmd, AddRequest):
+            if isinstance(cmd, link.AddRequest):
                 out = self._add(cmd)
                 if out is not None:
                     outputs.append(out)
-            elif isinstance(cmd, AbortRequest):
+            elif isinstance(cmd, link.AbortRequest):
                 out = self.engine.abort(cmd.request_id)
                 if out is not None:
                     outputs.append(out)
-            elif isinstance(cmd, Shutdown):
+            elif isinstance(cmd, link.Shutdown):
                 self.stopped = True
             else:
                 raise TypeError(f"unknown engine command {cmd!r}")
         return outputs
 
-    def _add(self, cmd: AddRequest) -> StepOutput | None:
+    def _add(self, cmd: link.AddRequest) -> StepOutput | None:
         engine = self.engine
         try:
             if cmd.lora_request is not None:
@@ -113,7 +102,7 @@ def _failed(request_id: str, err: LoraFleetError) -> StepOutput:
 def serve(sock: socket.socket) -> int:
     """Load the engine from the first frame's config, then serve until told to stop or the
     worker goes away. Returns the exit status."""
-    inbox = FrameReader(sock)
+    inbox = link.FrameReader(sock)
     frames = inbox.read(wait=True)
     if frames is None:
         return 0
@@ -122,14 +111,14 @@ def serve(sock: socket.socket) -> int:
         engine = LLMEngine(config)
     except (KVBudgetError, ModelPrepareError, OSError, ValueError) as e:
         # A setting or a model folder that cannot work: the worker says so in one line.
-        sock.sendall(pack(EngineFailed(str(e))))
+        sock.sendall(link.pack(link.EngineFailed(str(e))))
         return 1
     except Exception as e:
         log.exception("loading the engine failed")
-        sock.sendall(pack(EngineFailed(f"{type(e).__name__}: {e}")))
+        sock.sendall(link.pack(link.EngineFailed(f"{type(e).__name__}: {e}")))
         return 1
     budget = engine.kv_budget
-    info = EngineInfo(
+    info = link.EngineInfo(
         config=replace(config, device=str(engine.device)),
         max_model_len=engine.max_model_len,
         dtype=str(engine.dtype).removeprefix("torch."),
@@ -138,7 +127,7 @@ def serve(sock: socket.socket) -> int:
         kv_cache_bytes=budget.cache_bytes,
         kv_cache_source=budget.source,
     )
-    sock.sendall(pack(EngineReady(info)))
+    sock.sendall(link.pack(link.EngineReady(info)))
     loop = EngineLoop(engine)
     while True:
         outputs = loop.apply([c for batch in backlog for c in batch])
@@ -149,7 +138,7 @@ def serve(sock: socket.socket) -> int:
             outputs.extend(loop.step())
             stats = engine.last_step
         if outputs or stats is not None:
-            sock.sendall(pack(EngineUpdate(outputs, stats, engine.snapshot())))
+            sock.sendall(link.pack(link.EngineUpdate(outputs, stats, engine.snapshot())))
         backlog = inbox.read(wait=not engine.has_unfinished())
         if backlog is None:  # the worker is gone
             return 0
