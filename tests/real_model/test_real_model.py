@@ -95,19 +95,16 @@ def test_penalties_equal_transformers(llm, real_model):
     )
 
     question = "List five colours, then list them again."
-    params = SamplingParams(
-        max_tokens=32,
-        temperature=0,
-        repetition_penalty=1.2,
-        presence_penalty=0.4,
-        frequency_penalty=0.3,
-    )
+    penalties = {"repetition_penalty": 1.2, "presence_penalty": 0.4, "frequency_penalty": 0.3}
+    params = SamplingParams(max_tokens=32, temperature=0, **penalties)
     (out,) = llm.chat(_chat(question), params)
     hf = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
     ids = torch.tensor([chat_prompt_ids(llm.get_tokenizer(), question)])
-    processors = [
-        RepetitionPenaltyLogitsProcessor(1.2),
-        OpenAIPenalties(ids.shape[1], presence=0.4, frequency=0.3),
+    processors = [  # the same penalties, as transformers and the float64 reference apply them
+        RepetitionPenaltyLogitsProcessor(params.repetition_penalty),
+        OpenAIPenalties(
+            ids.shape[1], presence=params.presence_penalty, frequency=params.frequency_penalty
+        ),
     ]
     reference = hf.generate(
         ids,
