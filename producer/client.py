@@ -25,6 +25,7 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import datetime
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,6 +56,7 @@ from lorafleet.producer.keys import (
     GENERATE_FUNCTION,
     abort_key,
 )
+from lorafleet.producer.ledger import UsageReport, read_usage
 from lorafleet.producer.types import (
     ChatMessage,
     LoRARequest,
@@ -64,6 +66,7 @@ from lorafleet.producer.types import (
     conversations,
     per_prompt,
 )
+from lorafleet.producer.usage import check_tenant
 from lorafleet.producer.watch import REDIS_ERRORS, JobWatch, StreamWatcher
 
 #: Environment variable naming the Redis URL when none is passed.
@@ -439,6 +442,7 @@ class Client:
         job_id: str | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> JobHandle:
         """Enqueue one generation job and return its handle.
 
@@ -449,6 +453,8 @@ class Client:
         running or finished (result still kept) returns a handle to that job instead of a
         new one. ``deadline`` (Unix time) or ``timeout`` (seconds from now): past it the job
         fails with ``DeadlineExceededError``, without GPU work if it has not started.
+        ``tenant`` names who the job runs for (metering and quotas; ``ValueError`` if it is
+        not a valid tenant name, see ``lorafleet.producer.usage``).
         """
         job = _make_job(
             prompt,
@@ -458,6 +464,7 @@ class Client:
             job_id,
             deadline,
             timeout,
+            tenant,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )
@@ -487,6 +494,19 @@ class Client:
         arq, _ = await self._connected()
         await self._send_aborts(arq, [job_id])
 
+    async def usage(
+        self,
+        *,
+        since: str | float | datetime | None = None,
+        until: str | float | datetime | None = None,
+        by: str | Sequence[str] = "tenant,adapter",
+    ) -> UsageReport:
+        """The usage ledger between ``since`` and ``until``, grouped ``by`` tenant, adapter or
+        both, with the waste per worker (see ``lorafleet.producer.ledger.read_usage``)."""
+        arq, _ = await self._connected()
+        with self._transport():
+            return await read_usage(arq, since=since, until=until, by=by)
+
     async def _send_aborts(self, arq: ArqRedis, job_ids: Sequence[str]) -> None:
         with self._transport():
             async with arq.pipeline(transaction=True) as pipe:
@@ -502,6 +522,7 @@ class Client:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         *,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.generate`` through the queue: outputs in prompt order.
 
@@ -509,9 +530,11 @@ class Client:
         with one per prompt; ``None`` runs the base model. All jobs are submitted at once.
         The first failed job's typed error is raised (the other jobs still run); use
         ``submit`` to handle errors per request. ``timeout`` bounds the whole call.
+        ``tenant`` applies to every job (see ``submit``).
         """
+        check_tenant(tenant)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        jobs = [{"prompt": p} for p in prompt_list]
+        jobs = [{"prompt": p, "tenant": tenant} for p in prompt_list]
         return await self._run_all(jobs, sampling_params, lora_request, timeout)
 
     async def chat(
@@ -523,14 +546,17 @@ class Client:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat`` through the queue: one conversation (a list of
         ``{"role", "content"}`` dicts) or a list of them, each rendered by the worker with
         the model's chat template; one output per conversation, in order. Arguments
-        broadcast and errors are raised as in ``generate``."""
+        broadcast and errors are raised as in ``generate``; ``tenant`` as in ``submit``."""
+        check_tenant(tenant)
         options = {
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
+            "tenant": tenant,
         }
         jobs = [{"messages": chat, **options} for chat in conversations(messages)]
         return await self._run_all(jobs, sampling_params, lora_request, timeout)
@@ -570,6 +596,7 @@ class Client:
         messages: Sequence[dict | ChatMessage] | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[str]:
         """Submit one job (a ``prompt`` or chat ``messages``) and yield its text deltas.
         Leaving the loop early aborts the job."""
@@ -580,6 +607,7 @@ class Client:
             messages=messages,
             deadline=deadline,
             timeout=timeout,
+            tenant=tenant,
         )
         self._open_streams.add(handle)
         try:
@@ -619,6 +647,7 @@ def _make_job(
     job_id: str | None,
     deadline: float | None,
     timeout: float | None,
+    tenant: str | None,
     **chat_options: bool,
 ) -> GenerateJob:
     if (prompt is None) == (messages is None):
@@ -631,6 +660,7 @@ def _make_job(
         raise TypeError("lora_request must be a LoRARequest or None")
     if deadline is not None and timeout is not None:
         raise ValueError("pass deadline or timeout, not both")
+    check_tenant(tenant)
     now = time.time()
     if timeout is not None:
         deadline = now + timeout
@@ -644,5 +674,6 @@ def _make_job(
         lora_request=lora_request,
         enqueued_at=now,
         deadline=deadline,
+        tenant=tenant,
         **content,
     )

@@ -23,11 +23,21 @@ from lorafleet.worker.cli import (
     make_adapters,
     prepare_model,
     redis_server,
+    usage,
     worker,
 )
 from lorafleet.worker.cli.errors import is_user_error
 
-COMMANDS = (demo, prepare_model, worker, generate, redis_server, loadtest, make_adapters)
+COMMANDS = (
+    demo,
+    prepare_model,
+    worker,
+    generate,
+    redis_server,
+    loadtest,
+    make_adapters,
+    usage,
+)
 
 
 def _version() -> str:

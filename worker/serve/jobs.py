@@ -38,6 +38,7 @@ from lorafleet.worker.serve.aborts import AbortWatcher
 from lorafleet.worker.serve.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.serve.heartbeat import Heartbeat
+from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
 from lorafleet.worker.serve.publisher import StreamPublisher
 from lorafleet.worker.serve.resume import earlier_tokens, resume_point
@@ -65,6 +66,7 @@ class WorkerState:
     heartbeat: Heartbeat
     limits: JobLimits
     contention: SlotContentionWatch
+    ledger: Ledger | None = None  # None: metering off
 
 
 def _engine_exited(status: int | None) -> None:
@@ -95,7 +97,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         # that does not load): one line, and the exit status of a configuration error.
         logger.critical("lorafleet worker %s cannot start: %s", config.name, e)
         raise SystemExit(2) from None
-    publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
+    publisher = StreamPublisher(
+        redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl, worker=config.name
+    )
     await publisher.start()
     aborts = AbortWatcher(redis)
     await aborts.start()
@@ -126,8 +130,26 @@ async def startup(ctx: dict[str, Any]) -> None:
     limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
     contention = SlotContentionWatch(engine, config.max_loras)
     contention.start()
+    ledger = None
+    if config.metering:
+        ledger = Ledger(
+            redis,
+            worker=config.name,
+            bucket_s=config.usage_bucket,
+            retention_s=config.usage_retention,
+        )
     ctx["lorafleet"] = WorkerState(
-        config, redis, engine, publisher, aborts, metrics, tracker, heartbeat, limits, contention
+        config,
+        redis,
+        engine,
+        publisher,
+        aborts,
+        metrics,
+        tracker,
+        heartbeat,
+        limits,
+        contention,
+        ledger,
     )
     await heartbeat.start()  # registers the worker: from here on it takes jobs
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
@@ -214,9 +236,27 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
             raise
     state.metrics.job_finished(job_id, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
-    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
+    meter = await _meter(state, job_id, attempt, job, result)
+    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to, meter=meter)
     _log_outcome(job_id, attempt, job, result, time.monotonic() - started)
     return encode(result)
+
+
+async def _meter(
+    state: WorkerState, job_id: str, attempt: int, job: GenerateJob | None, result: JobResult
+) -> LedgerEntry | None:
+    """The job's ledger write (None: nothing to record), to be written with its final event.
+    A re-run of a job already metered returns the recorded usage on its result (set here),
+    so every result of the job carries what the ledger holds."""
+    if state.ledger is None or job is None:
+        return None
+    usage = result.output.usage if result.output is not None else None
+    prior = await state.ledger.prepare(job_id, attempt)
+    if usage is None and not prior.cut:
+        return None
+    if result.output is not None and prior.recorded is not None:
+        result.output.usage = prior.recorded
+    return state.ledger.entry(job_id, attempt, job, usage, prior)
 
 
 def _log_outcome(
@@ -364,4 +404,6 @@ async def _generate(
         finished_time=time.time(),
         time_in_queue=started - job.enqueued_at,
     )
+    if output.usage is not None:
+        output.usage.queue_wait_s = started - job.enqueued_at
     return JobResult(request_id=job_id, output=output)

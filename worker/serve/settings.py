@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lorafleet.producer.client import DEFAULT_URL, redact_url
 from lorafleet.producer.keys import DEFAULT_QUEUE
+from lorafleet.producer.ledger import DEFAULT_BUCKET_S, DEFAULT_RETENTION_S, ledger_problems
 from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S
 from lorafleet.worker.engine.config import EngineConfig, check, describe
 from lorafleet.worker.model.catalog import catalog_names, find_model
@@ -98,6 +99,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
+    Variable("LORAFLEET_METERING", "metering", "bool", "Record every completed job's usage in the Redis ledger, once per job id (`1`/`0`, default on; see `lorafleet usage`)."),
+    Variable("LORAFLEET_USAGE_BUCKET", "usage_bucket", "int", "Seconds of one ledger bucket (default 3600: hourly counters); every worker on a Redis must use the same."),
+    Variable("LORAFLEET_USAGE_RETENTION", "usage_retention", "int", "Seconds a ledger bucket is kept after it ends (default 2592000: 30 days)."),
     Variable("LORAFLEET_LOG_FORMAT", "log_format", "str", "`text` (default) or `json`: one JSON object per line, with job_id, adapter and code fields on job lines."),
 )  # fmt: skip
 
@@ -133,6 +137,9 @@ class WorkerConfig:
     stream_maxlen: int = DEFAULT_MAXLEN
     stream_ttl: int = DEFAULT_TTL_S
     name: str = ""
+    metering: bool = True
+    usage_bucket: int = DEFAULT_BUCKET_S
+    usage_retention: int = DEFAULT_RETENTION_S
     log_format: str = "text"
 
     def __getattr__(self, name: str) -> Any:
@@ -308,6 +315,7 @@ def _worker_problems(
     # Below a second, a beat every third of it is too easily missed under load.
     need(worker["heartbeat_ttl"] >= 1, "heartbeat_ttl", "must be >= 1 second")
     need(worker["drain_timeout"] >= 0, "drain_timeout", "must be >= 0")
+    problems += [f"{labels[name]} {problem}" for name, problem in ledger_problems(worker).items()]
     problems += _redis_url_problems(worker["redis_url"], labels["redis_url"])
     need(bool(worker["queue"]), "queue", "cannot be empty")
     need(worker["log_format"] in LOG_FORMATS, "log_format", f"must be {' or '.join(LOG_FORMATS)}")
