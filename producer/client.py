@@ -57,6 +57,7 @@ from lorafleet.producer.keys import (
     abort_key,
 )
 from lorafleet.producer.ledger import UsageReport, read_usage
+from lorafleet.producer.quotas import Quota, admit, get_quotas, set_quota
 from lorafleet.producer.types import (
     ChatMessage,
     LoRARequest,
@@ -454,7 +455,8 @@ class Client:
         new one. ``deadline`` (Unix time) or ``timeout`` (seconds from now): past it the job
         fails with ``DeadlineExceededError``, without GPU work if it has not started.
         ``tenant`` names who the job runs for (metering and quotas; ``ValueError`` if it is
-        not a valid tenant name, see ``lorafleet.producer.usage``).
+        not a valid tenant name, see ``lorafleet.producer.usage``); a job its tenant's quota
+        refuses raises ``QuotaExceededError`` and is not enqueued.
         """
         job = _make_job(
             prompt,
@@ -471,6 +473,10 @@ class Client:
         arq, watcher = await self._connected()
         job = msgspec.structs.replace(job, reply_to=watcher.inbox)
         with self._transport():
+            if job.tenant is not None:
+                refusal = await admit(arq, job.tenant, job.request_id)
+                if refusal is not None:
+                    raise refusal
             enqueued = await arq.enqueue_job(
                 GENERATE_FUNCTION,
                 encode(job),
@@ -506,6 +512,32 @@ class Client:
         arq, _ = await self._connected()
         with self._transport():
             return await read_usage(arq, since=since, until=until, by=by)
+
+    async def set_quota(
+        self,
+        tenant: str,
+        *,
+        max_in_flight: int | None = None,
+        tokens_per_minute: int | None = None,
+        clear: Sequence[str] = (),
+    ) -> Quota:
+        """Set ``tenant``'s limits (those given; ``clear`` removes the named ones) and return
+        its quota (see ``lorafleet.producer.quotas``)."""
+        arq, _ = await self._connected()
+        with self._transport():
+            return await set_quota(
+                arq,
+                tenant,
+                max_in_flight=max_in_flight,
+                tokens_per_minute=tokens_per_minute,
+                clear=tuple(clear),
+            )
+
+    async def quotas(self, tenants: Sequence[str] | None = None) -> list[Quota]:
+        """The quotas of ``tenants`` (default: every tenant that has one)."""
+        arq, _ = await self._connected()
+        with self._transport():
+            return await get_quotas(arq, list(tenants) if tenants is not None else None)
 
     async def _send_aborts(self, arq: ArqRedis, job_ids: Sequence[str]) -> None:
         with self._transport():

@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar
 
 from lorafleet.producer.client import Client, JobHandle
 from lorafleet.producer.ledger import UsageReport
+from lorafleet.producer.quotas import Quota
 from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
 
 T = TypeVar("T")
@@ -180,6 +181,14 @@ class SyncClient:
         return self._runner.run(
             self._client.chat(messages, sampling_params, lora_request, **kwargs)
         )
+
+    def set_quota(self, tenant: str, **kwargs: Any) -> Quota:
+        """See ``Client.set_quota``."""
+        return self._runner.run(self._client.set_quota(tenant, **kwargs))
+
+    def quotas(self, tenants: Sequence[str] | None = None) -> list[Quota]:
+        """See ``Client.quotas``."""
+        return self._runner.run(self._client.quotas(tenants))
 
     def usage(self, **kwargs: Any) -> UsageReport:
         """See ``Client.usage``."""

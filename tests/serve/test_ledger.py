@@ -88,7 +88,7 @@ class Worker:
         if prior.recorded is not None:
             result.output.usage = prior.recorded
         entry = self.ledger.entry(job.request_id, attempt, job, usage, prior, now=now)
-        await self.publisher.finish(job.request_id, attempt, result, meter=entry)
+        await self.publisher.finish(job.request_id, attempt, result, writes=[entry])
         return result
 
 
@@ -220,7 +220,7 @@ async def _test_an_error_after_cut_runs_records_only_the_waste(redis, workers):
     prior = await w.ledger.prepare("j4", 2)
     entry = w.ledger.entry("j4", 2, job, None, prior)
     error = JobResult(request_id="j4", attempt=2)
-    await w.publisher.finish("j4", 2, error, meter=entry)
+    await w.publisher.finish("j4", 2, error, writes=[entry])
     report = await read_usage(redis)
     assert report.rows == []
     assert [(x.worker, x.attempts, x.completion_tokens) for x in report.waste] == [("w1", 1, 1)]

@@ -22,6 +22,7 @@ from lorafleet.worker.cli import (
     loadtest,
     make_adapters,
     prepare_model,
+    quota,
     redis_server,
     usage,
     worker,
@@ -37,6 +38,7 @@ COMMANDS = (
     loadtest,
     make_adapters,
     usage,
+    quota,
 )
 
 

@@ -41,6 +41,7 @@ from lorafleet.worker.serve.heartbeat import Heartbeat
 from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
 from lorafleet.worker.serve.publisher import StreamPublisher
+from lorafleet.worker.serve.quotas import Release, take
 from lorafleet.worker.serve.resume import earlier_tokens, resume_point
 from lorafleet.worker.serve.slot_contention import SlotContentionWatch
 from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_reply_to
@@ -226,18 +227,24 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
         reply_to = salvage_reply_to(payload)
     else:
         reply_to = job.reply_to
-        state.metrics.job_started(job_id, job)
-        try:
-            async with state.jobs.track(job_id) as tracked:
-                result = await _run(state, job_id, attempt, job, tracked)
-        except asyncio.CancelledError:
-            state.publisher.forget(job_id)
-            state.metrics.job_cancelled(job_id)
-            raise
+        refusal = await take(state.redis, job_id, job, state.config.job_timeout)
+        if refusal is not None:  # answered without running: it costs nothing
+            result = _error(job_id, refusal)
+        else:
+            state.metrics.job_started(job_id, job)
+            try:
+                async with state.jobs.track(job_id) as tracked:
+                    result = await _run(state, job_id, attempt, job, tracked)
+            except asyncio.CancelledError:
+                state.publisher.forget(job_id)
+                state.metrics.job_cancelled(job_id)
+                raise
     state.metrics.job_finished(job_id, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
-    meter = await _meter(state, job_id, attempt, job, result)
-    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to, meter=meter)
+    writes = [w for w in (await _meter(state, job_id, attempt, job, result),) if w is not None]
+    if (release := Release.of(job, job_id, result)) is not None:
+        writes.append(release)
+    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to, writes=writes)
     _log_outcome(job_id, attempt, job, result, time.monotonic() - started)
     return encode(result)
 

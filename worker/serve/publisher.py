@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,11 +39,12 @@ class _Pending:
     result: JobResult | None = None
     reply_to: str | None = None  # the producer's inbox, for the final event
     written: asyncio.Future[None] | None = None  # set for the final event
-    meter: Metered | None = None  # the job's ledger write, in the final event's transaction
+    # Writes that land in the final event's transaction (the usage ledger's, the quota's).
+    writes: Sequence[Atomic] = ()
 
 
-class Metered(Protocol):
-    """A write that must land atomically with a job's final event (the usage ledger's)."""
+class Atomic(Protocol):
+    """A write that must land atomically with a job's final event."""
 
     def queue(self, pipe: Any) -> None: ...
 
@@ -106,16 +108,16 @@ class StreamPublisher:
         result: JobResult,
         *,
         reply_to: str | None = None,
-        meter: Metered | None = None,
+        writes: Sequence[Atomic] = (),
     ) -> None:
         """Queue the final event (with any delta still pending), also for the producer's
         inbox ``reply_to``, and wait until written; it has the wire version of ``result``.
-        ``meter`` is written in the same MULTI/EXEC transaction as the event and the reply:
-        all of them or none."""
+        ``writes`` are queued in the same MULTI/EXEC transaction as the event and the reply:
+        all of them land or none."""
         pending = self._slot(job_id, attempt, result.v)
         pending.result = result
         pending.reply_to = reply_to
-        pending.meter = meter
+        pending.writes = writes
         pending.written = asyncio.get_running_loop().create_future()
         self._work.set()
         await asyncio.shield(pending.written)
@@ -163,11 +165,11 @@ class StreamPublisher:
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
         # A transaction only when a ledger write rides along: deltas alone need none.
-        transaction = any(p.meter is not None for p in batch.values())
+        transaction = any(p.writes for p in batch.values())
         async with self._redis.pipeline(transaction=transaction) as pipe:
             for job_id, pending in batch.items():
-                if pending.meter is not None:
-                    pending.meter.queue(pipe)
+                for write in pending.writes:
+                    write.queue(pipe)
                 event = self._event(job_id, pending)
                 add_event(pipe, job_id, event, maxlen=self._maxlen, ttl_s=self._ttl_s)
                 if pending.reply_to is not None:
