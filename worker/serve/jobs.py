@@ -49,6 +49,7 @@ from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_repl
 if TYPE_CHECKING:
     from lorafleet.worker.serve.metrics import WorkerMetrics
     from lorafleet.worker.serve.settings import WorkerConfig
+    from lorafleet.worker.serve.tenant_metrics import TenantMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class WorkerState:
     limits: JobLimits
     contention: SlotContentionWatch
     ledger: Ledger | None = None  # None: metering off
+    tenants: TenantMetrics | None = None
 
 
 def _engine_exited(status: int | None) -> None:
@@ -109,6 +111,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     from lorafleet.worker.serve.metrics import start_worker_metrics
 
     metrics = start_worker_metrics(config, engine, redis)
+    from lorafleet.worker.serve.tenant_metrics import TenantMetrics
+
+    tenants = TenantMetrics(metrics.registry, config.name, max_tenants=config.metrics_max_tenants)
     worker = current_arq_worker()
     guard_claims(worker)
     tracker = JobTracker(redis)
@@ -151,6 +156,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits,
         contention,
         ledger,
+        tenants,
     )
     await heartbeat.start()  # registers the worker: from here on it takes jobs
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
@@ -240,6 +246,8 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
                 state.metrics.job_cancelled(job_id)
                 raise
     state.metrics.job_finished(job_id, result)
+    if state.tenants is not None:
+        state.tenants.observe(job, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
     writes = [w for w in (await _meter(state, job_id, attempt, job, result),) if w is not None]
     if (release := Release.of(job, job_id, result)) is not None:

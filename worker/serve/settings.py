@@ -89,6 +89,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_QUEUE", "queue", "str", "arq queue name; producers must use the same."),
     Variable("LORAFLEET_METRICS_PORT", "metrics_port", "int", "Port of the Prometheus `/metrics` endpoint (0: off); one per worker on a host."),
     Variable("LORAFLEET_METRICS_MAX_ADAPTERS", "metrics_max_adapters", "int", "Busiest adapters named in the metrics' `adapter` label; the rest count as `other`."),
+    Variable("LORAFLEET_METRICS_MAX_TENANTS", "metrics_max_tenants", "int", "Busiest tenants named in the metrics' `tenant` label; the rest count as `other`."),
     Variable("LORAFLEET_JOB_TIMEOUT", "job_timeout", "float", "Seconds one job may run before arq cancels it."),
     Variable("LORAFLEET_MAX_JOBS", "max_jobs", "int", "Jobs taken from the queue at once (default 2 x max_num_seqs, at least max_num_seqs)."),
     Variable("LORAFLEET_POLL_DELAY", "poll_delay", "float", "Seconds between queue polls when idle."),
@@ -127,6 +128,7 @@ class WorkerConfig:
     queue: str = DEFAULT_QUEUE
     metrics_port: int = 0
     metrics_max_adapters: int = 20
+    metrics_max_tenants: int = 20
     job_timeout: float = 600.0
     max_jobs: int | None = None
     poll_delay: float = 0.01
@@ -302,6 +304,7 @@ def _worker_problems(
         need(worker[name] is None or worker[name] >= 1, name, "must be >= 1")
     need(0 <= worker["metrics_port"] < 65536, "metrics_port", "must be a port number (0: off)")
     need(worker["metrics_max_adapters"] >= 0, "metrics_max_adapters", "must be >= 0")
+    need(worker["metrics_max_tenants"] >= 0, "metrics_max_tenants", "must be >= 0")
     need(worker["job_timeout"] > 0, "job_timeout", "must be > 0")
     need(worker["engine_stall_timeout"] >= 0, "engine_stall_timeout", "must be >= 0 (0: never)")
     need(0 < worker["poll_delay"] <= 5, "poll_delay", "must be in (0, 5] seconds")
