@@ -14,6 +14,14 @@ streams it back, the no-op worker returns at once.
   ceiling the pipeline's throughput is bounded by.
 
     python benchmarks/bench_pipeline.py --light 200 --burst 1000
+
+``--metering`` measures the cost of usage metering instead: two lorafleet workers on the
+same Redis, one with metering on whose jobs carry tenants (the ledger write in each final
+event's transaction, and the tenant's quota admission at submit and at take), one with
+``LORAFLEET_METERING=0`` whose jobs carry none; bursts alternate between them and the
+no-op worker for ``--rounds`` rounds, and the best of each is compared:
+
+    python benchmarks/bench_pipeline.py --metering --burst 1000 --rounds 5
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from arq.connections import RedisSettings, create_pool
@@ -40,6 +49,7 @@ from lorafleet.worker.serve.settings import WorkerConfig
 
 NOOP_QUEUE = "bench:noop"
 PIPE_QUEUE = "bench:lorafleet"
+UNMETERED_QUEUE = "bench:lorafleet-unmetered"
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
@@ -118,14 +128,33 @@ async def pipeline_light(url: str, n: int, loras: list[LoRARequest | None]) -> l
     return latencies
 
 
-async def pipeline_burst(url: str, n: int, loras: list[LoRARequest | None]) -> float:
-    async with Client(url, queue_name=PIPE_QUEUE) as client:
+async def pipeline_burst(
+    url: str,
+    n: int,
+    loras: list[LoRARequest | None],
+    queue: str = PIPE_QUEUE,
+    tenants: int = 0,
+) -> float:
+    """jobs/s of a burst of ``n``; with ``tenants``, the jobs go to that many tenants."""
+    async with Client(url, queue_name=queue) as client:
+        prompts = [f"burst {i}" for i in range(n)]
+        per_prompt = [loras[i % len(loras)] for i in range(n)]
         t0 = time.perf_counter()
-        await client.generate(
-            [f"burst {i}" for i in range(n)],
-            ONE_TOKEN,
-            lora_request=[loras[i % len(loras)] for i in range(n)],
-        )
+        if tenants:
+            # One generate per tenant, all at once: the same burst, split among tenants.
+            await asyncio.gather(
+                *(
+                    client.generate(
+                        prompts[t::tenants],
+                        ONE_TOKEN,
+                        lora_request=per_prompt[t::tenants],
+                        tenant=f"bench{t}",
+                    )
+                    for t in range(tenants)
+                )
+            )
+        else:
+            await client.generate(prompts, ONE_TOKEN, lora_request=per_prompt)
         return n / (time.perf_counter() - t0)
 
 
@@ -172,6 +201,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graphs", action="store_true", help="worker decodes from graphs")
+    parser.add_argument(
+        "--metering", action="store_true", help="compare bursts with metering on and off"
+    )
+    parser.add_argument("--tenants", type=int, default=4, help="with --metering: tenants")
     parser.add_argument("--noop-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_worker:
@@ -197,6 +230,16 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
+            if args.metering:
+                off = replace(config, queue=UNMETERED_QUEUE, metering=False, name="unmetered")
+                on = replace(config, name="metered")
+                with (
+                    WorkerProcess(on, log_path=Path(tmp) / "metered.log"),
+                    WorkerProcess(off, log_path=Path(tmp) / "unmetered.log"),
+                ):
+                    results = asyncio.run(measure_metering(server.url, args, loras))
+                report_metering(args, config, results)
+                return
             with WorkerProcess(config, log_path=Path(tmp) / "worker.log"):
                 results = asyncio.run(measure(server.url, args, loras))
         finally:
@@ -217,6 +260,50 @@ async def measure(url: str, args, loras) -> dict[str, object]:
         ),
         "noop_burst": max([await noop_burst(url, args.burst) for _ in range(args.rounds)]),
     }
+
+
+async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
+    """Bursts alternating metered / unmetered / no-op, ``args.rounds`` times each."""
+    await pipeline_burst(url, 64, loras, tenants=args.tenants)  # warm-up
+    await pipeline_burst(url, 64, loras, queue=UNMETERED_QUEUE)
+    await noop_burst(url, 64)
+    runs: dict[str, list[float]] = {"on": [], "off": [], "noop": []}
+    for i in range(args.rounds):
+        order = ("on", "off") if i % 2 == 0 else ("off", "on")  # neither always goes first
+        for side in order:
+            if side == "on":
+                runs["on"].append(
+                    await pipeline_burst(url, args.burst, loras, tenants=args.tenants)
+                )
+            else:
+                runs["off"].append(
+                    await pipeline_burst(url, args.burst, loras, queue=UNMETERED_QUEUE)
+                )
+        runs["noop"].append(await noop_burst(url, args.burst))
+    return runs
+
+
+def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) -> None:
+    on, off, noop = max(runs["on"]), max(runs["off"]), max(runs["noop"])
+    print(
+        f"metering overhead: tiny llama, max_tokens=1, base + {args.adapters} adapters, "
+        f"bursts of {args.burst}, {args.rounds} rounds alternating, best kept; "
+        f"{platform.node()} ({os.cpu_count()} cores, Python {platform.python_version()})"
+    )
+    print(f"{'':40}{'best':>10}   all rounds (jobs/s)")
+    rows = (
+        (f"metering on, {args.tenants} tenants", on, runs["on"]),
+        ("metering off, no tenant", off, runs["off"]),
+        ("arq no-op", noop, runs["noop"]),
+    )
+    for label, best, all_runs in rows:
+        shown = " / ".join(f"{x:.0f}" for x in all_runs)
+        print(f"{label:40}{best:>10.0f}   {shown}")
+    print(
+        f"vs arq no-op: metering on {on / noop:.1%}, off {off / noop:.1%}; "
+        f"metered / unmetered = {on / off:.3f} "
+        f"({'within' if on / off >= 0.95 else 'OUTSIDE'} 5%)"
+    )
 
 
 def report(args, config: WorkerConfig, r: dict) -> None:
