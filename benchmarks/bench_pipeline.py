@@ -16,10 +16,10 @@ streams it back, the no-op worker returns at once.
     python benchmarks/bench_pipeline.py --light 200 --burst 1000
 
 ``--metering`` measures the cost of usage metering instead: two lorafleet workers on the
-same Redis, one with metering on whose jobs carry tenants (the ledger write in each final
-event's transaction, and the tenant's quota admission at submit and at take), one with
-``LORAFLEET_METERING=0`` whose jobs carry none; bursts alternate between them and the
-no-op worker for ``--rounds`` rounds, and the best of each is compared:
+same Redis, one with metering on, one with ``LORAFLEET_METERING=0``. Bursts rotate among
+jobs without a tenant on the metered worker (the ledger write in each final event's
+transaction), jobs of several tenants on it (plus each tenant's admission at submit), jobs
+on the unmetered worker and the no-op worker, ``--rounds`` times; the best of each is kept:
 
     python benchmarks/bench_pipeline.py --metering --burst 1000 --rounds 5
 """
@@ -263,47 +263,46 @@ async def measure(url: str, args, loras) -> dict[str, object]:
 
 
 async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
-    """Bursts alternating metered / unmetered / no-op, ``args.rounds`` times each."""
+    """Bursts rotating among metered with tenants, metered without, unmetered and no-op,
+    ``args.rounds`` times each (the order shifts every round, so none always goes first)."""
+    sides = {
+        "tenants": lambda: pipeline_burst(url, args.burst, loras, tenants=args.tenants),
+        "ledger": lambda: pipeline_burst(url, args.burst, loras),
+        "off": lambda: pipeline_burst(url, args.burst, loras, queue=UNMETERED_QUEUE),
+        "noop": lambda: noop_burst(url, args.burst),
+    }
     await pipeline_burst(url, 64, loras, tenants=args.tenants)  # warm-up
     await pipeline_burst(url, 64, loras, queue=UNMETERED_QUEUE)
     await noop_burst(url, 64)
-    runs: dict[str, list[float]] = {"on": [], "off": [], "noop": []}
+    runs: dict[str, list[float]] = {side: [] for side in sides}
+    order = list(sides)
     for i in range(args.rounds):
-        order = ("on", "off") if i % 2 == 0 else ("off", "on")  # neither always goes first
-        for side in order:
-            if side == "on":
-                runs["on"].append(
-                    await pipeline_burst(url, args.burst, loras, tenants=args.tenants)
-                )
-            else:
-                runs["off"].append(
-                    await pipeline_burst(url, args.burst, loras, queue=UNMETERED_QUEUE)
-                )
-        runs["noop"].append(await noop_burst(url, args.burst))
+        for side in order[i % len(order) :] + order[: i % len(order)]:
+            runs[side].append(await sides[side]())
     return runs
 
 
 def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) -> None:
-    on, off, noop = max(runs["on"]), max(runs["off"]), max(runs["noop"])
+    best = {side: max(values) for side, values in runs.items()}
     print(
         f"metering overhead: tiny llama, max_tokens=1, base + {args.adapters} adapters, "
-        f"bursts of {args.burst}, {args.rounds} rounds alternating, best kept; "
+        f"bursts of {args.burst}, {args.rounds} rounds rotating, best kept; "
         f"{platform.node()} ({os.cpu_count()} cores, Python {platform.python_version()})"
     )
-    print(f"{'':40}{'best':>10}   all rounds (jobs/s)")
-    rows = (
-        (f"metering on, {args.tenants} tenants", on, runs["on"]),
-        ("metering off, no tenant", off, runs["off"]),
-        ("arq no-op", noop, runs["noop"]),
-    )
-    for label, best, all_runs in rows:
-        shown = " / ".join(f"{x:.0f}" for x in all_runs)
-        print(f"{label:40}{best:>10.0f}   {shown}")
-    print(
-        f"vs arq no-op: metering on {on / noop:.1%}, off {off / noop:.1%}; "
-        f"metered / unmetered = {on / off:.3f} "
-        f"({'within' if on / off >= 0.95 else 'OUTSIDE'} 5%)"
-    )
+    print(f"{'':44}{'best':>8}  {'/ no-op':>8}  all rounds (jobs/s)")
+    labels = {
+        "tenants": f"metering on, jobs of {args.tenants} tenants",
+        "ledger": "metering on, jobs without tenant",
+        "off": "metering off (LORAFLEET_METERING=0)",
+        "noop": "arq no-op",
+    }
+    for side, label in labels.items():
+        shown = " / ".join(f"{x:.0f}" for x in runs[side])
+        print(f"{label:44}{best[side]:>8.0f}  {best[side] / best['noop']:>8.1%}  {shown}")
+    for side in ("ledger", "tenants"):
+        ratio = best[side] / best["off"]
+        verdict = "within" if ratio >= 0.95 else "OUTSIDE"
+        print(f"{labels[side]} / metering off = {ratio:.3f} ({verdict} 5%)")
 
 
 def report(args, config: WorkerConfig, r: dict) -> None:

@@ -57,7 +57,7 @@ from lorafleet.producer.keys import (
     abort_key,
 )
 from lorafleet.producer.ledger import UsageReport, read_usage
-from lorafleet.producer.quotas import Quota, admit, get_quotas, set_quota
+from lorafleet.producer.quotas import Quota, admit, forget_if_finished, get_quotas, set_quota
 from lorafleet.producer.types import (
     ChatMessage,
     LoRARequest,
@@ -485,6 +485,9 @@ class Client:
             )
             # A job that already existed replies elsewhere and may have finished long ago.
             fresh = enqueued is not None
+            if not fresh and job.tenant is not None:
+                # A finished one must not hold the place its resubmission just took.
+                await forget_if_finished(arq, job.tenant, job.request_id)
             watch = await watcher.watch(job.request_id, via_inbox=fresh, sweep_now=not fresh)
         return JobHandle(self, job.request_id, watch, watcher, n=job.sampling_params.n)
 

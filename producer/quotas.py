@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.producer.errors import QuotaExceededError
-from lorafleet.producer.keys import NAMESPACE
+from lorafleet.producer.keys import NAMESPACE, arq_result_key
 from lorafleet.producer.usage import check_tenant
 
 QUOTA_TENANTS_KEY = f"{NAMESPACE}:quota:tenants"
@@ -131,6 +131,13 @@ async def admit(
     return QuotaExceededError(
         message, details={"limit": limit, "value": int(value), "retry_after": retry_after}
     )
+
+
+async def forget_if_finished(redis: Any, tenant: str, job_id: str) -> None:
+    """Give back the place of a job whose result arq already holds (a resubmission of a
+    finished job id is admitted, but nothing will run to release it)."""
+    if await redis.exists(arq_result_key(job_id)):
+        await redis.zrem(in_flight_key(tenant), job_id)
 
 
 def queue_release(

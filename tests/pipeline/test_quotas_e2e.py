@@ -18,6 +18,7 @@ from lorafleet.producer.codec import GenerateJob, encode
 from lorafleet.producer.errors import QuotaExceededError
 from lorafleet.producer.keys import GENERATE_FUNCTION, arq_job_key
 from lorafleet.producer.quotas import in_flight
+from lorafleet.worker.serve.quotas import REFRESH_S
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,7 @@ def test_refused_at_take_costs_nothing(client, worker):
     waited) is refused by the worker, without running."""
     tenant = _tenant("late")
     client.set_quota(tenant, max_in_flight=0)
+    time.sleep(REFRESH_S + 0.5)  # workers learn of a new quota within REFRESH_S
     job = GenerateJob(
         request_id=f"{tenant}-raw", prompt="hello", sampling_params=PARAMS, tenant=tenant
     )
@@ -129,3 +131,25 @@ def test_quota_command_sets_and_shows(worker):
     assert bad.returncode == 2 and "--max-in-flight must be >= 0, got -2" in bad.stderr
     bad = run("set", "two words", "--max-in-flight", "1")
     assert bad.returncode == 2 and "tenant 'two words' is not valid" in bad.stderr
+
+
+def test_resubmitting_a_finished_job_holds_no_place(client):
+    tenant = _tenant("again")
+    client.set_quota(tenant, max_in_flight=1)
+    job_id = f"{tenant}-once"
+    first = client.submit("hello", PARAMS, tenant=tenant, job_id=job_id).result(timeout=60)
+    # The same id again (a producer's retry): the same result, and no place kept.
+    again = client.submit("hello", PARAMS, tenant=tenant, job_id=job_id).result(timeout=60)
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+    async def left() -> int:
+        r = aioredis.Redis.from_url(client._client.url)
+        try:
+            return await in_flight(r, tenant)
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(left()) == 0
+    client.submit("next", PARAMS, tenant=tenant).result(timeout=60)  # the place is free
+    (row,) = _rows(client, tenant)
+    assert row.requests == 2

@@ -41,7 +41,7 @@ from lorafleet.worker.serve.heartbeat import Heartbeat
 from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
 from lorafleet.worker.serve.publisher import StreamPublisher
-from lorafleet.worker.serve.quotas import Release, take
+from lorafleet.worker.serve.quotas import QuotaTenants, Release, take
 from lorafleet.worker.serve.resume import earlier_tokens, resume_point
 from lorafleet.worker.serve.slot_contention import SlotContentionWatch
 from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_reply_to
@@ -68,6 +68,7 @@ class WorkerState:
     heartbeat: Heartbeat
     limits: JobLimits
     contention: SlotContentionWatch
+    quotas: QuotaTenants
     ledger: Ledger | None = None  # None: metering off
     tenants: TenantMetrics | None = None
 
@@ -155,6 +156,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         heartbeat,
         limits,
         contention,
+        QuotaTenants(redis),
         ledger,
         tenants,
     )
@@ -233,7 +235,7 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
         reply_to = salvage_reply_to(payload)
     else:
         reply_to = job.reply_to
-        refusal = await take(state.redis, job_id, job, state.config.job_timeout)
+        refusal = await take(state.redis, state.quotas, job_id, job, state.config.job_timeout)
         if refusal is not None:  # answered without running: it costs nothing
             result = _error(job_id, refusal)
         else:
