@@ -57,7 +57,14 @@ from lorafleet.producer.keys import (
     abort_key,
 )
 from lorafleet.producer.ledger import UsageReport, read_usage
-from lorafleet.producer.quotas import Quota, admit, forget_if_finished, get_quotas, set_quota
+from lorafleet.producer.quotas import (
+    Quota,
+    QuotaTenants,
+    admit,
+    forget_if_finished,
+    get_quotas,
+    set_quota,
+)
 from lorafleet.producer.types import (
     ChatMessage,
     LoRARequest,
@@ -284,6 +291,7 @@ class Client:
         self._reader: aioredis.Redis | None = None
         self._watcher: StreamWatcher | None = None
         self._connecting = asyncio.Lock()
+        self._quota_tenants: QuotaTenants | None = None  # set on connect
         # Handles of `stream()` loops not yet ended: close() aborts their jobs.
         self._open_streams: set[JobHandle] = set()
 
@@ -342,6 +350,7 @@ class Client:
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=block_ms / 1000 + self.connect_timeout,
         )
+        self._quota_tenants = QuotaTenants(arq)
         self._watcher = StreamWatcher(
             self._reader,
             arq,
@@ -473,7 +482,8 @@ class Client:
         arq, watcher = await self._connected()
         job = msgspec.structs.replace(job, reply_to=watcher.inbox)
         with self._transport():
-            if job.tenant is not None:
+            admitted = job.tenant is not None and await self._has_quota(job.tenant)
+            if admitted:
                 refusal = await admit(arq, job.tenant, job.request_id)
                 if refusal is not None:
                     raise refusal
@@ -485,11 +495,15 @@ class Client:
             )
             # A job that already existed replies elsewhere and may have finished long ago.
             fresh = enqueued is not None
-            if not fresh and job.tenant is not None:
+            if not fresh and admitted:
                 # A finished one must not hold the place its resubmission just took.
                 await forget_if_finished(arq, job.tenant, job.request_id)
             watch = await watcher.watch(job.request_id, via_inbox=fresh, sweep_now=not fresh)
         return JobHandle(self, job.request_id, watch, watcher, n=job.sampling_params.n)
+
+    async def _has_quota(self, tenant: str) -> bool:
+        assert self._quota_tenants is not None
+        return await self._quota_tenants.has_quota(tenant)
 
     async def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by any client)."""
@@ -527,6 +541,8 @@ class Client:
         """Set ``tenant``'s limits (those given; ``clear`` removes the named ones) and return
         its quota (see ``lorafleet.producer.quotas``)."""
         arq, _ = await self._connected()
+        if self._quota_tenants is not None:
+            self._quota_tenants.invalidate()  # this client's next submit sees it at once
         with self._transport():
             return await set_quota(
                 arq,

@@ -4,11 +4,12 @@ A tenant's quota is the hash ``lorafleet:quota:{tenant}`` (fields ``max_in_fligh
 ``tokens_per_minute``; a field not set is no limit), listed in the set
 ``lorafleet:quota:tenants``; ``lorafleet quota`` sets and shows them.
 
-- **In flight**: every job with a tenant is in the sorted set ``lorafleet:inflight:{tenant}``
-  (member: job id, score: when the entry lapses) from its admission until its worker
-  publishes its final event. The client admits a job at submit (``admit``) only while fewer
-  than ``max_in_flight`` of the tenant's jobs are in flight; a worker taking a job admits it
-  again if it is not there (a producer that did not check), and refreshes its entry. Entries
+- **In flight**: a job of a tenant with a quota is in the sorted set
+  ``lorafleet:inflight:{tenant}`` (member: job id, score: when the entry lapses) from its
+  admission until its worker publishes its final event. The client admits a job at submit
+  (``admit``) only while fewer than ``max_in_flight`` of the tenant's jobs are in flight; a
+  worker taking a job admits it again if it is not there (a producer that did not check,
+  or a job submitted before the quota was set), and refreshes its entry. Entries
   lapse (``IN_FLIGHT_TTL_S`` from submit; the job timeout plus a minute from take), so a job
   lost with its worker or expired in the queue does not hold a place for ever.
 - **Tokens per minute**: the prompt and completion tokens of the tenant's jobs, added when
@@ -25,6 +26,7 @@ script, so concurrent submits cannot overshoot ``max_in_flight``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,8 @@ QUOTA_TENANTS_KEY = f"{NAMESPACE}:quota:tenants"
 IN_FLIGHT_TTL_S = 3600
 #: ``retry_after`` of a refusal for jobs in flight: places free up as jobs end, unforeseeably.
 IN_FLIGHT_RETRY_S = 1.0
+#: How stale a producer's or worker's list of tenants with a quota may be.
+REFRESH_S = 1.0
 LIMITS = ("max_in_flight", "tokens_per_minute")
 
 
@@ -92,6 +96,34 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIREAT', KEYS[2], math.ceil(tonumber(ARGV[3])) + 60)
 return {}
 """
+
+
+class QuotaTenants:
+    """The tenants that have a quota, re-read from Redis when older than ``refresh_s``:
+    producers and workers check only those tenants' jobs, so a job of a tenant without a
+    quota costs no round trip. A quota set elsewhere applies within ``refresh_s``."""
+
+    def __init__(self, redis: Any, refresh_s: float = REFRESH_S) -> None:
+        self._redis = redis
+        self._refresh_s = refresh_s
+        self._tenants: frozenset[str] = frozenset()
+        self._read_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def has_quota(self, tenant: str) -> bool:
+        if time.monotonic() - self._read_at > self._refresh_s:
+            async with self._lock:  # one read for all the jobs that arrive meanwhile
+                if time.monotonic() - self._read_at > self._refresh_s:
+                    members = await self._redis.smembers(QUOTA_TENANTS_KEY)
+                    self._tenants = frozenset(
+                        m.decode() if isinstance(m, bytes) else m for m in members
+                    )
+                    self._read_at = time.monotonic()
+        return tenant in self._tenants
+
+    def invalidate(self) -> None:
+        """Re-read on the next check (after this process changed a quota)."""
+        self._read_at = -float("inf")
 
 
 def _minute(now: float) -> int:

@@ -17,8 +17,7 @@ from lorafleet.producer import Client, SamplingParams
 from lorafleet.producer.codec import GenerateJob, encode
 from lorafleet.producer.errors import QuotaExceededError
 from lorafleet.producer.keys import GENERATE_FUNCTION, arq_job_key
-from lorafleet.producer.quotas import in_flight
-from lorafleet.worker.serve.quotas import REFRESH_S
+from lorafleet.producer.quotas import REFRESH_S, in_flight
 
 pytestmark = pytest.mark.slow
 

@@ -2,47 +2,20 @@
 it takes a job, and the job's release with its final event.
 
 Which tenants have a quota is read from Redis at most once a second (``QuotaTenants``), so
-a job of a tenant without one costs no round trip at take; a quota set or cleared reaches
-the workers within that second.
+a job of a tenant without one costs no round trip at take.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.producer.codec import GenerateJob, JobResult
 from lorafleet.producer.errors import QuotaExceededError
-from lorafleet.producer.quotas import QUOTA_TENANTS_KEY, admit, queue_release
+from lorafleet.producer.quotas import QuotaTenants, admit, queue_release
 
 #: Beyond the job timeout, how long a taken job's place lasts if its worker vanishes.
 TAKE_MARGIN_S = 60.0
-#: How stale the worker's list of tenants with a quota may be.
-REFRESH_S = 1.0
-
-
-class QuotaTenants:
-    """The tenants that have a quota, re-read from Redis when older than ``refresh_s``."""
-
-    def __init__(self, redis: Any, refresh_s: float = REFRESH_S) -> None:
-        self._redis = redis
-        self._refresh_s = refresh_s
-        self._tenants: frozenset[str] = frozenset()
-        self._read_at = -float("inf")
-        self._lock = asyncio.Lock()
-
-    async def has_quota(self, tenant: str) -> bool:
-        if time.monotonic() - self._read_at > self._refresh_s:
-            async with self._lock:  # one read for all the jobs that arrive meanwhile
-                if time.monotonic() - self._read_at > self._refresh_s:
-                    members = await self._redis.smembers(QUOTA_TENANTS_KEY)
-                    self._tenants = frozenset(
-                        m.decode() if isinstance(m, bytes) else m for m in members
-                    )
-                    self._read_at = time.monotonic()
-        return tenant in self._tenants
 
 
 async def take(
