@@ -40,7 +40,7 @@ from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.serve.heartbeat import Heartbeat
 from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
-from lorafleet.worker.serve.publisher import StreamPublisher
+from lorafleet.worker.serve.publisher import Atomic, StreamPublisher
 from lorafleet.worker.serve.quotas import QuotaTenants, Release, take
 from lorafleet.worker.serve.resume import earlier_tokens, resume_point
 from lorafleet.worker.serve.slot_contention import SlotContentionWatch
@@ -110,10 +110,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     # Imported here: the producer-only commands of the CLI import this module, and
     # prometheus_client comes with the worker extra.
     from lorafleet.worker.serve.metrics import start_worker_metrics
-
-    metrics = start_worker_metrics(config, engine, redis)
     from lorafleet.worker.serve.tenant_metrics import TenantMetrics
 
+    metrics = start_worker_metrics(config, engine, redis)
     tenants = TenantMetrics(metrics.registry, config.name, max_tenants=config.metrics_max_tenants)
     worker = current_arq_worker()
     guard_claims(worker)
@@ -251,7 +250,9 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     if state.tenants is not None:
         state.tenants.observe(job, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
-    writes = [w for w in (await _meter(state, job_id, attempt, job, result),) if w is not None]
+    writes: list[Atomic] = []
+    if (entry := await _meter(state, job_id, attempt, job, result)) is not None:
+        writes.append(entry)
     if (release := Release.of(job, job_id, result)) is not None:
         writes.append(release)
     await state.publisher.finish(job_id, attempt, result, reply_to=reply_to, writes=writes)
