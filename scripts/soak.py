@@ -54,7 +54,6 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import msgspec
 import redis
 import redis.asyncio
 
@@ -81,6 +80,7 @@ from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.producer.stream import FIELD, decode_event
 from lorafleet.producer.usage import Usage
 from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.ledger import recorded_usage
 from lorafleet.worker.serve.settings import WorkerConfig
 
 PROMPTS = [f"soak prompt {i}: the quick brown fox" for i in range(16)]
@@ -289,7 +289,6 @@ def _check_ledger(url: str, tally: Tally) -> LedgerCheck:
     """Compare the ledger with the usage on the results received: per job (its dedupe
     record holds the usage it was counted with) and per tenant and adapter (the counters)."""
     check = LedgerCheck()
-    decoder = msgspec.msgpack.Decoder(Usage)
     with redis.Redis.from_url(url) as r:
         pipe = r.pipeline(transaction=False)
         for job_id in tally.usage:
@@ -297,7 +296,7 @@ def _check_ledger(url: str, tally: Tally) -> LedgerCheck:
         for (_, _, usage), recorded in zip(tally.usage.values(), pipe.execute(), strict=True):
             if recorded is None:
                 check.missing += 1
-            elif decoder.decode(recorded) != usage:
+            elif recorded_usage(recorded) != usage:
                 check.twice += 1  # counted with another run's usage than the one received
 
     async def read() -> UsageReport:

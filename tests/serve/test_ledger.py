@@ -146,6 +146,10 @@ async def _test_a_job_is_counted_once_with_its_final_event(redis, workers):
     (final,) = await _final_events(redis, "j1")
     assert final.result.output.usage == _usage(7, 3, engine=0.25, load=0.125)
     assert final.worker == "w1"  # the attempt's first event names its worker
+    # The same write again (redis-py retrying a transaction whose reply was lost): no change.
+    await w.finish(_job("j1"), 1, _usage(7, 3, engine=0.25, load=0.125))
+    again = await read_usage(redis)
+    assert again.rows == report.rows and again.waste == []
 
 
 def test_a_rerun_is_not_counted_twice_and_its_work_is_waste(fleet):

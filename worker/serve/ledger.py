@@ -50,42 +50,55 @@ from lorafleet.producer.usage import Usage
 # 6 marker TTL, 7 index member, 8 index score, 9 index cut-off, 10-13 prompt tokens,
 # completion tokens, engine us, adapter-load us, 14 count of cut runs, then per cut run:
 # attempt, waste field prefix, prompt tokens, completion tokens.
-# Returns 1 if this run's usage was counted, else 0.
+# The marker's field "m" holds "{attempt}:{usage}" of the counted run; "a{n}" marks run n
+# charged as waste. A bucket's expiry and index entry are written when the bucket is new
+# only: the common path is 8 calls. Returns 1 if this run's usage was counted, else 0.
 RECORD_SCRIPT = """
-local marker = KEYS[1]
-local function waste(prefix, prompt, completion, engine)
-  redis.call('HINCRBY', KEYS[3], prefix .. 'attempts', 1)
-  redis.call('HINCRBY', KEYS[3], prefix .. 'prompt_tokens', prompt)
-  redis.call('HINCRBY', KEYS[3], prefix .. 'completion_tokens', completion)
-  redis.call('HINCRBY', KEYS[3], prefix .. 'engine_us', engine)
-  redis.call('EXPIREAT', KEYS[3], ARGV[5])
+local m,a=KEYS[1],ARGV[1]
+local function new(k)
+if redis.call('EXISTS',k)==0 then return true end
+return false
 end
-local counted = 0
-if ARGV[2] ~= '' then
-  if redis.call('HSETNX', marker, 'm', ARGV[2]) == 1 then
-    redis.call('HSET', marker, 'a' .. ARGV[1], 'm')
-    local p = ARGV[3]
-    redis.call('HINCRBY', KEYS[2], p .. 'requests', 1)
-    redis.call('HINCRBY', KEYS[2], p .. 'prompt_tokens', ARGV[10])
-    redis.call('HINCRBY', KEYS[2], p .. 'completion_tokens', ARGV[11])
-    redis.call('HINCRBY', KEYS[2], p .. 'engine_us', ARGV[12])
-    redis.call('HINCRBY', KEYS[2], p .. 'adapter_load_us', ARGV[13])
-    redis.call('EXPIREAT', KEYS[2], ARGV[5])
-    counted = 1
-  elseif redis.call('HSETNX', marker, 'a' .. ARGV[1], 'w') == 1 then
-    waste(ARGV[4], ARGV[10], ARGV[11], ARGV[12])
-  end
+local function dated(k)
+redis.call('EXPIREAT',k,ARGV[5])
+redis.call('ZADD',KEYS[4],ARGV[8],ARGV[7])
+redis.call('ZREMRANGEBYSCORE',KEYS[4],'-inf',ARGV[9])
 end
-local i = 15
-for _ = 1, tonumber(ARGV[14]) do
-  if redis.call('HSETNX', marker, 'a' .. ARGV[i], 'w') == 1 then
-    waste(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], 0)
-  end
-  i = i + 4
+local function waste(p,prompt,completion,engine)
+local fresh=new(KEYS[3])
+redis.call('HINCRBY',KEYS[3],p..'attempts',1)
+redis.call('HINCRBY',KEYS[3],p..'prompt_tokens',prompt)
+redis.call('HINCRBY',KEYS[3],p..'completion_tokens',completion)
+redis.call('HINCRBY',KEYS[3],p..'engine_us',engine)
+if fresh then dated(KEYS[3]) end
 end
-redis.call('EXPIRE', marker, ARGV[6])
-redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[9])
+local counted=0
+if ARGV[2]~='' then
+if redis.call('HSETNX',m,'m',a..':'..ARGV[2])==1 then
+local k,p=KEYS[2],ARGV[3]
+local fresh=new(k)
+redis.call('HINCRBY',k,p..'requests',1)
+redis.call('HINCRBY',k,p..'prompt_tokens',ARGV[10])
+redis.call('HINCRBY',k,p..'completion_tokens',ARGV[11])
+redis.call('HINCRBY',k,p..'engine_us',ARGV[12])
+redis.call('HINCRBY',k,p..'adapter_load_us',ARGV[13])
+if fresh then dated(k) end
+counted=1
+else
+local rec=redis.call('HGET',m,'m')
+if string.sub(rec,1,string.len(a)+1)~=a..':' and redis.call('HSETNX',m,'a'..a,1)==1 then
+waste(ARGV[4],ARGV[10],ARGV[11],ARGV[12])
+end
+end
+end
+local i=15
+for _=1,tonumber(ARGV[14]) do
+if redis.call('HSETNX',m,'a'..ARGV[i],1)==1 then
+waste(ARGV[i+1],ARGV[i+2],ARGV[i+3],0)
+end
+i=i+4
+end
+redis.call('EXPIRE',m,ARGV[6])
 return counted
 """
 
@@ -151,8 +164,7 @@ class Ledger:
             pipe.hget(metered_key(job_id), "m")
             pipe.xrange(stream_key(job_id))
             recorded, entries = await pipe.execute()
-        usage = _usage_decoder.decode(recorded) if recorded else None
-        return Prior(usage, cut_runs(entries, attempt))
+        return Prior(recorded_usage(recorded) if recorded else None, cut_runs(entries, attempt))
 
     def entry(
         self,
@@ -213,6 +225,12 @@ class Ledger:
             INDEX_KEY,
         ]
         pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+
+
+def recorded_usage(marker: bytes) -> Usage:
+    """The usage a job was counted with, from its marker's ``m`` field
+    (``{attempt}:{msgpack Usage}``)."""
+    return _usage_decoder.decode(marker.split(b":", 1)[1])
 
 
 def cut_runs(entries: list[tuple[Any, dict]], attempt: int) -> list[CutRun]:
