@@ -115,3 +115,19 @@ def test_bad_usage_and_tenant_flags_are_one_line(args, message):
     proc = _cli(*args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_command_with_a_tenant(client, adapters, worker):
+    tenant = f"cli-{uuid.uuid4().hex[:6]}"
+    a = adapters[3]
+    proc = _cli(
+        "generate", "--redis-url", worker.config.redis_url, "--queue", worker.config.queue,
+        "--tenant", tenant, "--json", "--max-tokens", "3", "--lora", f"{a.lora_name}={a.lora_path}",
+        "one", "two",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [x["usage"]["completion_tokens"] for x in lines] == [3, 3]
+    (row,) = [r for r in client.usage(by="tenant").rows if r.tenant == tenant]
+    assert (row.requests, row.completion_tokens) == (2, 6)
+    assert row.prompt_tokens == sum(x["usage"]["prompt_tokens"] for x in lines)
