@@ -14,6 +14,14 @@ streams it back, the no-op worker returns at once.
   ceiling the pipeline's throughput is bounded by.
 
     python benchmarks/bench_pipeline.py --light 200 --burst 1000
+
+``--metering`` measures the cost of usage metering instead: two lorafleet workers on the
+same Redis, one with metering on, one with ``LORAFLEET_METERING=0``. Bursts rotate among
+jobs without a tenant on the metered worker (the ledger write in each final event's
+transaction), jobs of several tenants on it (plus each tenant's admission at submit), jobs
+on the unmetered worker and the no-op worker, ``--rounds`` times; the best of each is kept:
+
+    python benchmarks/bench_pipeline.py --metering --burst 1000 --rounds 5
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from arq.connections import RedisSettings, create_pool
+from redis.asyncio import Redis
 
 from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
@@ -40,6 +50,7 @@ from lorafleet.worker.serve.settings import WorkerConfig
 
 NOOP_QUEUE = "bench:noop"
 PIPE_QUEUE = "bench:lorafleet"
+UNMETERED_QUEUE = "bench:lorafleet-unmetered"
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
@@ -118,14 +129,33 @@ async def pipeline_light(url: str, n: int, loras: list[LoRARequest | None]) -> l
     return latencies
 
 
-async def pipeline_burst(url: str, n: int, loras: list[LoRARequest | None]) -> float:
-    async with Client(url, queue_name=PIPE_QUEUE) as client:
+async def pipeline_burst(
+    url: str,
+    n: int,
+    loras: list[LoRARequest | None],
+    queue: str = PIPE_QUEUE,
+    tenants: int = 0,
+) -> float:
+    """jobs/s of a burst of ``n``; with ``tenants``, the jobs go to that many tenants."""
+    async with Client(url, queue_name=queue) as client:
+        prompts = [f"burst {i}" for i in range(n)]
+        per_prompt = [loras[i % len(loras)] for i in range(n)]
         t0 = time.perf_counter()
-        await client.generate(
-            [f"burst {i}" for i in range(n)],
-            ONE_TOKEN,
-            lora_request=[loras[i % len(loras)] for i in range(n)],
-        )
+        if tenants:
+            # One generate per tenant, all at once: the same burst, split among tenants.
+            await asyncio.gather(
+                *(
+                    client.generate(
+                        prompts[t::tenants],
+                        ONE_TOKEN,
+                        lora_request=per_prompt[t::tenants],
+                        tenant=f"bench{t}",
+                    )
+                    for t in range(tenants)
+                )
+            )
+        else:
+            await client.generate(prompts, ONE_TOKEN, lora_request=per_prompt)
         return n / (time.perf_counter() - t0)
 
 
@@ -172,6 +202,10 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cuda-graphs", action="store_true", help="worker decodes from graphs")
+    parser.add_argument(
+        "--metering", action="store_true", help="compare bursts with metering on and off"
+    )
+    parser.add_argument("--tenants", type=int, default=4, help="with --metering: tenants")
     parser.add_argument("--noop-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_worker:
@@ -197,6 +231,16 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
+            if args.metering:
+                off = replace(config, queue=UNMETERED_QUEUE, metering=False, name="unmetered")
+                on = replace(config, name="metered")
+                with (
+                    WorkerProcess(on, log_path=Path(tmp) / "metered.log"),
+                    WorkerProcess(off, log_path=Path(tmp) / "unmetered.log"),
+                ):
+                    results = asyncio.run(measure_metering(server.url, args, loras))
+                report_metering(args, config, results)
+                return
             with WorkerProcess(config, log_path=Path(tmp) / "worker.log"):
                 results = asyncio.run(measure(server.url, args, loras))
         finally:
@@ -217,6 +261,69 @@ async def measure(url: str, args, loras) -> dict[str, object]:
         ),
         "noop_burst": max([await noop_burst(url, args.burst) for _ in range(args.rounds)]),
     }
+
+
+async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
+    """Bursts rotating among metered with tenants, metered without, unmetered and no-op,
+    ``args.rounds`` times each (the order shifts every round, so none always goes first)."""
+    sides = {
+        "tenants": lambda: pipeline_burst(url, args.burst, loras, tenants=args.tenants),
+        "ledger": lambda: pipeline_burst(url, args.burst, loras),
+        "off": lambda: pipeline_burst(url, args.burst, loras, queue=UNMETERED_QUEUE),
+        "noop": lambda: noop_burst(url, args.burst),
+    }
+    await pipeline_burst(url, 64, loras, tenants=args.tenants)  # warm-up
+    await pipeline_burst(url, 64, loras, queue=UNMETERED_QUEUE)
+    await noop_burst(url, 64)
+    runs: dict[str, list[float]] = {side: [] for side in sides}
+    redis = Redis.from_url(url)
+    await redis.config_resetstat()
+    order = list(sides)
+    for i in range(args.rounds):
+        for side in order[i % len(order) :] + order[: i % len(order)]:
+            runs[side].append(await sides[side]())
+    # Time inside Redis of the ledger's script (EVAL: only metered jobs run it), per call:
+    # a figure that other processes on the host disturb much less than jobs/s.
+    stats = await redis.info("commandstats")
+    await redis.aclose()
+    runs["redis_usec"] = [
+        stats.get(f"cmdstat_{name}", {}).get("usec_per_call", 0.0) for name in ("eval", "xadd")
+    ]
+    runs["eval_calls"] = [stats.get("cmdstat_eval", {}).get("calls", 0)]
+    return runs
+
+
+def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) -> None:
+    """Best and median of each side; the ratios to metering off (the target: within 5%)."""
+    eval_usec, xadd_usec = runs.pop("redis_usec")
+    (eval_calls,) = runs.pop("eval_calls")
+    best = {side: max(values) for side, values in runs.items()}
+    median = {side: statistics.median(values) for side, values in runs.items()}
+    print(
+        f"metering overhead: tiny llama, max_tokens=1, base + {args.adapters} adapters, "
+        f"bursts of {args.burst}, {args.rounds} rounds rotating; "
+        f"{platform.node()} ({os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
+    print(f"{'':42}{'best':>7}{'median':>8}{'/ no-op':>9}  all rounds (jobs/s)")
+    labels = {
+        "tenants": f"metering on, jobs of {args.tenants} tenants",
+        "ledger": "metering on, jobs without tenant",
+        "off": "metering off (LORAFLEET_METERING=0)",
+        "noop": "arq no-op",
+    }
+    for side, label in labels.items():
+        shown = " / ".join(f"{x:.0f}" for x in runs[side])
+        ratio = best[side] / best["noop"]
+        print(f"{label:42}{best[side]:>7.0f}{median[side]:>8.0f}{ratio:>9.1%}  {shown}")
+    for side in ("ledger", "tenants"):
+        b, m = best[side] / best["off"], median[side] / median["off"]
+        verdict = "within" if min(b, m) >= 0.95 else "OUTSIDE"
+        print(f"{labels[side]} / metering off: best {b:.3f}, median {m:.3f} ({verdict} 5%)")
+    print(
+        f"inside Redis: the ledger script {eval_usec:.1f} us per job ({eval_calls} calls), "
+        f"for scale an XADD of a stream event {xadd_usec:.1f} us"
+    )
 
 
 def report(args, config: WorkerConfig, r: dict) -> None:

@@ -25,6 +25,7 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import datetime
 from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,6 +56,15 @@ from lorafleet.producer.keys import (
     GENERATE_FUNCTION,
     abort_key,
 )
+from lorafleet.producer.ledger import UsageReport, read_usage
+from lorafleet.producer.quotas import (
+    Quota,
+    QuotaTenants,
+    admit,
+    forget_if_finished,
+    get_quotas,
+    set_quota,
+)
 from lorafleet.producer.types import (
     ChatMessage,
     LoRARequest,
@@ -64,6 +74,7 @@ from lorafleet.producer.types import (
     conversations,
     per_prompt,
 )
+from lorafleet.producer.usage import check_tenant
 from lorafleet.producer.watch import REDIS_ERRORS, JobWatch, StreamWatcher
 
 #: Environment variable naming the Redis URL when none is passed.
@@ -280,6 +291,7 @@ class Client:
         self._reader: aioredis.Redis | None = None
         self._watcher: StreamWatcher | None = None
         self._connecting = asyncio.Lock()
+        self._quota_tenants: QuotaTenants | None = None  # set on connect
         # Handles of `stream()` loops not yet ended: close() aborts their jobs.
         self._open_streams: set[JobHandle] = set()
 
@@ -338,6 +350,7 @@ class Client:
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=block_ms / 1000 + self.connect_timeout,
         )
+        self._quota_tenants = QuotaTenants(arq)
         self._watcher = StreamWatcher(
             self._reader,
             arq,
@@ -439,6 +452,7 @@ class Client:
         job_id: str | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> JobHandle:
         """Enqueue one generation job and return its handle.
 
@@ -449,6 +463,9 @@ class Client:
         running or finished (result still kept) returns a handle to that job instead of a
         new one. ``deadline`` (Unix time) or ``timeout`` (seconds from now): past it the job
         fails with ``DeadlineExceededError``, without GPU work if it has not started.
+        ``tenant`` names who the job runs for (metering and quotas; ``ValueError`` if it is
+        not a valid tenant name, see ``lorafleet.producer.usage``); a job its tenant's quota
+        refuses raises ``QuotaExceededError`` and is not enqueued.
         """
         job = _make_job(
             prompt,
@@ -458,12 +475,18 @@ class Client:
             job_id,
             deadline,
             timeout,
+            tenant,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )
         arq, watcher = await self._connected()
         job = msgspec.structs.replace(job, reply_to=watcher.inbox)
         with self._transport():
+            admitted = job.tenant is not None and await self._has_quota(job.tenant)
+            if admitted:
+                refusal = await admit(arq, job.tenant, job.request_id)
+                if refusal is not None:
+                    raise refusal
             enqueued = await arq.enqueue_job(
                 GENERATE_FUNCTION,
                 encode(job),
@@ -472,8 +495,15 @@ class Client:
             )
             # A job that already existed replies elsewhere and may have finished long ago.
             fresh = enqueued is not None
+            if not fresh and admitted:
+                # A finished one must not hold the place its resubmission just took.
+                await forget_if_finished(arq, job.tenant, job.request_id)
             watch = await watcher.watch(job.request_id, via_inbox=fresh, sweep_now=not fresh)
         return JobHandle(self, job.request_id, watch, watcher, n=job.sampling_params.n)
+
+    async def _has_quota(self, tenant: str) -> bool:
+        assert self._quota_tenants is not None
+        return await self._quota_tenants.has_quota(tenant)
 
     async def job(self, job_id: str) -> JobHandle:
         """A handle to a job submitted earlier (by any client)."""
@@ -486,6 +516,47 @@ class Client:
         """Abort a job by id (see ``JobHandle.abort``)."""
         arq, _ = await self._connected()
         await self._send_aborts(arq, [job_id])
+
+    async def usage(
+        self,
+        *,
+        since: str | float | datetime | None = None,
+        until: str | float | datetime | None = None,
+        by: str | Sequence[str] = "tenant,adapter",
+    ) -> UsageReport:
+        """The usage ledger between ``since`` and ``until``, grouped ``by`` tenant, adapter or
+        both, with the waste per worker (see ``lorafleet.producer.ledger.read_usage``)."""
+        arq, _ = await self._connected()
+        with self._transport():
+            return await read_usage(arq, since=since, until=until, by=by)
+
+    async def set_quota(
+        self,
+        tenant: str,
+        *,
+        max_in_flight: int | None = None,
+        tokens_per_minute: int | None = None,
+        clear: Sequence[str] = (),
+    ) -> Quota:
+        """Set ``tenant``'s limits (those given; ``clear`` removes the named ones) and return
+        its quota (see ``lorafleet.producer.quotas``)."""
+        arq, _ = await self._connected()
+        if self._quota_tenants is not None:
+            self._quota_tenants.invalidate()  # this client's next submit sees it at once
+        with self._transport():
+            return await set_quota(
+                arq,
+                tenant,
+                max_in_flight=max_in_flight,
+                tokens_per_minute=tokens_per_minute,
+                clear=tuple(clear),
+            )
+
+    async def quotas(self, tenants: Sequence[str] | None = None) -> list[Quota]:
+        """The quotas of ``tenants`` (default: every tenant that has one)."""
+        arq, _ = await self._connected()
+        with self._transport():
+            return await get_quotas(arq, list(tenants) if tenants is not None else None)
 
     async def _send_aborts(self, arq: ArqRedis, job_ids: Sequence[str]) -> None:
         with self._transport():
@@ -502,6 +573,7 @@ class Client:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         *,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.generate`` through the queue: outputs in prompt order.
 
@@ -509,9 +581,11 @@ class Client:
         with one per prompt; ``None`` runs the base model. All jobs are submitted at once.
         The first failed job's typed error is raised (the other jobs still run); use
         ``submit`` to handle errors per request. ``timeout`` bounds the whole call.
+        ``tenant`` applies to every job (see ``submit``).
         """
+        check_tenant(tenant)
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        jobs = [{"prompt": p} for p in prompt_list]
+        jobs = [{"prompt": p, "tenant": tenant} for p in prompt_list]
         return await self._run_all(jobs, sampling_params, lora_request, timeout)
 
     async def chat(
@@ -523,14 +597,17 @@ class Client:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat`` through the queue: one conversation (a list of
         ``{"role", "content"}`` dicts) or a list of them, each rendered by the worker with
         the model's chat template; one output per conversation, in order. Arguments
-        broadcast and errors are raised as in ``generate``."""
+        broadcast and errors are raised as in ``generate``; ``tenant`` as in ``submit``."""
+        check_tenant(tenant)
         options = {
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
+            "tenant": tenant,
         }
         jobs = [{"messages": chat, **options} for chat in conversations(messages)]
         return await self._run_all(jobs, sampling_params, lora_request, timeout)
@@ -570,6 +647,7 @@ class Client:
         messages: Sequence[dict | ChatMessage] | None = None,
         deadline: float | None = None,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[str]:
         """Submit one job (a ``prompt`` or chat ``messages``) and yield its text deltas.
         Leaving the loop early aborts the job."""
@@ -580,6 +658,7 @@ class Client:
             messages=messages,
             deadline=deadline,
             timeout=timeout,
+            tenant=tenant,
         )
         self._open_streams.add(handle)
         try:
@@ -619,6 +698,7 @@ def _make_job(
     job_id: str | None,
     deadline: float | None,
     timeout: float | None,
+    tenant: str | None,
     **chat_options: bool,
 ) -> GenerateJob:
     if (prompt is None) == (messages is None):
@@ -631,6 +711,7 @@ def _make_job(
         raise TypeError("lora_request must be a LoRARequest or None")
     if deadline is not None and timeout is not None:
         raise ValueError("pass deadline or timeout, not both")
+    check_tenant(tenant)
     now = time.time()
     if timeout is not None:
         deadline = now + timeout
@@ -644,5 +725,6 @@ def _make_job(
         lora_request=lora_request,
         enqueued_at=now,
         deadline=deadline,
+        tenant=tenant,
         **content,
     )

@@ -5,6 +5,9 @@ newer producer fails with ``unsupported_version`` instead of a confusing field e
 Version 2 added chat jobs (``messages``), ``n``, log-probabilities and the penalties; a v2
 build reads v1 jobs and results (their new fields take defaults) and answers a job in its
 own version, so producers and workers can be upgraded one at a time.
+Fields added since, within version 2, are optional with defaults (a job's ``tenant``, a
+result's ``usage``): a build without them ignores them (msgspec skips unknown fields), a
+build with them reads payloads that lack them, so no version bump is needed.
 Decoding never executes code (msgpack, no pickle) and turns every malformed payload into an
 ``InvalidRequestError`` naming what is wrong.
 """
@@ -22,6 +25,7 @@ from lorafleet.producer.errors import (
     UnsupportedVersionError,
 )
 from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.usage import check_tenant
 
 WIRE_VERSION = 2
 #: Versions this build decodes.
@@ -37,6 +41,8 @@ class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
     ``LLM.chat`` options). ``reply_to`` names the submitting client's inbox stream
     (``lorafleet:inbox:*``); the worker appends the job's final stream event there too, so a
     client waiting on many jobs blocks on one key (see ``lorafleet.producer.watch``).
+    ``tenant`` names who the job runs for (``lorafleet.producer.usage``): the key of its
+    metering and quotas; ``None`` for none.
     """
 
     request_id: str
@@ -49,9 +55,11 @@ class GenerateJob(msgspec.Struct, frozen=True, kw_only=True):
     enqueued_at: float = 0.0
     deadline: float | None = None
     reply_to: str | None = None
+    tenant: str | None = None
     v: int = WIRE_VERSION
 
     def __post_init__(self) -> None:
+        check_tenant(self.tenant)
         if not self.request_id:
             raise ValueError("request_id cannot be empty")
         if (self.prompt is None) == (self.messages is None):

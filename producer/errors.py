@@ -14,11 +14,13 @@ from lorafleet.producer.types import RequestOutput
 
 class ErrorInfo(msgspec.Struct, frozen=True):
     """An error on the wire: a stable ``code``, a human message, and for a request cut short
-    (a deadline, an abort) the ``output`` it had produced by then."""
+    (a deadline, an abort) the ``output`` it had produced by then; ``details``: facts a
+    program may act on (a quota refusal's limit and ``retry_after``)."""
 
     code: str
     message: str
     output: RequestOutput | None = None
+    details: dict[str, str | int | float] | None = None
 
 
 class LoraFleetError(Exception):
@@ -28,10 +30,17 @@ class LoraFleetError(Exception):
 
     code: str = "internal_error"
 
-    def __init__(self, message: str, output: RequestOutput | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        output: RequestOutput | None = None,
+        *,
+        details: dict[str, str | int | float] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.output = output
+        self.details = details
 
     @property
     def partial_text(self) -> str:
@@ -39,10 +48,14 @@ class LoraFleetError(Exception):
         return self.output.outputs[0].text if self.output and self.output.outputs else ""
 
     def to_info(self) -> ErrorInfo:
-        return ErrorInfo(self.code, self.message, self.output)
+        return ErrorInfo(self.code, self.message, self.output, self.details)
 
     def __reduce__(self):  # keep subclasses picklable for multiprocessing users
-        return (type(self), (self.message, self.output))
+        return (_rebuild, (type(self), self.message, self.output, self.details))
+
+
+def _rebuild(cls, message, output, details):
+    return cls(message, output, details=details)
 
 
 class InvalidRequestError(LoraFleetError, ValueError):
@@ -90,6 +103,27 @@ class DeadlineExceededError(LoraFleetError, TimeoutError):
 
 class AbortedError(LoraFleetError):
     code = "aborted"
+
+
+class QuotaExceededError(LoraFleetError):
+    """The tenant's quota refused the job (see ``lorafleet.producer.quotas``); it did not run
+    and costs nothing. ``limit`` names the limit (``max_in_flight`` or
+    ``tokens_per_minute``), ``value`` its value, ``retry_after`` seconds until retrying may
+    succeed."""
+
+    code = "quota_exceeded"
+
+    @property
+    def limit(self) -> str:
+        return str((self.details or {}).get("limit", ""))
+
+    @property
+    def value(self) -> int:
+        return int((self.details or {}).get("value", 0))
+
+    @property
+    def retry_after(self) -> float:
+        return float((self.details or {}).get("retry_after", 0.0))
 
 
 class UnsupportedVersionError(LoraFleetError, ValueError):
@@ -143,6 +177,7 @@ ERROR_TYPES: dict[str, type[LoraFleetError]] = {
         LoRADisabledError,
         DeadlineExceededError,
         AbortedError,
+        QuotaExceededError,
         UnsupportedVersionError,
         InternalError,
         QueueUnavailableError,
@@ -156,7 +191,7 @@ def error_from_info(info: ErrorInfo) -> LoraFleetError:
     """The typed exception for a wire error; unknown codes become ``LoraFleetError``."""
     cls = ERROR_TYPES.get(info.code)
     if cls is None:
-        err = LoraFleetError(info.message, info.output)
+        err = LoraFleetError(info.message, info.output, details=info.details)
         err.code = info.code
         return err
-    return cls(info.message, info.output)
+    return cls(info.message, info.output, details=info.details)

@@ -51,7 +51,8 @@ class StreamEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One entry of a job stream: new text of one attempt, or that attempt's end.
 
     ``text`` / ``token_ids`` are deltas since the previous event of the same attempt.
-    ``result`` is set on the final event only.
+    ``result`` is set on the final event only. ``worker`` names the worker running the
+    attempt, on its first event (``seq`` 0): the ledger charges a run cut short to it.
     """
 
     attempt: int
@@ -60,6 +61,7 @@ class StreamEvent(msgspec.Struct, frozen=True, kw_only=True):
     token_ids: list[int] = msgspec.field(default_factory=list)
     result: JobResult | None = None
     v: int = WIRE_VERSION
+    worker: str | None = None
 
     @property
     def final(self) -> bool:

@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from typing import Any, Self, TypeVar
 
 from lorafleet.producer.client import Client, JobHandle
+from lorafleet.producer.ledger import UsageReport
+from lorafleet.producer.quotas import Quota
 from lorafleet.producer.types import ChatMessage, LoRARequest, RequestOutput, SamplingParams
 
 T = TypeVar("T")
@@ -159,10 +161,13 @@ class SyncClient:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         *,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> list[RequestOutput]:
         """See ``Client.generate``."""
         return self._runner.run(
-            self._client.generate(prompts, sampling_params, lora_request, timeout=timeout)
+            self._client.generate(
+                prompts, sampling_params, lora_request, timeout=timeout, tenant=tenant
+            )
         )
 
     def chat(
@@ -176,6 +181,18 @@ class SyncClient:
         return self._runner.run(
             self._client.chat(messages, sampling_params, lora_request, **kwargs)
         )
+
+    def set_quota(self, tenant: str, **kwargs: Any) -> Quota:
+        """See ``Client.set_quota``."""
+        return self._runner.run(self._client.set_quota(tenant, **kwargs))
+
+    def quotas(self, tenants: Sequence[str] | None = None) -> list[Quota]:
+        """See ``Client.quotas``."""
+        return self._runner.run(self._client.quotas(tenants))
+
+    def usage(self, **kwargs: Any) -> UsageReport:
+        """See ``Client.usage``."""
+        return self._runner.run(self._client.usage(**kwargs))
 
     def stream(
         self,

@@ -13,6 +13,8 @@ from typing import TypeVar
 
 import msgspec
 
+from lorafleet.producer.usage import Usage
+
 T = TypeVar("T")
 
 
@@ -318,7 +320,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     ``n`` completions in index order. ``prompt`` is the text the model saw (for a chat
     request, the conversation rendered by the model's chat template). ``prompt_logprobs``
     is set when the request asked for it. ``metrics`` is set on outputs that came through
-    the queue, ``None`` in process."""
+    the queue, ``None`` in process. ``usage`` (tokens, engine and adapter-load time) is set
+    by the engine, in process and through the queue; ``None`` from builds before it."""
 
     request_id: str
     prompt: str | None
@@ -328,3 +331,4 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     lora_request: LoRARequest | None = None
     prompt_logprobs: PromptLogprobs | None = None
     metrics: RequestMetrics | None = None
+    usage: Usage | None = None

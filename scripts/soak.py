@@ -26,6 +26,17 @@ Printed figures (exit status 1 if any "must be 0" figure is not):
   (must be 0);
 - re-runs: jobs whose final result came from attempt 2 or later, and extra executions:
   final events beyond the first in a job's stream (at-least-once at work; informational).
+
+Metering (issue 19): jobs go to ``--tenants`` tenants (and some to none), and the soak ends
+by reading the usage ledger back and comparing it with the ``usage`` of the results the
+client received, per tenant and adapter and per job:
+- ledger entries counted twice: the ledger's requests beyond the results received, or a
+  job whose recorded usage differs from the usage its result carried (must be 0);
+- ledger entries missing: a result received whose job the ledger does not hold (must be 0);
+- totals (requests, prompt and completion tokens, engine and adapter-load microseconds)
+  equal, exactly (must be "yes");
+- waste per worker: the runs whose result was not delivered (cut short by a SIGKILL or a
+  drain past its grace, or a re-run of a job already metered).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import redis
+import redis.asyncio
 
 from lorafleet.producer import Client, LoRARequest, RequestOutput, SamplingParams
 from lorafleet.producer.client import JobHandle
@@ -54,9 +66,21 @@ from lorafleet.producer.errors import (
     StreamRestartedError,
 )
 from lorafleet.producer.keys import stream_key
+from lorafleet.producer.ledger import (
+    BASE_ADAPTER,
+    NO_TENANT,
+    UsageReport,
+    UsageRow,
+    WasteRow,
+    metered_key,
+    read_usage,
+    to_us,
+)
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.producer.stream import FIELD, decode_event
+from lorafleet.producer.usage import Usage
 from lorafleet.worker.local.launcher import WorkerProcess
+from lorafleet.worker.serve.ledger import recorded_usage
 from lorafleet.worker.serve.settings import WorkerConfig
 
 PROMPTS = [f"soak prompt {i}: the quick brown fox" for i in range(16)]
@@ -77,6 +101,8 @@ class Tally:
     outputs: dict[tuple, set[tuple[int, ...]]] = field(default_factory=dict)
     faults: Counter[str] = field(default_factory=Counter)
     job_ids: list[str] = field(default_factory=list)
+    # job id -> (tenant, adapter, the usage on the result the client received)
+    usage: dict[str, tuple[str | None, str | None, Usage]] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,12 +145,17 @@ def _assets(root: Path) -> tuple[Path, list[LoRARequest]]:
 
 
 async def _submit(
-    client: Client, job_id: str, prompt: str, params: SamplingParams, lora: LoRARequest | None
+    client: Client,
+    job_id: str,
+    prompt: str,
+    params: SamplingParams,
+    lora: LoRARequest | None,
+    tenant: str | None = None,
 ) -> JobHandle:
     """Submit with the retry policy: the same job id until Redis acknowledges it."""
     while True:
         try:
-            return await client.submit(prompt, params, lora, job_id=job_id)
+            return await client.submit(prompt, params, lora, job_id=job_id, tenant=tenant)
         except QueueUnavailableError:
             await asyncio.sleep(0.5)
 
@@ -158,11 +189,13 @@ async def _one_job(
     loras: list[LoRARequest],
     params: SamplingParams,
     tally: Tally,
+    tenants: list[str | None],
 ) -> None:
     job_id = f"soak-{i}-{uuid.uuid4().hex[:8]}"
     prompt, lora = rng.choice(PROMPTS), rng.choice([None, *loras])
+    tenant = rng.choice(tenants)
     follow = rng.random() < 0.25
-    handle = await _submit(client, job_id, prompt, params, lora)
+    handle = await _submit(client, job_id, prompt, params, lora, tenant)
     tally.enqueued += 1
     tally.job_ids.append(job_id)
     outcome, streamed = await _outcome(client, handle, follow, tally)
@@ -178,6 +211,7 @@ async def _one_job(
             tally.garbled += 1
         key = (prompt, lora.lora_name if lora else None)
         tally.outputs.setdefault(key, set()).add(tuple(outcome.outputs[0].token_ids))
+        tally.usage[job_id] = (tenant, lora.lora_name if lora else None, outcome.usage)
 
 
 async def _chaos(
@@ -206,13 +240,15 @@ async def _load(
 ) -> None:
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    tenants: list[str | None] = [None, *(f"tenant{i}" for i in range(args.tenants))]
     stop = asyncio.Event()
     chaos = asyncio.create_task(_chaos(fleet, args, random.Random(args.seed + 1), tally, stop))
     async with Client(fleet.server.url, queue_name=fleet.base.queue, connect_timeout=15) as client:
         jobs = []
         deadline = args.t0 + args.duration
         while len(jobs) < args.jobs and time.monotonic() < deadline:
-            jobs.append(asyncio.create_task(_one_job(client, len(jobs), rng, loras, params, tally)))
+            job = _one_job(client, len(jobs), rng, loras, params, tally, tenants)
+            jobs.append(asyncio.create_task(job))
             await asyncio.sleep(1 / args.rate)
         stop.set()
         await chaos
@@ -237,7 +273,81 @@ def _executions(url: str, job_ids: list[str]) -> tuple[int, int]:
     return reruns, extra
 
 
-def _report(args: argparse.Namespace, tally: Tally, reruns: int, extra: int) -> bool:
+@dataclass
+class LedgerCheck:
+    """The ledger against the results the client received."""
+
+    twice: int = 0
+    missing: int = 0
+    totals_equal: bool = False
+    received: UsageRow = field(default_factory=UsageRow)
+    ledger: UsageRow = field(default_factory=UsageRow)
+    waste: list[WasteRow] = field(default_factory=list)
+
+
+def _check_ledger(url: str, tally: Tally) -> LedgerCheck:
+    """Compare the ledger with the usage on the results received: per job (its dedupe
+    record holds the usage it was counted with) and per tenant and adapter (the counters)."""
+    check = LedgerCheck()
+    with redis.Redis.from_url(url) as r:
+        pipe = r.pipeline(transaction=False)
+        for job_id in tally.usage:
+            pipe.hget(metered_key(job_id), "m")
+        for (_, _, usage), recorded in zip(tally.usage.values(), pipe.execute(), strict=True):
+            if recorded is None:
+                check.missing += 1
+            elif recorded_usage(recorded) != usage:
+                check.twice += 1  # counted with another run's usage than the one received
+
+    async def read() -> UsageReport:
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            return await read_usage(client, by="tenant,adapter")
+        finally:
+            await client.aclose()
+
+    report = asyncio.run(read())
+    expected: dict[tuple[str, str], UsageRow] = {}
+    for tenant, adapter, usage in tally.usage.values():
+        key = (tenant or NO_TENANT, adapter or BASE_ADAPTER)
+        row = expected.setdefault(key, UsageRow(*key))
+        row.requests += 1
+        row.prompt_tokens += usage.prompt_tokens
+        row.completion_tokens += usage.completion_tokens
+        row.engine_us += to_us(usage.engine_s)
+        row.adapter_load_us += to_us(usage.adapter_load_s)
+    got = {(row.tenant, row.adapter): row for row in report.rows}
+    for key in expected.keys() | got.keys():
+        surplus = got.get(key, UsageRow()).requests - expected.get(key, UsageRow()).requests
+        check.twice += max(surplus, 0)
+    check.totals_equal = expected == got
+    for row in expected.values():
+        check.received = _add(check.received, row)
+    check.ledger = report.total
+    check.waste = report.waste
+    return check
+
+
+def _add(total: UsageRow, row: UsageRow) -> UsageRow:
+    return UsageRow(
+        requests=total.requests + row.requests,
+        prompt_tokens=total.prompt_tokens + row.prompt_tokens,
+        completion_tokens=total.completion_tokens + row.completion_tokens,
+        engine_us=total.engine_us + row.engine_us,
+        adapter_load_us=total.adapter_load_us + row.adapter_load_us,
+    )
+
+
+def _totals(row: UsageRow) -> str:
+    return (
+        f"{row.requests} req, {row.prompt_tokens} + {row.completion_tokens} tokens, "
+        f"engine {row.engine_us} us, adapter load {row.adapter_load_us} us"
+    )
+
+
+def _report(
+    args: argparse.Namespace, tally: Tally, reruns: int, extra: int, ledger: LedgerCheck
+) -> bool:
     duplicates = sum(1 for n in tally.delivered.values() if n > 1)
     wrong = sum(len(v) - 1 for v in tally.outputs.values())
     failed = sum(tally.failed.values())
@@ -256,10 +366,23 @@ def _report(args: argparse.Namespace, tally: Tally, reruns: int, extra: int) -> 
         ("re-runs (final result from attempt >= 2)", reruns),
         ("extra executions (deduplicated by clients)", extra),
         ("streams restarted with different text", tally.stream_restarts),
+        ("tenants (+ jobs without one)", args.tenants),
+        ("usage received by the client", _totals(ledger.received)),
+        ("usage in the ledger", _totals(ledger.ledger)),
+        ("ledger totals equal, per tenant x adapter", "yes" if ledger.totals_equal else "NO"),
+        ("ledger entries counted twice (must be 0)", ledger.twice),
+        ("ledger entries missing (must be 0)", ledger.missing),
+        ("waste: runs not delivered", sum(w.attempts for w in ledger.waste)),
+        ("waste: completion tokens", sum(w.completion_tokens for w in ledger.waste)),
+    ]
+    rows += [
+        (f"  waste of {w.worker}", f"{w.attempts} runs, {w.completion_tokens} tokens")
+        for w in ledger.waste
     ]
     for label, value in rows:
         print(f"{label:<46} {value}")
-    return not (failed or tally.lost or duplicates or tally.garbled or wrong)
+    metering_ok = ledger.totals_equal and not (ledger.twice or ledger.missing)
+    return metering_ok and not (failed or tally.lost or duplicates or tally.garbled or wrong)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "--heartbeat-ttl", type=float, default=5, help="workers' LORAFLEET_HEARTBEAT_TTL"
     )
     p.add_argument("--settle", type=float, default=120, help="most seconds to wait at the end")
+    p.add_argument("--tenants", type=int, default=3, help="tenants the jobs run for")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -309,10 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             args.t0 = time.monotonic()
             asyncio.run(_load(fleet, args, loras, tally))
             reruns, extra = _executions(server.url, tally.job_ids)
+            fleet.stop_all()  # drained: every run they finish is in the ledger first
+            ledger = _check_ledger(server.url, tally)
         finally:
             fleet.stop_all()
             server.stop()
-    ok = _report(args, tally, reruns, extra)
+    ok = _report(args, tally, reruns, extra, ledger)
     return 0 if ok else 1
 
 

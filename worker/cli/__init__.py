@@ -25,12 +25,24 @@ from lorafleet.worker.cli import (
     loadtest,
     make_adapters,
     prepare_model,
+    quota,
     redis_server,
+    usage,
     worker,
 )
 from lorafleet.worker.cli.errors import is_user_error
 
-COMMANDS = (demo, prepare_model, worker, generate, redis_server, loadtest, make_adapters)
+COMMANDS = (
+    demo,
+    prepare_model,
+    worker,
+    generate,
+    redis_server,
+    loadtest,
+    make_adapters,
+    usage,
+    quota,
+)
 
 
 def _version() -> str:

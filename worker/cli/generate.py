@@ -15,8 +15,11 @@ import os
 import sys
 from dataclasses import dataclass
 
+import msgspec
+
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.usage import TENANT_RULE, tenant_problem
 from lorafleet.worker.cli.adapters import parse_lora_flags
 from lorafleet.worker.cli.engine_flags import add_engine_flags
 from lorafleet.worker.cli.errors import UsageError
@@ -75,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="0 is greedy (default 0; SamplingParams' default is 1.0)",
     )
+    p.add_argument(
+        "--tenant",
+        help=f"who the requests run for: metered and limited under this name ({TENANT_RULE})",
+    )
     p.add_argument("--stream", action="store_true", help="print text as it arrives")
     p.add_argument("--json", action="store_true", help="one JSON object per request and line")
     p.add_argument("--redis-url", help=f"Redis of running workers [{URL_ENV}]")
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--system needs --chat")
     if args.stream and args.json:
         raise UsageError("--stream and --json do not go together: pick one")
+    if (problem := tenant_problem(args.tenant)) is not None:
+        raise UsageError(f"--tenant: {problem}")
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise UsageError("no prompts (pass them as arguments or on stdin)")
@@ -150,7 +159,11 @@ def _generate(
                 if args.chat
                 else {"prompt": r.prompt}
             )
-            handles.append(client.submit(sampling_params=params, lora_request=r.lora, **content))
+            handles.append(
+                client.submit(
+                    sampling_params=params, lora_request=r.lora, tenant=args.tenant, **content
+                )
+            )
         for request, handle in zip(requests, handles, strict=True):
             if headers:
                 print(f"[{request.label}] {request.prompt}", flush=True)
@@ -194,4 +207,6 @@ def _json(
         output_tokens=len(completion.token_ids),
         job_id=output.request_id,
     )
+    if output.usage is not None:
+        entry["usage"] = msgspec.to_builtins(output.usage)
     return entry

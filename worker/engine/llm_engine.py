@@ -29,6 +29,7 @@ from lorafleet.worker.engine.sampler import SampledTokens, Sampler, TokenLogprob
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import PENDING_TOKEN, Request, Sequence
 from lorafleet.worker.engine.step_layout import PendingTokens, prompt_targets
+from lorafleet.worker.engine.usage import request_usage, timed_load
 from lorafleet.worker.model.catalog import local_model
 from lorafleet.worker.model.loader import load_model, read_model_args, resolve_dtype
 
@@ -217,13 +218,15 @@ class LLMEngine:
         resumed = list(resume_token_ids or ())
         if not params.resumable or not self._room_after(len(ids), len(resumed), params):
             resumed = []  # start over: the output stays valid, only the work is repeated
+        load_s = 0.0
         if lora_request is not None:
-            self.adapters.load(lora_request)
+            load_s = timed_load(self.adapters, self.adapters.load, lora_request)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = [
             self._sequence(request_id, prompt, ids, params, lora_request, arrival, k)
             for k in range(params.n)
         ]
+        seqs[0].adapter_load_s = load_s
         for token in resumed:
             seqs[0].token_ids.append(token)
             seqs[0].detokenizer.append(token)
@@ -569,4 +572,5 @@ class LLMEngine:
             finished=request.finished,
             lora_request=first.lora_request,
             prompt_logprobs=first.prompt_logprobs,
+            usage=request_usage(request),
         )

@@ -24,6 +24,7 @@ from lorafleet.worker.adapters.manager import AdapterManager
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.engine.sequence import SeqStatus, Sequence
+from lorafleet.worker.engine.usage import timed_load
 
 
 @dataclass
@@ -154,7 +155,9 @@ class Scheduler:
                 continue
             if seq.lora_request is not None:
                 try:
-                    self.adapters.acquire(seq.lora_request)
+                    seq.adapter_load_s += timed_load(
+                        self.adapters, self.adapters.acquire, seq.lora_request
+                    )
                 except LoraFleetError as err:
                     self.waiting.remove(seq)
                     seq.status = SeqStatus.FINISHED

@@ -54,6 +54,11 @@ class Sequence:
     index: int = 0
     logprobs: list[dict[int, Logprob]] | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Metering (``Usage``): when the engine took the request (monotonic; ``arrival_time``
+    # may be a caller's clock), and seconds this sequence spent loading its adapter (a disk
+    # read or a slot write it caused).
+    added_at: float = field(default_factory=time.monotonic)
+    adapter_load_s: float = 0.0
 
     @property
     def wants_prompt_logprobs(self) -> bool:

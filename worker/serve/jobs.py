@@ -38,8 +38,10 @@ from lorafleet.worker.serve.aborts import AbortWatcher
 from lorafleet.worker.serve.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
 from lorafleet.worker.serve.heartbeat import Heartbeat
+from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
-from lorafleet.worker.serve.publisher import StreamPublisher
+from lorafleet.worker.serve.publisher import Atomic, StreamPublisher
+from lorafleet.worker.serve.quotas import QuotaTenants, Release, take
 from lorafleet.worker.serve.resume import earlier_tokens, resume_point
 from lorafleet.worker.serve.slot_contention import SlotContentionWatch
 from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_reply_to
@@ -47,6 +49,7 @@ from lorafleet.worker.serve.validation import JobLimits, check_job, salvage_repl
 if TYPE_CHECKING:
     from lorafleet.worker.serve.metrics import WorkerMetrics
     from lorafleet.worker.serve.settings import WorkerConfig
+    from lorafleet.worker.serve.tenant_metrics import TenantMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ class WorkerState:
     heartbeat: Heartbeat
     limits: JobLimits
     contention: SlotContentionWatch
+    quotas: QuotaTenants
+    ledger: Ledger | None = None  # None: metering off
+    tenants: TenantMetrics | None = None
 
 
 def _engine_exited(status: int | None) -> None:
@@ -95,15 +101,19 @@ async def startup(ctx: dict[str, Any]) -> None:
         # that does not load): one line, and the exit status of a configuration error.
         logger.critical("lorafleet worker %s cannot start: %s", config.name, e)
         raise SystemExit(2) from None
-    publisher = StreamPublisher(redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl)
+    publisher = StreamPublisher(
+        redis, maxlen=config.stream_maxlen, ttl_s=config.stream_ttl, worker=config.name
+    )
     await publisher.start()
     aborts = AbortWatcher(redis)
     await aborts.start()
     # Imported here: the producer-only commands of the CLI import this module, and
     # prometheus_client comes with the worker extra.
     from lorafleet.worker.serve.metrics import start_worker_metrics
+    from lorafleet.worker.serve.tenant_metrics import TenantMetrics
 
     metrics = start_worker_metrics(config, engine, redis)
+    tenants = TenantMetrics(metrics.registry, config.name, max_tenants=config.metrics_max_tenants)
     worker = current_arq_worker()
     guard_claims(worker)
     tracker = JobTracker(redis)
@@ -126,8 +136,28 @@ async def startup(ctx: dict[str, Any]) -> None:
     limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
     contention = SlotContentionWatch(engine, config.max_loras)
     contention.start()
+    ledger = None
+    if config.metering:
+        ledger = Ledger(
+            redis,
+            worker=config.name,
+            bucket_s=config.usage_bucket,
+            retention_s=config.usage_retention,
+        )
     ctx["lorafleet"] = WorkerState(
-        config, redis, engine, publisher, aborts, metrics, tracker, heartbeat, limits, contention
+        config,
+        redis,
+        engine,
+        publisher,
+        aborts,
+        metrics,
+        tracker,
+        heartbeat,
+        limits,
+        contention,
+        QuotaTenants(redis),
+        ledger,
+        tenants,
     )
     await heartbeat.start()  # registers the worker: from here on it takes jobs
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
@@ -204,19 +234,47 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
         reply_to = salvage_reply_to(payload)
     else:
         reply_to = job.reply_to
-        state.metrics.job_started(job_id, job)
-        try:
-            async with state.jobs.track(job_id) as tracked:
-                result = await _run(state, job_id, attempt, job, tracked)
-        except asyncio.CancelledError:
-            state.publisher.forget(job_id)
-            state.metrics.job_cancelled(job_id)
-            raise
+        refusal = await take(state.redis, state.quotas, job_id, job, state.config.job_timeout)
+        if refusal is not None:  # answered without running: it costs nothing
+            result = _error(job_id, refusal)
+        else:
+            state.metrics.job_started(job_id, job)
+            try:
+                async with state.jobs.track(job_id) as tracked:
+                    result = await _run(state, job_id, attempt, job, tracked)
+            except asyncio.CancelledError:
+                state.publisher.forget(job_id)
+                state.metrics.job_cancelled(job_id)
+                raise
     state.metrics.job_finished(job_id, result)
+    if state.tenants is not None:
+        state.tenants.observe(job, result)
     result = msgspec.structs.replace(result, worker=state.config.name, attempt=attempt, v=version)
-    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to)
+    writes: list[Atomic] = []
+    if (entry := await _meter(state, job_id, attempt, job, result)) is not None:
+        writes.append(entry)
+    if (release := Release.of(job, job_id, result)) is not None:
+        writes.append(release)
+    await state.publisher.finish(job_id, attempt, result, reply_to=reply_to, writes=writes)
     _log_outcome(job_id, attempt, job, result, time.monotonic() - started)
     return encode(result)
+
+
+async def _meter(
+    state: WorkerState, job_id: str, attempt: int, job: GenerateJob | None, result: JobResult
+) -> LedgerEntry | None:
+    """The job's ledger write (None: nothing to record), to be written with its final event.
+    A re-run of a job already metered returns the recorded usage on its result (set here),
+    so every result of the job carries what the ledger holds."""
+    if state.ledger is None or job is None:
+        return None
+    usage = result.output.usage if result.output is not None else None
+    prior = await state.ledger.prepare(job_id, attempt)
+    if usage is None and not prior.cut:
+        return None
+    if result.output is not None and prior.recorded is not None:
+        result.output.usage = prior.recorded
+    return state.ledger.entry(job_id, attempt, job, usage, prior)
 
 
 def _log_outcome(
@@ -364,4 +422,6 @@ async def _generate(
         finished_time=time.time(),
         time_in_queue=started - job.enqueued_at,
     )
+    if output.usage is not None:
+        output.usage.queue_wait_s = started - job.enqueued_at
     return JobResult(request_id=job_id, output=output)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from lorafleet.producer.codec import WIRE_VERSION, JobResult
 from lorafleet.producer.stream import (
@@ -37,6 +39,14 @@ class _Pending:
     result: JobResult | None = None
     reply_to: str | None = None  # the producer's inbox, for the final event
     written: asyncio.Future[None] | None = None  # set for the final event
+    # Writes that land in the final event's transaction (the usage ledger's, the quota's).
+    writes: Sequence[Atomic] = ()
+
+
+class Atomic(Protocol):
+    """A write that must land atomically with a job's final event."""
+
+    def queue(self, pipe: Any) -> None: ...
 
 
 class StreamPublisher:
@@ -46,8 +56,16 @@ class StreamPublisher:
     waits out a Redis outage instead of dropping events.
     """
 
-    def __init__(self, redis, *, maxlen: int = DEFAULT_MAXLEN, ttl_s: int = DEFAULT_TTL_S) -> None:
+    def __init__(
+        self,
+        redis,
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        ttl_s: int = DEFAULT_TTL_S,
+        worker: str | None = None,
+    ) -> None:
         self._redis = redis
+        self._worker = worker  # named on each attempt's first event
         self._maxlen = maxlen
         self._ttl_s = ttl_s
         self._pending: dict[str, _Pending] = {}
@@ -81,13 +99,22 @@ class StreamPublisher:
         self._work.set()
 
     async def finish(
-        self, job_id: str, attempt: int, result: JobResult, *, reply_to: str | None = None
+        self,
+        job_id: str,
+        attempt: int,
+        result: JobResult,
+        *,
+        reply_to: str | None = None,
+        writes: Sequence[Atomic] = (),
     ) -> None:
         """Queue the final event (with any delta still pending), also for the producer's
-        inbox ``reply_to``, and wait until written; it has the wire version of ``result``."""
+        inbox ``reply_to``, and wait until written; it has the wire version of ``result``.
+        ``writes`` are queued in the same MULTI/EXEC transaction as the event and the reply:
+        all of them land or none."""
         pending = self._slot(job_id, attempt, result.v)
         pending.result = result
         pending.reply_to = reply_to
+        pending.writes = writes
         pending.written = asyncio.get_running_loop().create_future()
         self._work.set()
         await asyncio.shield(pending.written)
@@ -113,6 +140,7 @@ class StreamPublisher:
             token_ids=pending.token_ids,
             result=pending.result,
             v=pending.v,
+            worker=self._worker if seq == 0 else None,
         )
 
     async def _flush_forever(self) -> None:
@@ -133,8 +161,12 @@ class StreamPublisher:
                         pending.written.set_result(None)
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        # A transaction only when a ledger write rides along: deltas alone need none.
+        transaction = any(p.writes for p in batch.values())
+        async with self._redis.pipeline(transaction=transaction) as pipe:
             for job_id, pending in batch.items():
+                for write in pending.writes:
+                    write.queue(pipe)
                 event = self._event(job_id, pending)
                 add_event(pipe, job_id, event, maxlen=self._maxlen, ttl_s=self._ttl_s)
                 if pending.reply_to is not None:

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lorafleet.producer.client import DEFAULT_URL, redact_url
 from lorafleet.producer.keys import DEFAULT_QUEUE
+from lorafleet.producer.ledger import DEFAULT_BUCKET_S, DEFAULT_RETENTION_S, ledger_problems
 from lorafleet.producer.stream import DEFAULT_MAXLEN, DEFAULT_TTL_S
 from lorafleet.worker.engine.config import EngineConfig, check, describe
 from lorafleet.worker.model.catalog import catalog_names, find_model
@@ -88,6 +89,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_QUEUE", "queue", "str", "arq queue name; producers must use the same."),
     Variable("LORAFLEET_METRICS_PORT", "metrics_port", "int", "Port of the Prometheus `/metrics` endpoint (0: off); one per worker on a host."),
     Variable("LORAFLEET_METRICS_MAX_ADAPTERS", "metrics_max_adapters", "int", "Busiest adapters named in the metrics' `adapter` label; the rest count as `other`."),
+    Variable("LORAFLEET_METRICS_MAX_TENANTS", "metrics_max_tenants", "int", "Busiest tenants named in the metrics' `tenant` label; the rest count as `other`."),
     Variable("LORAFLEET_JOB_TIMEOUT", "job_timeout", "float", "Seconds one job may run before arq cancels it."),
     Variable("LORAFLEET_MAX_JOBS", "max_jobs", "int", "Jobs taken from the queue at once (default 2 x max_num_seqs, at least max_num_seqs)."),
     Variable("LORAFLEET_POLL_DELAY", "poll_delay", "float", "Seconds between queue polls when idle."),
@@ -98,6 +100,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
+    Variable("LORAFLEET_METERING", "metering", "bool", "Record every completed job's usage in the Redis ledger, once per job id (`1`/`0`, default on; see `lorafleet usage`)."),
+    Variable("LORAFLEET_USAGE_BUCKET", "usage_bucket", "int", "Seconds of one ledger bucket (default 3600: hourly counters); every worker on a Redis must use the same."),
+    Variable("LORAFLEET_USAGE_RETENTION", "usage_retention", "int", "Seconds a ledger bucket is kept after it ends (default 2592000: 30 days)."),
     Variable("LORAFLEET_LOG_FORMAT", "log_format", "str", "`text` (default) or `json`: one JSON object per line, with job_id, adapter and code fields on job lines."),
 )  # fmt: skip
 
@@ -123,6 +128,7 @@ class WorkerConfig:
     queue: str = DEFAULT_QUEUE
     metrics_port: int = 0
     metrics_max_adapters: int = 20
+    metrics_max_tenants: int = 20
     job_timeout: float = 600.0
     max_jobs: int | None = None
     poll_delay: float = 0.01
@@ -133,6 +139,9 @@ class WorkerConfig:
     stream_maxlen: int = DEFAULT_MAXLEN
     stream_ttl: int = DEFAULT_TTL_S
     name: str = ""
+    metering: bool = True
+    usage_bucket: int = DEFAULT_BUCKET_S
+    usage_retention: int = DEFAULT_RETENTION_S
     log_format: str = "text"
 
     def __getattr__(self, name: str) -> Any:
@@ -295,6 +304,7 @@ def _worker_problems(
         need(worker[name] is None or worker[name] >= 1, name, "must be >= 1")
     need(0 <= worker["metrics_port"] < 65536, "metrics_port", "must be a port number (0: off)")
     need(worker["metrics_max_adapters"] >= 0, "metrics_max_adapters", "must be >= 0")
+    need(worker["metrics_max_tenants"] >= 0, "metrics_max_tenants", "must be >= 0")
     need(worker["job_timeout"] > 0, "job_timeout", "must be > 0")
     need(worker["engine_stall_timeout"] >= 0, "engine_stall_timeout", "must be >= 0 (0: never)")
     need(0 < worker["poll_delay"] <= 5, "poll_delay", "must be in (0, 5] seconds")
@@ -308,6 +318,7 @@ def _worker_problems(
     # Below a second, a beat every third of it is too easily missed under load.
     need(worker["heartbeat_ttl"] >= 1, "heartbeat_ttl", "must be >= 1 second")
     need(worker["drain_timeout"] >= 0, "drain_timeout", "must be >= 0")
+    problems += [f"{labels[name]} {problem}" for name, problem in ledger_problems(worker).items()]
     problems += _redis_url_problems(worker["redis_url"], labels["redis_url"])
     need(bool(worker["queue"]), "queue", "cannot be empty")
     need(worker["log_format"] in LOG_FORMATS, "log_format", f"must be {' or '.join(LOG_FORMATS)}")
