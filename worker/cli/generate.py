@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from lorafleet.producer.client import URL_ENV
 from lorafleet.producer.errors import LoraFleetError
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
 from lorafleet.producer.usage import TENANT_RULE, tenant_problem
@@ -25,7 +26,6 @@ from lorafleet.worker.cli.engine_flags import add_engine_flags
 from lorafleet.worker.cli.errors import UsageError
 from lorafleet.worker.local.fleet import local_fleet, local_worker_config, model_arg
 
-URL_ENV = "LORAFLEET_REDIS_URL"
 INDENT = "  "
 
 

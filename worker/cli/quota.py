@@ -5,23 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from lorafleet.producer.client import URL_ENV
 from lorafleet.worker.cli.errors import UsageError
 
+NAME = "quota"
+HELP = "set or show per-tenant quotas"
+DESCRIPTION = (
+    "Quotas live in Redis and apply at once: a job its tenant's quota refuses gets "
+    "quota_exceeded (at submit, or when a worker takes it) and costs nothing. "
+    "`lorafleet quota set TENANT --max-in-flight N --tokens-per-minute M` sets limits "
+    "(0 in flight: refuse all; --clear NAME removes one); `lorafleet quota show "
+    "[TENANT ...]` lists them."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lorafleet.producer.client import URL_ENV
 
-    p = sub.add_parser(
-        "quota",
-        help="set or show per-tenant quotas",
-        description=(
-            "Quotas live in Redis and apply at once: a job its tenant's quota refuses gets "
-            "quota_exceeded (at submit, or when a worker takes it) and costs nothing. "
-            "`lorafleet quota set TENANT --max-in-flight N --tokens-per-minute M` sets limits "
-            "(0 in flight: refuse all; --clear NAME removes one); `lorafleet quota show "
-            "[TENANT ...]` lists them."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("set", "show"), help="set or show")
     p.add_argument("tenants", nargs="*", metavar="TENANT", help="tenant(s): one for set")
     p.add_argument("--max-in-flight", type=int, help="jobs of the tenant queued or running")
@@ -36,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--redis-url", help=f"Redis of the workers [{URL_ENV}]")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

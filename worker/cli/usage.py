@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from lorafleet.producer.client import URL_ENV
 from lorafleet.worker.cli.errors import UsageError
 
+NAME = "usage"
+HELP = "show metered usage per tenant and adapter"
+DESCRIPTION = (
+    "Read the usage ledger the workers keep in Redis: requests, prompt and completion "
+    "tokens, engine and adapter-load seconds per tenant and/or adapter, and the waste "
+    "(runs whose result was not delivered) per worker. The period rounds to the "
+    "ledger's buckets (hourly by default): a bucket counts if it starts in it."
+)
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lorafleet.producer.client import URL_ENV
 
-    p = sub.add_parser(
-        "usage",
-        help="show metered usage per tenant and adapter",
-        description=(
-            "Read the usage ledger the workers keep in Redis: requests, prompt and completion "
-            "tokens, engine and adapter-load seconds per tenant and/or adapter, and the waste "
-            "(runs whose result was not delivered) per worker. The period rounds to the "
-            "ledger's buckets (hourly by default): a bucket counts if it starts in it."
-        ),
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--since",
         help="start: ISO date/time (UTC unless given), Unix seconds, or ago (30m, 24h, 7d); "
@@ -34,7 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="table", help="table (default), json or csv", dest="fmt")
     p.add_argument("--redis-url", help=f"Redis of the workers [{URL_ENV}]")
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks with errors")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
