@@ -37,6 +37,7 @@ from lorafleet.worker.process.async_engine import AsyncEngine, EngineStartError
 from lorafleet.worker.serve.aborts import AbortWatcher
 from lorafleet.worker.serve.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
+from lorafleet.worker.serve.fleet import FleetMember
 from lorafleet.worker.serve.heartbeat import Heartbeat
 from lorafleet.worker.serve.logs import ensure_logging
 from lorafleet.worker.serve.publisher import StreamPublisher
@@ -65,6 +66,7 @@ class WorkerState:
     heartbeat: Heartbeat
     limits: JobLimits
     contention: SlotContentionWatch
+    fleet: FleetMember | None = None
 
 
 def _engine_exited(status: int | None) -> None:
@@ -106,6 +108,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     metrics = start_worker_metrics(config, engine, redis)
     worker = current_arq_worker()
     guard_claims(worker)
+    fleet = FleetMember.start(redis, worker, config, engine, metrics)  # routes the claims
     tracker = JobTracker(redis)
     info = {
         "pid": os.getpid(),
@@ -122,6 +125,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         info=info,
         engine=engine,
         jobs=tracker,
+        fleet=fleet.entry,
     )
     limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
     contention = SlotContentionWatch(engine, config.max_loras)
@@ -129,7 +133,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["lorafleet"] = WorkerState(
         config, redis, engine, publisher, aborts, metrics, tracker, heartbeat, limits, contention
     )
+    ctx["lorafleet"].fleet = fleet
     await heartbeat.start()  # registers the worker: from here on it takes jobs
+    fleet.attach(heartbeat.publish)
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
     if config.adapter_roots:
         roots = "adapters from " + os.pathsep.join(config.adapter_roots)
@@ -152,6 +158,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state is None:
         return
     try:
+        if state.fleet is not None:
+            await state.fleet.close()
         await state.heartbeat.close()
     finally:
         await state.contention.close()

@@ -1,0 +1,355 @@
+"""Pull with affinity: which of the jobs at the head of the shared queue this worker claims.
+
+Every worker still reads the one arq queue and arq still claims each job for one worker
+(at-least-once, heartbeat-short claims, drains, one result per job): routing only decides,
+per poll, which of the waiting jobs this worker passes on to arq's claim now and which it
+leaves in the queue for others a while longer:
+
+- ``held``: a job for an adapter in this worker's device slots or CPU cache (it serves it
+  without reading the disk): now;
+- ``homed``: a job for an adapter this worker is a home of (``lorafleet.worker.serve.homes``):
+  now;
+- ``base``: a job for the base model, or one whose adapter cannot be read from its payload
+  (its run reports what is wrong): now;
+- ``stolen``: any other job, once it has waited ``steal_after`` seconds since it was
+  enqueued (its homes are busy or gone), or a fifth of that when this worker holds no job
+  at all (it would idle otherwise; the fifth gives a home with room the time of a poll or
+  two to take its own job first).
+
+So nothing waits on a busy or dead home for longer than ``steal_after``: a job skipped now
+stays in the queue, and any worker with room takes it after that wait. With affinity off
+every job is claimed as it comes (arq's plain pull: random routing).
+
+Jobs homed here that the worker could not claim this poll (its job slots are full) are
+prefetched: their adapters are read into the CPU cache while the engine steps.
+
+What each worker holds and how much traffic each adapter had comes from the registry
+(``lorafleet:workers``), read at most every ``REFRESH_S``; the ``HoldingsWatch`` republishes
+this worker's entry within ``WATCH_S`` of a change to what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+from arq.worker import Worker
+from redis.exceptions import RedisError
+
+from lorafleet.producer.codec import arq_deserialize
+from lorafleet.producer.keys import WORKERS_KEY, arq_job_key
+from lorafleet.producer.types import LoRARequest
+from lorafleet.worker.serve.homes import FleetView
+from lorafleet.worker.serve.traffic import AdapterTraffic
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a read of the registry is reused.
+REFRESH_S = 0.25
+#: Seconds between looks at what the engine holds (republished when it changed).
+WATCH_S = 0.1
+#: An idle worker steals after this share of ``steal_after``.
+IDLE_STEAL_SHARE = 0.2
+#: Adapters whose home status a worker remembers, to count re-homes.
+MAX_REMEMBERED_HOMES = 4096
+
+Reason = Literal["held", "homed", "base", "stolen"]
+
+
+class _Route(msgspec.Struct):
+    """The part of a ``GenerateJob`` routing reads (the rest of the map is skipped)."""
+
+    lora_request: LoRARequest | None = None
+
+
+_route_decoder = msgspec.msgpack.Decoder(_Route)
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """What routing knows of a job in the queue: its adapter (None: base model or
+    unreadable) and when it was enqueued (Unix seconds, the producer's clock, as arq's
+    own queue scores)."""
+
+    lora: LoRARequest | None
+    enqueued_at: float
+
+
+def read_queued_job(envelope: bytes | None, now: float) -> QueuedJob:
+    """The ``QueuedJob`` of the arq job stored as ``envelope``. Anything that does not
+    decode routes as a base-model job enqueued ``now``: its own run reports the problem."""
+    if not envelope:
+        return QueuedJob(None, now)
+    try:
+        data = arq_deserialize(envelope)
+        enqueued = float(data.get("et", now * 1000)) / 1000
+        lora = _route_decoder.decode(data["a"][0]).lora_request
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return QueuedJob(None, now)
+    return QueuedJob(lora, enqueued)
+
+
+@dataclass
+class Decision:
+    """One poll's verdict: the jobs to pass to arq's claim, in that order, with why; and
+    the adapters worth prefetching."""
+
+    claim: list[tuple[bytes, Reason]] = field(default_factory=list)
+    prefetch: list[LoRARequest] = field(default_factory=list)
+
+
+@dataclass
+class RoutingCounters:
+    """Monotonic counters of one worker's routing (exported as ``lorafleet_fleet_*``).
+
+    ``hits``: adapter jobs claimed whose adapter this worker held; ``misses``: adapter jobs
+    claimed that it did not hold (a disk read, unless prefetched); ``steals``: jobs claimed
+    that were homed on other workers; ``rehomes``: adapters this worker became a home of
+    because the fleet changed (a worker died, drained or joined); ``prefetches_requested``:
+    adapters asked of the engine's prefetch."""
+
+    hits: int = 0
+    misses: int = 0
+    steals: int = 0
+    rehomes: int = 0
+    prefetches_requested: int = 0
+    claimed: dict[str, int] = field(default_factory=dict)
+
+
+class Router:
+    """Decides, per poll, which queued jobs this worker (``name``, serving ``queue``) claims.
+
+    ``holdings()`` gives the ``lora_int_id``s in this worker's device slots and CPU cache
+    now; ``load()`` how many jobs it holds. With ``affinity`` off every job is claimed in
+    queue order (counters are still kept, so both modes can be compared)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        name: str,
+        queue: str,
+        *,
+        affinity: bool,
+        steal_after: float,
+        holdings: Callable[[], tuple[frozenset[int], frozenset[int]]],
+        load: Callable[[], int],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.name = name
+        self.queue = queue
+        self.affinity = affinity
+        self.steal_after = steal_after
+        self.holdings = holdings
+        self.load = load
+        self.clock = clock
+        self.traffic = AdapterTraffic()
+        self.counters = RoutingCounters()
+        self._jobs: dict[bytes, QueuedJob] = {}
+        self._view: FleetView | None = None
+        self._view_at = float("-inf")
+        self._members: frozenset[str] | None = None
+        self._was_home: dict[int, bool] = {}
+
+    # -- the poll --------------------------------------------------------------------------
+
+    async def decide(self, job_ids: Sequence[bytes], capacity: int) -> Decision:
+        """The jobs among ``job_ids`` (the queue's head, oldest first; some may be running
+        elsewhere, which arq's claim skips) to claim now, and adapters to prefetch.
+        ``capacity``: job slots free in this worker."""
+        now = self.clock()
+        await self._learn(job_ids, now)
+        decision = Decision()
+        if not self.affinity:
+            decision.claim = [(j, self._reason_plain(j)) for j in job_ids]
+            return decision
+        view = await self.fleet(now)
+        slots, cached = self.holdings()
+        held = slots | cached
+        idle = self.load() == 0
+        wait = self.steal_after * IDLE_STEAL_SHARE if idle else self.steal_after
+        now_claims: list[tuple[bytes, Reason]] = []
+        steals: list[tuple[bytes, Reason]] = []
+        for job_id in job_ids:
+            job = self._jobs[job_id]
+            if job.lora is None:
+                now_claims.append((job_id, "base"))
+                continue
+            adapter = job.lora.lora_int_id
+            if adapter in held:
+                now_claims.append((job_id, "held"))
+            elif self.name in view.homes_of(adapter):
+                now_claims.append((job_id, "homed"))
+            elif now - job.enqueued_at >= wait:
+                steals.append((job_id, "stolen"))
+        decision.claim = now_claims + steals
+        # Homed jobs beyond this poll's room wait in the queue: read their adapters now.
+        if len(now_claims) > capacity:
+            waiting = [self._jobs[j].lora for j, why in now_claims[capacity:] if why == "homed"]
+            decision.prefetch = _distinct([lora for lora in waiting if lora is not None], held)
+        self._note_rehomes(view)
+        return decision
+
+    def claimed(self, job_id: bytes, reason: Reason) -> None:
+        """arq claimed ``job_id`` for this worker: count it and note its adapter's traffic."""
+        c = self.counters
+        c.claimed[reason] = c.claimed.get(reason, 0) + 1
+        job = self._jobs.get(job_id)
+        if job is None or job.lora is None:
+            return
+        self.traffic.note(job.lora.lora_int_id)
+        if reason == "held":
+            c.hits += 1
+        else:
+            c.misses += 1
+        if reason == "stolen":
+            c.steals += 1
+
+    def _reason_plain(self, job_id: bytes) -> Reason:
+        job = self._jobs[job_id]
+        if job.lora is None:
+            return "base"
+        slots, cached = self.holdings()
+        return "held" if job.lora.lora_int_id in slots | cached else "stolen"
+
+    # -- what the fleet looks like ------------------------------------------------------------
+
+    async def fleet(self, now: float | None = None) -> FleetView:
+        """The registry's live workers of this queue (re-read at most every ``REFRESH_S``)."""
+        mono = time.monotonic()
+        if self._view is None or mono - self._view_at >= REFRESH_S:
+            entries = await self.redis.hgetall(WORKERS_KEY)
+            self._view = FleetView.of(entries, self.queue, self.clock() if now is None else now)
+            self._view_at = mono
+        return self._view
+
+    def fleet_entry(self) -> dict[str, Any]:
+        """This worker's part of its registry entry: what it holds and its recent traffic."""
+        slots, cached = self.holdings()
+        return {
+            "slots": sorted(slots),
+            "cached": sorted(cached),
+            "traffic": {str(a): c for a, c in self.traffic.top().items()},
+            "affinity": self.affinity,
+        }
+
+    async def _learn(self, job_ids: Sequence[bytes], now: float) -> None:
+        """Read the adapters of jobs not seen before (one round trip); forget jobs that
+        left the queue's head."""
+        unknown = [j for j in job_ids if j not in self._jobs]
+        if unknown:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in unknown:
+                    pipe.get(arq_job_key(job_id.decode()))
+                envelopes = await pipe.execute()
+            for job_id, envelope in zip(unknown, envelopes, strict=True):
+                self._jobs[job_id] = read_queued_job(envelope, now)
+        if len(self._jobs) > len(job_ids):
+            current = set(job_ids)
+            self._jobs = {j: q for j, q in self._jobs.items() if j in current}
+
+    def _note_rehomes(self, view: FleetView) -> None:
+        """When the fleet's membership changed, count the adapters this worker became a
+        home of (among those it has seen)."""
+        members = view.names()
+        changed = self._members is not None and members != self._members
+        self._members = members
+        if self.name not in members:
+            return  # not registered yet, or draining: homes were computed without it
+        for job in self._jobs.values():
+            if job.lora is not None and job.lora.lora_int_id not in self._was_home:
+                if len(self._was_home) >= MAX_REMEMBERED_HOMES:
+                    self._was_home.clear()
+                adapter = job.lora.lora_int_id
+                self._was_home[adapter] = self.name in view.homes_of(adapter)
+        if not changed:
+            return
+        for adapter, was in self._was_home.items():
+            now_home = self.name in view.homes_of(adapter)
+            if now_home and not was:
+                self.counters.rehomes += 1
+            self._was_home[adapter] = now_home
+
+
+def _distinct(loras: Sequence[LoRARequest], held: frozenset[int]) -> list[LoRARequest]:
+    wanted: dict[int, LoRARequest] = {}
+    for lora in loras:
+        if lora.lora_int_id not in held:
+            wanted.setdefault(lora.lora_int_id, lora)
+    return list(wanted.values())
+
+
+def install_routing(
+    worker: Worker,
+    router: Router,
+    prefetch: Callable[[list[LoRARequest]], None] | None,
+) -> None:
+    """Route ``worker``'s claims through ``router``: patch ``worker.start_jobs`` (call after
+    ``guard_claims``, whose patched claim this one wraps) so arq claims only what the
+    router picked, in its order. Jobs left out stay in the queue untouched. A registry read
+    that fails falls back to claiming every job as it comes (arq's plain pull)."""
+    start_jobs = worker.start_jobs
+
+    async def start_jobs_routed(job_ids: list[bytes]) -> None:
+        capacity = worker.max_jobs - worker.job_counter
+        try:
+            decision = await router.decide(job_ids, capacity)
+        except (RedisError, OSError) as e:
+            logger.warning("routing failed (%s: %s); claiming jobs as they come", type(e), e)
+            await start_jobs(job_ids)
+            return
+        if decision.prefetch and prefetch is not None:
+            router.counters.prefetches_requested += len(decision.prefetch)
+            prefetch(decision.prefetch)
+        if not decision.claim:
+            return
+        before = set(worker.tasks)
+        await start_jobs([j for j, _ in decision.claim])
+        for job_id, reason in decision.claim:
+            key = job_id.decode()
+            if key in worker.tasks and key not in before:
+                router.claimed(job_id, reason)
+
+    worker.start_jobs = start_jobs_routed  # type: ignore[method-assign]
+
+
+class HoldingsWatch:
+    """Republishes this worker's registry entry (``publish``) within ``WATCH_S`` of a
+    change to what its engine holds, so routing uses what is held now, not as of the last
+    heartbeat."""
+
+    def __init__(
+        self,
+        holdings: Callable[[], tuple[frozenset[int], frozenset[int]]],
+        publish: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._holdings = holdings
+        self._publish = publish
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="lorafleet-holdings")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        last = self._holdings()
+        while True:
+            await asyncio.sleep(WATCH_S)
+            now = self._holdings()
+            if now != last:
+                try:
+                    await self._publish()
+                    last = now
+                except (RedisError, OSError) as e:  # the next heartbeat publishes it anyway
+                    logger.debug("publishing what this worker holds failed: %r", e)
