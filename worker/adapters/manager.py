@@ -196,6 +196,14 @@ class AdapterManager:
         """True if the adapter is in the CPU cache or a device slot."""
         return lora_id in self.cpu or lora_id in self._slot_by_id
 
+    def needs_read(self, req: LoRARequest) -> bool:
+        """True if serving ``req`` would read its adapter from disk now: not held, and no
+        recent failure of it is remembered."""
+        if self.is_held(req.lora_int_id):
+            return False
+        failure = self.failures.get((req.lora_name, req.lora_path))
+        return failure is None or failure[0] <= time.monotonic()
+
     def read_ahead(self, req: LoRARequest) -> AdapterWeights:
         """Read and validate ``req``'s adapter without touching the tiers: safe to call from
         a background thread (it reads settings only). Raises what ``load`` would."""

@@ -39,14 +39,19 @@ class Prefetcher:
         self._pending: dict[int, tuple[LoRARequest, Future[tuple[AdapterWeights, float]]]] = {}
 
     def request(self, loras: list[LoRARequest]) -> None:
-        """Start reading the adapters of ``loras`` not held or being read already."""
+        """Start reading the adapters of ``loras`` that are not held, not being read and
+        not remembered as failed."""
         for lora in loras:
             if len(self._pending) >= MAX_PENDING:
                 return
-            if lora.lora_int_id in self._pending or self.manager.is_held(lora.lora_int_id):
+            if lora.lora_int_id in self._pending or not self.manager.needs_read(lora):
                 continue
             future = self._pool.submit(self._read, lora)
             self._pending[lora.lora_int_id] = (lora, future)
+
+    def reading(self, lora: LoRARequest) -> bool:
+        """Whether ``lora``'s adapter is being read (or read and not yet collected)."""
+        return lora.lora_int_id in self._pending
 
     @property
     def busy(self) -> bool:

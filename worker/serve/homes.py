@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 #: A home is added per this share of one worker's fair share of traffic an adapter carries
 #: beyond the first: an adapter with 1 / N of the traffic on N workers gets 2 homes.
 SPREAD = 1.5
+#: Recent adapter jobs (decayed, fleet-wide) below which traffic is not measured.
+MIN_TRAFFIC = 20.0
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,15 @@ def rendezvous_score(adapter: int, worker: str) -> int:
 
 
 def traffic_shares(workers: Sequence[WorkerView]) -> dict[int, float]:
-    """Each adapter's share of the fleet's recent adapter jobs (they sum to 1)."""
+    """Each adapter's share of the fleet's recent adapter jobs (they sum to 1); none while
+    the fleet has seen fewer than ``MIN_TRAFFIC`` recent jobs (too few to tell a hot
+    adapter from chance: every adapter keeps one home)."""
     totals: dict[int, float] = {}
     for w in workers:
         for adapter, count in w.traffic.items():
             totals[adapter] = totals.get(adapter, 0.0) + count
     whole = sum(totals.values())
-    return {a: c / whole for a, c in totals.items()} if whole > 0 else {}
+    return {a: c / whole for a, c in totals.items()} if whole >= MIN_TRAFFIC else {}
 
 
 def home_count(share: float, num_workers: int) -> int:
@@ -117,6 +121,10 @@ class FleetView:
         if adapter not in self._homes:
             self._homes[adapter] = homes(adapter, self.workers, self.shares.get(adapter, 0.0))
         return self._homes[adapter]
+
+    def held_by_others(self, adapter: int, name: str) -> bool:
+        """Whether a live worker other than ``name`` holds ``adapter`` (slot or CPU cache)."""
+        return any(adapter in w.holds for w in self.workers if w.name != name)
 
     def names(self) -> frozenset[str]:
         return frozenset(w.name for w in self.workers)

@@ -8,7 +8,8 @@ leaves in the queue for others a while longer:
 - ``held``: a job for an adapter in this worker's device slots or CPU cache (it serves it
   without reading the disk): now;
 - ``homed``: a job for an adapter this worker is a home of (``lorafleet.worker.serve.homes``):
-  now;
+  now, unless the adapter has one home (it is cold) and another live worker holds it:
+  that worker serves it without a disk read, so the home waits like any other worker;
 - ``base``: a job for the base model, or one whose adapter cannot be read from its payload
   (its run reports what is wrong): now;
 - ``stolen``: any other job, once it has waited ``steal_after`` seconds since it was
@@ -175,20 +176,24 @@ class Router:
         idle = self.load() == 0
         wait = self.steal_after * IDLE_STEAL_SHARE if idle else self.steal_after
         now_claims: list[tuple[bytes, Reason]] = []
-        steals: list[tuple[bytes, Reason]] = []
+        later: list[tuple[bytes, Reason]] = []
         for job_id in job_ids:
             job = self._jobs[job_id]
             if job.lora is None:
                 now_claims.append((job_id, "base"))
                 continue
             adapter = job.lora.lora_int_id
+            homes = view.homes_of(adapter)
+            home = self.name in homes
             if adapter in held:
                 now_claims.append((job_id, "held"))
-            elif self.name in view.homes_of(adapter):
+            elif home and (len(homes) > 1 or not view.held_by_others(adapter, self.name)):
+                # A cold adapter (one home) another worker holds stays there: its home would
+                # read it from disk for nothing. A hot one (several homes) goes to them all.
                 now_claims.append((job_id, "homed"))
             elif now - job.enqueued_at >= wait:
-                steals.append((job_id, "stolen"))
-        decision.claim = now_claims + steals
+                later.append((job_id, "homed" if home else "stolen"))
+        decision.claim = now_claims + later
         # Homed jobs beyond this poll's room wait in the queue: read their adapters now.
         if len(now_claims) > capacity:
             waiting = [self._jobs[j].lora for j, why in now_claims[capacity:] if why == "homed"]
@@ -237,6 +242,13 @@ class Router:
             "cached": sorted(cached),
             "traffic": {str(a): c for a, c in self.traffic.top().items()},
             "affinity": self.affinity,
+            "counters": {
+                "hits": self.counters.hits,
+                "misses": self.counters.misses,
+                "steals": self.counters.steals,
+                "rehomes": self.counters.rehomes,
+                "claimed": dict(self.counters.claimed),
+            },
         }
 
     async def _learn(self, job_ids: Sequence[bytes], now: float) -> None:
