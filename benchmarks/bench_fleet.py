@@ -7,7 +7,9 @@ load test (Poisson arrivals at ``--rate``); the sides differ only in
 any job as it comes, which is random routing). Prefetch is on for both unless
 ``--no-prefetch``; ``--prefetch-ab`` adds a third side, affinity with prefetch off.
 
-Printed per scenario and side: fleet-wide adapter disk loads and slot loads (the workers'
+Each round runs every side once, the order alternating between rounds (a machine busy with
+something else then hurts both sides alike); with ``--rounds`` above 1 the median ratios
+follow. Printed per scenario, round and side: fleet-wide adapter disk loads and slot loads (the workers'
 own Prometheus counters), run time (first send to last answer), TTFT p50 / p99 (client
 clock), TTFT p50 of requests whose adapter the serving worker did not hold, per-worker
 job counts, steals and affinity hits; then the ratios random / affinity.
@@ -29,6 +31,7 @@ import asyncio
 import os
 import platform
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -44,6 +47,10 @@ from lorafleet.producer.redis_server import EmbeddedRedis, free_port
 from lorafleet.producer.workload import AdapterMix, Arrivals, Length, Prompts, Workload
 from lorafleet.worker.local.launcher import WorkerProcess
 from lorafleet.worker.serve.settings import WorkerConfig
+
+#: Adapters built with PEFT (about 2 s each here); the others are copies of them, each in
+#: a folder of its own under its own id, which is all routing and the caches see.
+DISTINCT_ADAPTERS = 8
 
 SCENARIOS = {
     "issue": (48, 1.0),
@@ -62,6 +69,16 @@ class Side:
     disk_loads: float = 0.0
     slot_loads: float = 0.0
     per_worker: dict[str, dict[str, float]] = field(default_factory=dict)
+    cold_buckets: dict[float, float] = field(default_factory=dict)  # le -> count, summed
+
+    def cold_p50(self) -> float:
+        """TTFT p50 of jobs whose adapter their worker did not hold when it first saw them
+        (from the workers' histograms, interpolated inside the bucket as Prometheus'
+        ``histogram_quantile`` does)."""
+        return bucket_quantile(self.cold_buckets, 0.5)
+
+    def cold_count(self) -> float:
+        return self.cold_buckets.get(float("inf"), 0.0)
 
     def ttfts(self) -> list[float]:
         return [r.ttft for r in self.records if r.ok and r.ttft is not None]
@@ -76,14 +93,35 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """The ``q`` quantile of a cumulative histogram (``le`` -> count), linear in a bucket."""
+    bounds = sorted(buckets)
+    total = buckets.get(float("inf"), 0.0)
+    if total == 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-9)
+        lower, below = le, count
+    return lower
+
+
 def build_assets(root: Path, adapters: int) -> tuple[Path, list[LoRARequest]]:
     from lorafleet.worker.demo.synthetic import build_random_adapter, build_random_model
 
     model = build_random_model(root / "model", "llama", seed=1)
     loras = []
     for i in range(adapters):
-        path = build_random_adapter(model, root / "adapters" / f"a{i}", rank=8, seed=i)
-        loras.append(LoRARequest(f"a{i}", i + 1, str(path)))
+        folder = root / "adapters" / f"a{i}"
+        if i < DISTINCT_ADAPTERS:
+            build_random_adapter(model, folder, rank=8, seed=i)
+        else:  # a copy in its own folder: read from disk and cached as an adapter of its own
+            shutil.copytree(root / "adapters" / f"a{i % DISTINCT_ADAPTERS}", folder)
+        loras.append(LoRARequest(f"a{i}", i + 1, str(folder)))
     return model, loras
 
 
@@ -155,6 +193,10 @@ def run_side(
                 samples = scrape(w.config.metrics_port)
                 disk = metric(samples, "lorafleet_adapter_loads_total", source="disk")
                 slot = metric(samples, "lorafleet_adapter_slot_loads_total")
+                for (n, ls), v in samples.items():
+                    if n == "lorafleet_time_to_first_token_cold_adapter_seconds_bucket":
+                        le = float(dict(ls)["le"].replace("+Inf", "inf"))
+                        side.cold_buckets[le] = side.cold_buckets.get(le, 0.0) + v
                 side.disk_loads += disk
                 side.slot_loads += slot
                 side.per_worker[w.config.name] = {
@@ -173,7 +215,7 @@ def run_side(
     return side
 
 
-def report_scenario(title: str, sides: list[Side]) -> None:
+def report_scenario(title: str, sides: list[Side]) -> dict[str, float]:
     print(f"\n== {title}")
     rows = [
         ("adapter disk loads (fleet)", lambda s: s.disk_loads, "{:.0f}"),
@@ -181,6 +223,9 @@ def report_scenario(title: str, sides: list[Side]) -> None:
         ("run time (s)", lambda s: s.elapsed, "{:.2f}"),
         ("TTFT p50 (ms)", lambda s: pct(s.ttfts(), 50) * 1000, "{:.0f}"),
         ("TTFT p99 (ms)", lambda s: pct(s.ttfts(), 99) * 1000, "{:.0f}"),
+        ("queue wait p50 (ms)", lambda s: _queue_p50(s) * 1000, "{:.0f}"),
+        ("cold-adapter requests", lambda s: s.cold_count(), "{:.0f}"),
+        ("  their TTFT p50 (ms)", lambda s: s.cold_p50() * 1000, "{:.0f}"),
         ("requests failed", lambda s: s.failed(), "{:.0f}"),
         ("steals", lambda s: sum(w["steals"] for w in s.per_worker.values()), "{:.0f}"),
         ("affinity hits / misses", None, ""),
@@ -205,14 +250,46 @@ def report_scenario(title: str, sides: list[Side]) -> None:
             else:
                 cells.append(fmt.format(fn(s)))
         print(f"{label:30}" + "".join(f"{c:>22}" for c in cells))
-    ours, rnd = sides[0], sides[1]
+    if len(sides) > 2:
+        off = sides[2]
+        print(
+            f"prefetch on/off (affinity both): cold-adapter TTFT p50 "
+            f"{ours_cold(sides[0]):.0f} / {ours_cold(off):.0f} ms "
+            f"({sides[0].cold_p50() / off.cold_p50():.2f}x), TTFT p50 "
+            f"{pct(sides[0].ttfts(), 50) / pct(off.ttfts(), 50):.2f}x"
+        )
+    r = ratios(sides)
     print(
-        f"ratios random/affinity: disk loads {rnd.disk_loads / max(ours.disk_loads, 1):.2f}x, "
-        f"slot loads {rnd.slot_loads / max(ours.slot_loads, 1):.2f}x; "
-        f"affinity/random: run time {ours.elapsed / rnd.elapsed:.2f}x, "
-        f"TTFT p99 {pct(ours.ttfts(), 99) / pct(rnd.ttfts(), 99):.2f}x, "
-        f"TTFT p50 {pct(ours.ttfts(), 50) / pct(rnd.ttfts(), 50):.2f}x"
+        f"ratios random/affinity: disk loads {r['disk']:.2f}x, slot loads {r['slot']:.2f}x; "
+        f"affinity/random: run time {r['time']:.2f}x, TTFT p99 {r['p99']:.2f}x, "
+        f"TTFT p50 {r['p50']:.2f}x"
+        + (f"; prefetch on/off: cold-adapter TTFT p50 {r['cold']:.2f}x" if "cold" in r else "")
     )
+    return r
+
+
+def ratios(sides: list[Side]) -> dict[str, float]:
+    """Goal ratios of one round: ``sides`` are affinity, random (, affinity without
+    prefetch)."""
+    ours, rnd = sides[0], sides[1]
+    out = {
+        "disk": rnd.disk_loads / max(ours.disk_loads, 1),
+        "slot": rnd.slot_loads / max(ours.slot_loads, 1),
+        "time": ours.elapsed / rnd.elapsed,
+        "p99": pct(ours.ttfts(), 99) / pct(rnd.ttfts(), 99),
+        "p50": pct(ours.ttfts(), 50) / pct(rnd.ttfts(), 50),
+    }
+    if len(sides) > 2:
+        out["cold"] = ours.cold_p50() / sides[2].cold_p50()
+    return out
+
+
+def ours_cold(side: Side) -> float:
+    return side.cold_p50() * 1000
+
+
+def _queue_p50(side: Side) -> float:
+    return pct([r.queue_wait for r in side.records if r.queue_wait is not None], 50)
 
 
 def _spread(side: Side) -> float:
@@ -232,9 +309,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--prompt-chars", type=int, default=32)
     parser.add_argument("--steal-after", type=float, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size")
+    parser.add_argument("--max-jobs", type=int, default=None, help="jobs a worker holds")
     parser.add_argument("--no-prefetch", action="store_true")
     parser.add_argument("--prefetch-ab", action="store_true", help="add affinity, prefetch off")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, sides in turn")
     args = parser.parse_args()
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -243,7 +323,9 @@ def main() -> None:
     most = max(SCENARIOS[s][0] for s in scenarios)
     print(
         f"fleet benchmark: {args.workers} workers, max_loras {args.max_loras}, max_cpu_loras "
-        f"{args.max_cpu_loras}, {args.threads} engine thread(s) each, tiny random llama on CPU; "
+        f"{args.max_cpu_loras}, {args.threads} engine thread(s) each, max_num_seqs "
+        f"{args.max_num_seqs or 'default'}, max_jobs {args.max_jobs or 'default'}, tiny random "
+        f"llama on CPU; "
         f"{args.jobs} jobs at {args.rate:g}/s (Poisson), {args.prompt_chars}-char prompts, "
         f"{args.tokens} tokens; {platform.node()} ({os.cpu_count()} cores, "
         f"Python {platform.python_version()})"
@@ -251,8 +333,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, all_loras = build_assets(root, most)
-        extra = {} if args.steal_after is None else {"steal_after": args.steal_after}
-        base = WorkerConfig.create(
+        given = {
+            "steal_after": args.steal_after,
+            "max_num_seqs": args.max_num_seqs,
+            "max_jobs": args.max_jobs,
+        }
+        extra = {k: v for k, v in given.items() if v is not None}
+        base = dict(
             model=str(model),
             device="cpu",
             adapter_roots=(str(root / "adapters"),),
@@ -268,11 +355,24 @@ def main() -> None:
         for scenario in scenarios:
             count, alpha = SCENARIOS[scenario]
             loras = all_loras[:count]
-            sides = [
-                run_side(name, replace(base, **over), args, loras, alpha, root)
-                for name, over in sides_of
-            ]
-            report_scenario(f"{scenario}: {count} adapters, zipf({alpha:g})", sides)
+            rounds = []
+            for r in range(args.rounds):
+                # Alternate the order: a machine busy with something else hurts both sides.
+                order = sides_of if r % 2 == 0 else sides_of[::-1]
+                done = {
+                    name: run_side(
+                        name, WorkerConfig.create(**{**base, **over}), args, loras, alpha, root
+                    )
+                    for name, over in order
+                }
+                title = f"{scenario}: {count} adapters, zipf({alpha:g}), round {r + 1}"
+                rounds.append(report_scenario(title, [done[name] for name, _ in sides_of]))
+            if args.rounds > 1:
+                medians = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+                print(
+                    f"-- {scenario}, median of {args.rounds} rounds: "
+                    + ", ".join(f"{k} {v:.2f}x" for k, v in medians.items())
+                )
 
 
 if __name__ == "__main__":

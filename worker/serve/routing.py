@@ -157,6 +157,10 @@ class Router:
         self._view_at = float("-inf")
         self._members: frozenset[str] | None = None
         self._was_home: dict[int, bool] = {}
+        # Jobs whose adapter this worker did not hold when it first saw them in the queue,
+        # and those of them it claimed (until ``claimed_cold`` is asked, or too many).
+        self._cold_when_seen: set[bytes] = set()
+        self._cold_claims: set[str] = set()
 
     # -- the poll --------------------------------------------------------------------------
 
@@ -209,12 +213,24 @@ class Router:
         if job is None or job.lora is None:
             return
         self.traffic.note(job.lora.lora_int_id)
+        if job_id in self._cold_when_seen:
+            if len(self._cold_claims) >= MAX_REMEMBERED_HOMES:
+                self._cold_claims.clear()  # asked for at job start: only a leak is dropped
+            self._cold_claims.add(job_id.decode())
         if reason == "held":
             c.hits += 1
         else:
             c.misses += 1
         if reason == "stolen":
             c.steals += 1
+
+    def claimed_cold(self, job_id: str) -> bool:
+        """Whether this worker claimed ``job_id`` with an adapter it did not hold when it
+        first saw the job (asked once, at the job's start: the answer is forgotten)."""
+        if job_id in self._cold_claims:
+            self._cold_claims.discard(job_id)
+            return True
+        return False
 
     def _reason_plain(self, job_id: bytes) -> Reason:
         job = self._jobs[job_id]
@@ -260,11 +276,17 @@ class Router:
                 for job_id in unknown:
                     pipe.get(arq_job_key(job_id.decode()))
                 envelopes = await pipe.execute()
+            slots, cached = self.holdings()
+            held = slots | cached
             for job_id, envelope in zip(unknown, envelopes, strict=True):
-                self._jobs[job_id] = read_queued_job(envelope, now)
+                job = read_queued_job(envelope, now)
+                self._jobs[job_id] = job
+                if job.lora is not None and job.lora.lora_int_id not in held:
+                    self._cold_when_seen.add(job_id)
         if len(self._jobs) > len(job_ids):
             current = set(job_ids)
             self._jobs = {j: q for j, q in self._jobs.items() if j in current}
+            self._cold_when_seen &= current
 
     def _note_rehomes(self, view: FleetView) -> None:
         """When the fleet's membership changed, count the adapters this worker became a
