@@ -61,6 +61,7 @@ def engine_snapshot(engine: AsyncEngine) -> dict[str, int]:
         "num_blocks": snap.num_blocks,
         "slots_in_use": snap.slots_in_use,
         "adapter_disk_loads": snap.adapters.disk_loads,
+        "adapter_slot_loads": snap.adapters.slot_loads,
         "adapter_load_failures": snap.adapters.disk_load_failures,
         "adapter_failure_cache_hits": snap.adapters.failure_cache_hits,
     }
