@@ -60,6 +60,14 @@ class FleetMember:
             metrics.registry.register(FleetCollector(config.worker_name, router, engine))
         return cls(router)
 
+    def job_started(self, job_id: str, attempt: int, metrics: WorkerMetrics) -> None:
+        """A claimed job starts: count a re-run (its earlier attempt's worker died or
+        drained), and mark it cold for the metrics if its adapter was not held here."""
+        if attempt > 1:
+            self.router.counters.reruns += 1
+        if self.router.claimed_cold(job_id):
+            metrics.job_cold(job_id)
+
     def entry(self) -> dict[str, Any]:
         """This worker's ``fleet`` part of its registry entry."""
         return self.router.fleet_entry()

@@ -58,6 +58,11 @@ class FleetCollector(Collector):
             {(w,): c.rehomes},
         )
         yield _counter(
+            "lorafleet_fleet_reruns",
+            "Jobs started here at attempt 2 or later: their earlier run's worker died or drained.",
+            {(w,): c.reruns},
+        )
+        yield _counter(
             "lorafleet_fleet_prefetches",
             "Adapters read ahead from the queue, by fate: `loaded` into the CPU cache, then "
             "`used` by a request or `wasted` (evicted unused, or already there).",

@@ -213,8 +213,8 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
     else:
         reply_to = job.reply_to
         state.metrics.job_started(job_id, job)
-        if state.fleet is not None and state.fleet.router.claimed_cold(job_id):
-            state.metrics.job_cold(job_id)
+        if state.fleet is not None:
+            state.fleet.job_started(job_id, attempt, state.metrics)
         try:
             async with state.jobs.track(job_id) as tracked:
                 result = await _run(state, job_id, attempt, job, tracked)

@@ -113,13 +113,15 @@ class RoutingCounters:
     claimed that it did not hold (a disk read, unless prefetched); ``steals``: jobs claimed
     that were homed on other workers; ``rehomes``: adapters this worker became a home of
     because the fleet changed (a worker died, drained or joined); ``prefetches_requested``:
-    adapters asked of the engine's prefetch."""
+    adapters asked of the engine's prefetch; ``reruns``: jobs started here at attempt 2 or
+    later (an earlier run's worker died or drained)."""
 
     hits: int = 0
     misses: int = 0
     steals: int = 0
     rehomes: int = 0
     prefetches_requested: int = 0
+    reruns: int = 0
     claimed: dict[str, int] = field(default_factory=dict)
 
 
@@ -263,6 +265,7 @@ class Router:
                 "misses": self.counters.misses,
                 "steals": self.counters.steals,
                 "rehomes": self.counters.rehomes,
+                "reruns": self.counters.reruns,
                 "claimed": dict(self.counters.claimed),
             },
         }
