@@ -17,7 +17,7 @@ from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.keys import WORKERS_KEY
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.worker.serve.homes import WorkerView, homes
-from lorafleet.worker.serve.routing import IDLE_STEAL_SHARE, Router
+from lorafleet.worker.serve.routing import IDLE_STEAL_SHARE, LIGHTER_BY, Router
 
 STEAL_AFTER = 2.0
 PARAMS = SamplingParams(max_tokens=2)
@@ -230,6 +230,27 @@ def test_homed_jobs_beyond_the_free_job_slots_are_prefetched(server):
         # a is claimed now; b waits for a job slot (once, though two jobs want it); c is held.
         assert [lo.lora_int_id for lo in decision.prefetch] == [b]
         assert s.router.fleet_entry()["cached"] == [c]
+        await s.redis.aclose()
+
+    run(scenario())
+
+
+def test_a_worker_much_lighter_than_the_homes_and_holders_steals_sooner(server):
+    async def scenario():
+        s = Scene(server.url)
+        names = [s.me, s.other]
+        theirs = adapter_homed_at(s.other, names)
+        await s.register(s.me)
+        await s.register(s.other, load=5)
+        (job,) = await s.enqueue(theirs)
+        s.jobs_held = 4  # lighter, but by fewer than LIGHTER_BY jobs: the full wait
+        s.t += STEAL_AFTER * IDLE_STEAL_SHARE
+        assert await s.verdict() == []
+        s.jobs_held = 5 - LIGHTER_BY
+        assert await s.verdict() == [(job, "stolen")]
+        await s.register(s.me, cached=[theirs])  # I do not count as a holder against myself
+        await s.register("third-" + s.other, load=1, cached=[theirs])  # a light holder
+        assert await s.verdict() == []
         await s.redis.aclose()
 
     run(scenario())

@@ -74,7 +74,7 @@ class FleetMember:
 
     def attach(self, publish: Callable[[], Awaitable[None]]) -> None:
         """Republish the registry entry (``publish``) when what the engine holds changes."""
-        self.watch = HoldingsWatch(self.router.holdings, publish)
+        self.watch = HoldingsWatch(self.router.holdings, publish, self.router.load)
         self.watch.start()
 
     async def close(self) -> None:

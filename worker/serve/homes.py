@@ -39,12 +39,14 @@ MIN_TRAFFIC = 20.0
 @dataclass(frozen=True)
 class WorkerView:
     """What routing knows of one live worker: the adapters (``lora_int_id``) in its device
-    slots and CPU cache, and its recent jobs per adapter (decayed counts)."""
+    slots and CPU cache, its recent jobs per adapter (decayed counts), and its load (jobs it
+    holds, as last published)."""
 
     name: str
     slots: frozenset[int] = frozenset()
     cached: frozenset[int] = frozenset()
     traffic: Mapping[int, float] = field(default_factory=dict)
+    load: int = 0
 
     @property
     def holds(self) -> frozenset[int]:
@@ -109,6 +111,7 @@ class FleetView:
                     slots=frozenset(int(a) for a in fleet.get("slots", ())),
                     cached=frozenset(int(a) for a in fleet.get("cached", ())),
                     traffic={int(a): float(c) for a, c in fleet.get("traffic", {}).items()},
+                    load=int(fleet.get("load", entry.get("jobs", 0))),
                 )
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
@@ -125,6 +128,17 @@ class FleetView:
     def held_by_others(self, adapter: int, name: str) -> bool:
         """Whether a live worker other than ``name`` holds ``adapter`` (slot or CPU cache)."""
         return any(adapter in w.holds for w in self.workers if w.name != name)
+
+    def lightest_of(self, adapter: int, name: str) -> int | None:
+        """The least load (jobs held) among the workers other than ``name`` that are a
+        home of ``adapter`` or hold it; None if there is none."""
+        homes = set(self.homes_of(adapter))
+        loads = [
+            w.load
+            for w in self.workers
+            if w.name != name and (w.name in homes or adapter in w.holds)
+        ]
+        return min(loads) if loads else None
 
     def names(self) -> frozenset[str]:
         return frozenset(w.name for w in self.workers)

@@ -14,8 +14,9 @@ leaves in the queue for others a while longer:
   (its run reports what is wrong): now;
 - ``stolen``: any other job, once it has waited ``steal_after`` seconds since it was
   enqueued (its homes are busy or gone), or a fifth of that when this worker holds no job
-  at all (it would idle otherwise; the fifth gives a home with room the time of a poll or
-  two to take its own job first).
+  at all, or ``LIGHTER_BY`` jobs fewer than every worker the adapter is homed on or held
+  by (they are saturated relative to it; the fifth gives a home with room the time of a
+  poll or two to take its own job first).
 
 So nothing waits on a busy or dead home for longer than ``steal_after``: a job skipped now
 stays in the queue, and any worker with room takes it after that wait. With affinity off
@@ -55,8 +56,11 @@ logger = logging.getLogger(__name__)
 REFRESH_S = 0.25
 #: Seconds between looks at what the engine holds (republished when it changed).
 WATCH_S = 0.1
-#: An idle worker steals after this share of ``steal_after``.
+#: An idle worker, or one lighter than a job's homes and holders, steals after this share
+#: of ``steal_after``.
 IDLE_STEAL_SHARE = 0.2
+#: Jobs by which a worker must be lighter than a job's homes and holders to steal early.
+LIGHTER_BY = 2
 #: Adapters whose home status a worker remembers, to count re-homes.
 MAX_REMEMBERED_HOMES = 4096
 
@@ -179,8 +183,8 @@ class Router:
         view = await self.fleet(now)
         slots, cached = self.holdings()
         held = slots | cached
-        idle = self.load() == 0
-        wait = self.steal_after * IDLE_STEAL_SHARE if idle else self.steal_after
+        load = self.load()
+        short_wait = self.steal_after * IDLE_STEAL_SHARE
         now_claims: list[tuple[bytes, Reason]] = []
         later: list[tuple[bytes, Reason]] = []
         for job_id in job_ids:
@@ -197,7 +201,7 @@ class Router:
                 # A cold adapter (one home) another worker holds stays there: its home would
                 # read it from disk for nothing. A hot one (several homes) goes to them all.
                 now_claims.append((job_id, "homed"))
-            elif now - job.enqueued_at >= wait:
+            elif now - job.enqueued_at >= self._wait(view, adapter, load, short_wait):
                 later.append((job_id, "homed" if home else "stolen"))
         decision.claim = now_claims + later
         # Homed jobs beyond this poll's room wait in the queue: read their adapters now.
@@ -206,6 +210,18 @@ class Router:
             decision.prefetch = _distinct([lora for lora in waiting if lora is not None], held)
         self._note_rehomes(view)
         return decision
+
+    def _wait(self, view: FleetView, adapter: int, load: int, short_wait: float) -> float:
+        """How long a job for ``adapter`` that is not this worker's waits before it takes
+        it: the short wait when this worker is idle or lighter, by ``LIGHTER_BY`` jobs,
+        than every other worker the adapter is homed on or held by (they are saturated
+        relative to it); else ``steal_after``."""
+        if load == 0:
+            return short_wait
+        lightest = view.lightest_of(adapter, self.name)
+        if lightest is None or load + LIGHTER_BY <= lightest:
+            return short_wait
+        return self.steal_after
 
     def claimed(self, job_id: bytes, reason: Reason) -> None:
         """arq claimed ``job_id`` for this worker: count it and note its adapter's traffic."""
@@ -260,6 +276,7 @@ class Router:
             "cached": sorted(cached),
             "traffic": {str(a): c for a, c in self.traffic.top().items()},
             "affinity": self.affinity,
+            "load": self.load(),
             "counters": {
                 "hits": self.counters.hits,
                 "misses": self.counters.misses,
@@ -358,16 +375,18 @@ def install_routing(
 
 class HoldingsWatch:
     """Republishes this worker's registry entry (``publish``) within ``WATCH_S`` of a
-    change to what its engine holds, so routing uses what is held now, not as of the last
-    heartbeat."""
+    change to what its engine holds, or of its load by ``LIGHTER_BY`` jobs, so routing uses
+    what is held and how busy each worker is now, not as of the last heartbeat."""
 
     def __init__(
         self,
         holdings: Callable[[], tuple[frozenset[int], frozenset[int]]],
         publish: Callable[[], Awaitable[None]],
+        load: Callable[[], int] = lambda: 0,
     ) -> None:
         self._holdings = holdings
         self._publish = publish
+        self._load = load
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -380,13 +399,13 @@ class HoldingsWatch:
                 await self._task
 
     async def _watch(self) -> None:
-        last = self._holdings()
+        last, last_load = self._holdings(), self._load()
         while True:
             await asyncio.sleep(WATCH_S)
-            now = self._holdings()
-            if now != last:
+            now, load = self._holdings(), self._load()
+            if now != last or abs(load - last_load) >= LIGHTER_BY:
                 try:
                     await self._publish()
-                    last = now
+                    last, last_load = now, load
                 except (RedisError, OSError) as e:  # the next heartbeat publishes it anyway
                     logger.debug("publishing what this worker holds failed: %r", e)
