@@ -204,6 +204,7 @@ def run_side(
                     "disk": disk,
                     "slot": slot,
                     "steals": metric(samples, "lorafleet_fleet_steals_total"),
+                    "disk_seconds": metric(samples, "lorafleet_adapter_disk_load_seconds_total"),
                     "hits": metric(samples, "lorafleet_fleet_affinity_total", result="hit"),
                     "misses": metric(samples, "lorafleet_fleet_affinity_total", result="miss"),
                     "prefetched": metric(samples, "lorafleet_fleet_prefetches_total", fate="loaded"),
@@ -220,6 +221,7 @@ def report_scenario(title: str, sides: list[Side]) -> dict[str, float]:
     rows = [
         ("adapter disk loads (fleet)", lambda s: s.disk_loads, "{:.0f}"),
         ("adapter slot loads (fleet)", lambda s: s.slot_loads, "{:.0f}"),
+        ("  disk read per load (ms)", lambda s: _disk_ms(s), "{:.1f}"),
         ("run time (s)", lambda s: s.elapsed, "{:.2f}"),
         ("TTFT p50 (ms)", lambda s: pct(s.ttfts(), 50) * 1000, "{:.0f}"),
         ("TTFT p99 (ms)", lambda s: pct(s.ttfts(), 99) * 1000, "{:.0f}"),
@@ -286,6 +288,11 @@ def ratios(sides: list[Side]) -> dict[str, float]:
 
 def ours_cold(side: Side) -> float:
     return side.cold_p50() * 1000
+
+
+def _disk_ms(side: Side) -> float:
+    seconds = sum(w["disk_seconds"] for w in side.per_worker.values())
+    return 1000 * seconds / side.disk_loads if side.disk_loads else float("nan")
 
 
 def _queue_p50(side: Side) -> float:

@@ -1,12 +1,18 @@
-"""Reading adapters ahead of their requests, in a background thread of the engine process.
+"""Reading adapters ahead of their jobs, in a background thread of the engine process.
 
-The worker's routing (``lorafleet.worker.serve.routing``) names adapters of jobs waiting in
-the queue for this worker; the engine process hands them here. One thread reads and
-validates each adapter's files (``AdapterManager.read_ahead``: disk, safetensors parsing,
-shape checks) while the engine keeps stepping on its own thread (torch's kernels release
-the GIL); the engine loop then ``collect``s finished reads into the CPU cache between steps,
-so the tiers are only ever changed on the engine's thread. A request whose adapter is still
-being read waits for that read (``finish``) instead of reading it a second time.
+The worker's routing (``lorafleet.worker.serve.routing``) names the adapters of jobs waiting
+in the queue for this worker (homed here, not yet claimed: its job slots are full); the
+engine process hands them here. One thread reads and validates each adapter's files
+(``AdapterManager.read_ahead``: disk, safetensors parsing, shape checks) while the engine
+keeps stepping on its own thread (torch's kernels release the GIL); the engine loop then
+``collect``s finished reads into the CPU cache between steps, so the tiers are only ever
+changed on the engine's thread. A request whose adapter is still being read waits for that
+read (``finish``) instead of reading it a second time.
+
+Requests the engine already has are not parked to read their adapter in the background: on
+the CPU (a Python-bound step) the reading thread and the engine contend for the GIL, and
+measured (bench_fleet.py, tiny model, 2 cores) that made every request slower, the cold
+ones included, than reading synchronously between two steps.
 
 A read that fails is dropped silently: the request that needs the adapter reads it itself
 and reports the typed error, once, as ever.
@@ -48,10 +54,6 @@ class Prefetcher:
                 continue
             future = self._pool.submit(self._read, lora)
             self._pending[lora.lora_int_id] = (lora, future)
-
-    def reading(self, lora: LoRARequest) -> bool:
-        """Whether ``lora``'s adapter is being read (or read and not yet collected)."""
-        return lora.lora_int_id in self._pending
 
     @property
     def busy(self) -> bool:

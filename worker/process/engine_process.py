@@ -58,22 +58,15 @@ class EngineLoop:
         self.prefetcher = (
             Prefetcher(engine.adapters) if config.enable_lora and config.prefetch_adapters else None
         )
-        # Requests whose adapter a background read is fetching: added once it is cached, so
-        # the read overlaps the steps of the running batch instead of stalling them.
-        self.parked: dict[str, AddRequest] = {}
-        self.aborted_parked: set[str] = set()
 
     def apply(self, commands: list[Command]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         for cmd in commands:
             if isinstance(cmd, AddRequest):
-                out = self._park_or_add(cmd)
+                out = self._add(cmd)
                 if out is not None:
                     outputs.append(out)
             elif isinstance(cmd, AbortRequest):
-                if cmd.request_id in self.parked:
-                    self.aborted_parked.add(cmd.request_id)  # aborted once it is added
-                    continue
                 out = self.engine.abort(cmd.request_id)
                 if out is not None:
                     outputs.append(out)
@@ -84,38 +77,6 @@ class EngineLoop:
                 self.stopped = True
             else:
                 raise TypeError(f"unknown engine command {cmd!r}")
-        return outputs
-
-    def _park_or_add(self, cmd: AddRequest) -> StepOutput | None:
-        lora, prefetcher = cmd.lora_request, self.prefetcher
-        if lora is not None and prefetcher is not None:
-            try:
-                self.engine.adapters.check(lora)
-            except LoraFleetError as err:
-                return _failed(cmd.request_id, err)
-            if prefetcher.reading(lora) or self.engine.adapters.needs_read(lora):
-                prefetcher.request([lora])
-                if prefetcher.reading(lora):
-                    self.parked[cmd.request_id] = cmd
-                    return None
-        return self._add(cmd)
-
-    def release_parked(self) -> list[StepOutput]:
-        """Add the parked requests whose adapter read finished (cached, or failed: then
-        the request reads it itself and reports the error)."""
-        outputs: list[StepOutput] = []
-        if self.prefetcher is None:
-            return outputs
-        ready = [r for r, c in self.parked.items() if not self.prefetcher.reading(c.lora_request)]
-        for request_id in ready:
-            out = self._add(self.parked.pop(request_id))
-            if out is not None:
-                outputs.append(out)
-            if request_id in self.aborted_parked:
-                self.aborted_parked.discard(request_id)
-                out = self.engine.abort(request_id)
-                if out is not None:
-                    outputs.append(out)
         return outputs
 
     def _add(self, cmd: AddRequest) -> StepOutput | None:
@@ -201,7 +162,6 @@ def serve(sock: socket.socket) -> int:
             return 0
         # Reads ahead that finished go into the CPU cache here, on the engine's thread.
         prefetched = prefetcher.collect() if prefetcher is not None else 0
-        outputs.extend(loop.release_parked())
         stats = None
         if engine.has_unfinished():
             outputs.extend(loop.step())

@@ -97,7 +97,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_DRAIN_TIMEOUT", "drain_timeout", "float", "On SIGTERM, seconds running jobs get to finish before they go back to the queue."),
     Variable("LORAFLEET_AFFINITY", "affinity", "bool", "Route by adapter across the fleet: take jobs for adapters this worker holds or is a home of first, others' after --steal-after (off: every job as it comes, random routing)."),
     Variable("LORAFLEET_STEAL_AFTER", "steal_after", "float", "Seconds a job homed on other workers waits for them before this worker takes it (an idle worker takes it at once)."),
-    Variable("LORAFLEET_PREFETCH", "prefetch", "bool", "Read adapters from disk in the background while the engine steps: those of jobs waiting in the queue for this worker, and of jobs it took.", engine="prefetch_adapters"),
+    Variable("LORAFLEET_PREFETCH", "prefetch", "bool", "Read the adapters of jobs waiting in the queue for this worker into its CPU cache, in the background while the engine steps.", engine="prefetch_adapters"),
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
