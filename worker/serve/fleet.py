@@ -2,7 +2,7 @@
 ahead for the jobs waiting for it, count it all.
 
 ``FleetMember.start`` (from the worker's start-up, after ``guard_claims``) builds the
-``Router`` and patches arq's claim; its ``entry`` goes into the heartbeat's registry entry;
+``Router``, patches arq's claim and starts the queue prefetch; its ``entry`` goes into the heartbeat's registry entry;
 ``attach`` (once the heartbeat runs) republishes that entry whenever what the engine holds
 changes. See docs/fleet.md.
 """
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from arq.worker import Worker
 
+from lorafleet.worker.serve.prefetch import QueuePrefetch
 from lorafleet.worker.serve.routing import HoldingsWatch, Router, install_routing
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def engine_holdings(engine: AsyncEngine) -> tuple[frozenset[int], frozenset[int]
 @dataclass
 class FleetMember:
     router: Router
+    prefetch: QueuePrefetch | None = None
     watch: HoldingsWatch | None = None
 
     @classmethod
@@ -53,12 +55,15 @@ class FleetMember:
             holdings=lambda: engine_holdings(engine),
             load=lambda: worker.job_counter,
         )
-        install_routing(worker, router, engine.prefetch if config.prefetch else None)
+        install_routing(worker, router)
+        prefetch = QueuePrefetch(worker, router, engine.prefetch) if config.prefetch else None
+        if prefetch is not None:
+            prefetch.start()
         if config.metrics_port:
             from lorafleet.worker.serve.fleet_collector import FleetCollector
 
             metrics.registry.register(FleetCollector(config.worker_name, router, engine))
-        return cls(router)
+        return cls(router, prefetch)
 
     def job_started(self, job_id: str, attempt: int, metrics: WorkerMetrics) -> None:
         """A claimed job starts: count a re-run (its earlier attempt's worker died or
@@ -78,5 +83,7 @@ class FleetMember:
         self.watch.start()
 
     async def close(self) -> None:
+        if self.prefetch is not None:
+            await self.prefetch.close()
         if self.watch is not None:
             await self.watch.close()

@@ -10,6 +10,9 @@ leaves in the queue for others a while longer:
 - ``homed``: a job for an adapter this worker is a home of (``lorafleet.worker.serve.homes``):
   now, unless the adapter has one home (it is cold) and another live worker holds it:
   that worker serves it without a disk read, so the home waits like any other worker;
+- a hot adapter's job (several homes) that this worker holds or is home to, while it holds
+  ``LIGHTER_BY`` jobs more than another of those workers: after the short wait, so the
+  lighter one takes it first (hot adapters spread by load);
 - ``base``: a job for the base model, or one whose adapter cannot be read from its payload
   (its run reports what is wrong): now;
 - ``stolen``: any other job, once it has waited ``steal_after`` seconds since it was
@@ -22,8 +25,9 @@ So nothing waits on a busy or dead home for longer than ``steal_after``: a job s
 stays in the queue, and any worker with room takes it after that wait. With affinity off
 every job is claimed as it comes (arq's plain pull: random routing).
 
-Jobs homed here that the worker could not claim this poll (its job slots are full) are
-prefetched: their adapters are read into the CPU cache while the engine steps.
+Jobs homed here that wait while the worker's job slots are full are prefetched
+(``lorafleet.worker.serve.prefetch``): their adapters are read into the CPU cache while the
+engine steps.
 
 What each worker holds and how much traffic each adapter had comes from the registry
 (``lorafleet:workers``), read at most every ``REFRESH_S``; the ``HoldingsWatch`` republishes
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
@@ -102,11 +107,9 @@ def read_queued_job(envelope: bytes | None, now: float) -> QueuedJob:
 
 @dataclass
 class Decision:
-    """One poll's verdict: the jobs to pass to arq's claim, in that order, with why; and
-    the adapters worth prefetching."""
+    """One poll's verdict: the jobs to pass to arq's claim, in that order, with why."""
 
     claim: list[tuple[bytes, Reason]] = field(default_factory=list)
-    prefetch: list[LoRARequest] = field(default_factory=list)
 
 
 @dataclass
@@ -195,7 +198,11 @@ class Router:
             adapter = job.lora.lora_int_id
             homes = view.homes_of(adapter)
             home = self.name in homes
-            if adapter in held:
+            if len(homes) > 1 and (home or adapter in held) and self._heavier(view, adapter, load):
+                # A hot adapter spreads by load: a lighter home or holder takes it first.
+                if now - job.enqueued_at >= short_wait:
+                    later.append((job_id, "held" if adapter in held else "homed"))
+            elif adapter in held:
                 now_claims.append((job_id, "held"))
             elif home and (len(homes) > 1 or not view.held_by_others(adapter, self.name)):
                 # A cold adapter (one home) another worker holds stays there: its home would
@@ -204,12 +211,38 @@ class Router:
             elif now - job.enqueued_at >= self._wait(view, adapter, load, short_wait):
                 later.append((job_id, "homed" if home else "stolen"))
         decision.claim = now_claims + later
-        # Homed jobs beyond this poll's room wait in the queue: read their adapters now.
-        if len(now_claims) > capacity:
-            waiting = [self._jobs[j].lora for j, why in now_claims[capacity:] if why == "homed"]
-            decision.prefetch = _distinct([lora for lora in waiting if lora is not None], held)
         self._note_rehomes(view)
         return decision
+
+    async def waiting_for_me(self, job_ids: Sequence[bytes]) -> list[LoRARequest]:
+        """The adapters, once each, of the jobs among ``job_ids`` that wait for this worker
+        (homed here; not held here, nor, for a cold adapter, by another worker) and that
+        nobody runs yet: what to read ahead while this worker's job slots are full."""
+        now = self.clock()
+        await self._learn(job_ids, now, prune=False)
+        view = await self.fleet(now)
+        slots, cached = self.holdings()
+        held = slots | cached
+        mine: list[tuple[bytes, LoRARequest]] = []
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None or job.lora is None or job.lora.lora_int_id in held:
+                continue
+            adapter = job.lora.lora_int_id
+            homes = view.homes_of(adapter)
+            if self.name in homes and (
+                len(homes) > 1 or not view.held_by_others(adapter, self.name)
+            ):
+                mine.append((job_id, job.lora))
+        if not mine:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in mine:
+                pipe.exists(in_progress_key_prefix + job_id.decode())
+            running = await pipe.execute()
+        return _distinct(
+            [lora for (_, lora), busy in zip(mine, running, strict=True) if not busy], held
+        )
 
     def _wait(self, view: FleetView, adapter: int, load: int, short_wait: float) -> float:
         """How long a job for ``adapter`` that is not this worker's waits before it takes
@@ -222,6 +255,12 @@ class Router:
         if lightest is None or load + LIGHTER_BY <= lightest:
             return short_wait
         return self.steal_after
+
+    def _heavier(self, view: FleetView, adapter: int, load: int) -> bool:
+        """Whether this worker holds ``LIGHTER_BY`` jobs more than the lightest other
+        worker the adapter is homed on or held by."""
+        lightest = view.lightest_of(adapter, self.name)
+        return lightest is not None and load >= lightest + LIGHTER_BY
 
     def claimed(self, job_id: bytes, reason: Reason) -> None:
         """arq claimed ``job_id`` for this worker: count it and note its adapter's traffic."""
@@ -287,9 +326,9 @@ class Router:
             },
         }
 
-    async def _learn(self, job_ids: Sequence[bytes], now: float) -> None:
-        """Read the adapters of jobs not seen before (one round trip); forget jobs that
-        left the queue's head."""
+    async def _learn(self, job_ids: Sequence[bytes], now: float, prune: bool = True) -> None:
+        """Read the adapters of jobs not seen before (one round trip); with ``prune``
+        (``job_ids`` is the whole head arq read), forget jobs that left the queue's head."""
         unknown = [j for j in job_ids if j not in self._jobs]
         if unknown:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -303,7 +342,7 @@ class Router:
                 self._jobs[job_id] = job
                 if job.lora is not None and job.lora.lora_int_id not in held:
                     self._cold_when_seen.add(job_id)
-        if len(self._jobs) > len(job_ids):
+        if prune and len(self._jobs) > len(job_ids):
             current = set(job_ids)
             self._jobs = {j: q for j, q in self._jobs.items() if j in current}
             self._cold_when_seen &= current
@@ -339,11 +378,7 @@ def _distinct(loras: Sequence[LoRARequest], held: frozenset[int]) -> list[LoRARe
     return list(wanted.values())
 
 
-def install_routing(
-    worker: Worker,
-    router: Router,
-    prefetch: Callable[[list[LoRARequest]], None] | None,
-) -> None:
+def install_routing(worker: Worker, router: Router) -> None:
     """Route ``worker``'s claims through ``router``: patch ``worker.start_jobs`` (call after
     ``guard_claims``, whose patched claim this one wraps) so arq claims only what the
     router picked, in its order. Jobs left out stay in the queue untouched. A registry read
@@ -358,9 +393,6 @@ def install_routing(
             logger.warning("routing failed (%s: %s); claiming jobs as they come", type(e), e)
             await start_jobs(job_ids)
             return
-        if decision.prefetch and prefetch is not None:
-            router.counters.prefetches_requested += len(decision.prefetch)
-            prefetch(decision.prefetch)
         if not decision.claim:
             return
         before = set(worker.tasks)
