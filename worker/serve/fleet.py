@@ -56,7 +56,9 @@ class FleetMember:
             load=lambda: worker.job_counter,
         )
         install_routing(worker, router)
-        prefetch = QueuePrefetch(worker, router, engine.prefetch) if config.prefetch else None
+        # Without affinity no job waits for this worker in particular: nothing to read ahead.
+        reads_ahead = config.prefetch and config.affinity
+        prefetch = QueuePrefetch(worker, router, engine.prefetch) if reads_ahead else None
         if prefetch is not None:
             prefetch.start()
         if config.metrics_port:
