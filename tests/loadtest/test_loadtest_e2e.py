@@ -104,3 +104,33 @@ def test_default_run_starts_its_own_redis_and_worker(tmp_path):
     assert report.ok == 12 and report.config["redis"] == "embedded"
     assert "all requests at once" in report.description
     assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_workers_flag_starts_a_local_fleet_and_reports_each_worker(llama_dir, made_adapters):
+    proc = subprocess.run(
+        [*CLI, "--model", str(llama_dir), "--adapters-dir", str(made_adapters.path),
+         "--device", "cpu", "--workers", "2", "--num-requests", "24", "--rate", "20",
+         "--warmup", "0", "--adapter-mix", "uniform", "--output-len", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 workers" in proc.stderr
+    assert "24 sent, 24 ok, 0 failed" in proc.stdout
+    table = proc.stdout.split("per worker:\n", 1)[1].splitlines()
+    rows = [line.split() for line in table[1:]]
+    assert len(rows) == 3 and rows[-1][0] == "fleet"
+    assert int(rows[-1][1]) == 24  # every job claimed by one of the two, counted once
+    assert int(rows[-1][2]) >= 1  # adapters were read from disk
+
+
+def test_workers_flag_is_checked():
+    bad = subprocess.run(
+        [*CLI, "--workers", "0", "--num-requests", "1"],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--workers must be >= 1, got 0" in bad.stderr
+    remote = subprocess.run(
+        [*CLI, "--workers", "2", "--redis-url", "redis://127.0.0.1:1/0", "--num-requests", "1"],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert remote.returncode != 0 and "--workers starts local workers" in remote.stderr

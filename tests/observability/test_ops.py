@@ -85,6 +85,9 @@ def test_dashboard_has_the_panels_operators_need(ops_dir):
         "errors by code",
         "top adapters",
         "by worker",
+        "workers up",
+        "affinity hit ratio",
+        "steals and re-homes",
     ):
         assert needed in titles, needed
 

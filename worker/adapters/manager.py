@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,15 @@ from lorafleet.worker.adapters.peft_adapter import AdapterWeights, load_peft_ada
 from lorafleet.worker.adapters.policy import AdapterPolicy
 from lorafleet.worker.adapters.stats import AdapterStats
 from lorafleet.worker.model.decoder import CausalLM, LoRALinear
+
+
+class ReadsAhead(Protocol):
+    """What ``load`` needs of a prefetcher (``lorafleet.worker.adapters.prefetch``)."""
+
+    def finish(self, req: LoRARequest) -> bool:
+        """Wait for a read under way of ``req``'s adapter and cache it; True if cached."""
+        ...
+
 
 #: Failed adapters remembered at once; beyond it the oldest failure is forgotten (and its
 #: adapter retried), so a flood of distinct bad names cannot grow the cache without bound.
@@ -61,6 +71,10 @@ class AdapterManager:
         # (lora_name, lora_path) -> (monotonic expiry, the error its load raised)
         self.failures: OrderedDict[tuple[str, str], tuple[float, LoraFleetError]] = OrderedDict()
         self.stats = AdapterStats()
+        #: Reads ahead (set by the engine process when prefetch is on); ``load`` waits for
+        #: an adapter's read under way there instead of reading it a second time.
+        self.prefetcher: ReadsAhead | None = None
+        self._prefetched: set[int] = set()  # in the CPU cache, read ahead, not yet used
 
     # -- identity and location -------------------------------------------------------------
 
@@ -145,9 +159,14 @@ class AdapterManager:
         typed error of a load that failed within ``adapter_failure_ttl`` without retrying."""
         self.check(req)
         cached = self.cpu.get(req.lora_int_id)
+        if cached is None and self.prefetcher is not None and self.prefetcher.finish(req):
+            cached = self.cpu.get(req.lora_int_id)
         if cached is not None:
             self.cpu.move_to_end(req.lora_int_id)
             self.stats.cpu_hits += 1
+            if req.lora_int_id in self._prefetched:
+                self._prefetched.discard(req.lora_int_id)
+                self.stats.prefetch_used += 1
             return cached
         self._raise_recent_failure(req)
         start = time.perf_counter()
@@ -158,12 +177,57 @@ class AdapterManager:
             raise
         self.stats.disk_loads += 1
         self.stats.disk_load_seconds += time.perf_counter() - start
+        self._cache(req, weights)
+        return weights
+
+    def _cache(self, req: LoRARequest, weights: AdapterWeights) -> None:
         self.identities[req.lora_int_id] = (req.lora_name, req.lora_path)
         self.cpu[req.lora_int_id] = weights
         while len(self.cpu) > self.config.max_cpu_loras:
-            self.cpu.popitem(last=False)  # a slot keeps its own device copy
+            evicted, _ = self.cpu.popitem(last=False)  # a slot keeps its own device copy
             self.stats.cpu_evictions += 1
-        return weights
+            if evicted in self._prefetched:
+                self._prefetched.discard(evicted)
+                self.stats.prefetch_wasted += 1
+
+    # -- reading ahead (prefetch) ----------------------------------------------------------
+
+    def is_held(self, lora_id: int) -> bool:
+        """True if the adapter is in the CPU cache or a device slot."""
+        return lora_id in self.cpu or lora_id in self._slot_by_id
+
+    def needs_read(self, req: LoRARequest) -> bool:
+        """True if serving ``req`` would read its adapter from disk now: not held, and no
+        recent failure of it is remembered."""
+        if self.is_held(req.lora_int_id):
+            return False
+        failure = self.failures.get((req.lora_name, req.lora_path))
+        return failure is None or failure[0] <= time.monotonic()
+
+    def read_ahead(self, req: LoRARequest) -> AdapterWeights:
+        """Read and validate ``req``'s adapter without touching the tiers: safe to call from
+        a background thread (it reads settings only). Raises what ``load`` would."""
+        if req.lora_int_id in self.identities:  # checked again on adopt, on this thread
+            self.check(req)
+        return self._read(req)
+
+    def adopt(self, req: LoRARequest, weights: AdapterWeights, seconds: float) -> bool:
+        """Cache weights read ahead (``read_ahead``, ``seconds`` of reading) unless the
+        adapter got there meanwhile or its id is now bound to another adapter. Returns
+        whether they were cached."""
+        try:
+            self.check(req)
+        except LoraFleetError:
+            return False
+        if self.is_held(req.lora_int_id):
+            self.stats.prefetch_wasted += 1
+            return False
+        self.stats.disk_loads += 1
+        self.stats.disk_load_seconds += seconds
+        self.stats.prefetch_loads += 1
+        self._prefetched.add(req.lora_int_id)
+        self._cache(req, weights)
+        return True
 
     def _read(self, req: LoRARequest) -> AdapterWeights:
         try:

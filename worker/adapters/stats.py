@@ -18,3 +18,8 @@ class AdapterStats:
     slot_loads: int = 0
     cpu_evictions: int = 0
     slot_evictions: int = 0
+    #: Adapters read ahead of their requests (``lorafleet.worker.adapters.prefetch``): put
+    #: in the CPU cache, then taken by a request (used) or evicted or already there (wasted).
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the demo adapters)",
     )
     add_engine_flags(fleet)
+    fleet.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local workers to start on the embedded Redis (default 1); with more than one "
+        "the report adds what each did (jobs, adapter loads, steals; see docs/fleet.md)",
+    )
     fleet.add_argument(
         "--max-loras",
         type=int,
@@ -129,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     url = args.redis_url or os.environ.get(URL_ENV)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if url and args.workers != 1:
+        raise UsageError("--workers starts local workers; with --redis-url the running ones serve")
     if url:
         from lorafleet.producer.keys import DEFAULT_QUEUE
 
@@ -151,11 +163,12 @@ def run(args: argparse.Namespace) -> int:
             "queue": args.queue or f"lorafleet:loadtest:{uuid.uuid4().hex[:8]}",
         },
     )
-    print(f"starting an embedded Redis and a worker for {model} ...", file=sys.stderr, flush=True)
-    with local_fleet(config, embedded_redis=True) as fleet:
+    what = "a worker" if args.workers == 1 else f"{args.workers} workers"
+    print(f"starting an embedded Redis and {what} for {model} ...", file=sys.stderr, flush=True)
+    with local_fleet(config, embedded_redis=True, workers=args.workers) as fleet:
         setup = {
             "redis": "embedded",
-            "workers": 1,
+            "workers": args.workers,
             "model": str(model),
             "device": fleet.device,
             "max_loras": fleet.max_loras,
@@ -163,7 +176,13 @@ def run(args: argparse.Namespace) -> int:
             "max_num_seqs": fleet.max_num_seqs,
             "cuda_graphs": fleet.cuda_graphs,
         }
-        return _run_command(args, spec, fleet.redis_url, fleet.queue, setup)
+        status = _run_command(args, spec, fleet.redis_url, fleet.queue, setup)
+        if args.workers > 1:
+            from lorafleet.worker.local.fleet_view import format_fleet, read_fleet
+
+            print("\nper worker:")
+            print(format_fleet(read_fleet(fleet.redis_url, fleet.queue, after=time.time())))
+        return status
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:

@@ -60,6 +60,9 @@ class EngineConfig:
     ``LLMEngine.step``); off, and always on the CPU, each step is read back as soon as it is
     queued. ``max_cpu_loras`` defaults to ``max(max_loras, 32)``. ``served_model_name`` is what a
     ``LoRARequest.base_model_name`` must match (default: the model folder's name).
+    ``prefetch_adapters``: in the engine process, adapters of queued jobs the worker names
+    are read by a background thread while the engine steps
+    (``lorafleet.worker.adapters.prefetch``).
 
     Raises ``EngineConfigError`` listing every problem.
     """
@@ -88,6 +91,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = False
     pipelined: bool = True
+    prefetch_adapters: bool = True
 
     def __post_init__(self) -> None:
         problems = check(vars(self))

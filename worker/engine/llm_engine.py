@@ -332,6 +332,8 @@ class LLMEngine:
             slots_in_use=adapters.slots_in_use,
             cpu_adapters=len(adapters.cpu),
             preemptions=scheduler.num_preemptions,
+            adapters_in_slots=tuple(a for a in adapters.slot_owner if a is not None),
+            adapters_in_cpu=tuple(adapters.cpu),
             adapters=replace(adapters.stats),
         )
 

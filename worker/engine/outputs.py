@@ -45,7 +45,8 @@ class EngineSnapshot:
     """The engine's gauges and counters after a step: what metrics and heartbeats export.
     ``waiting_for_slot`` counts waiting requests whose adapter has no device slot and
     cannot get one now: every slot is pinned by running requests (``max_loras`` too few
-    for the adapters in demand)."""
+    for the adapters in demand). ``adapters_in_slots`` and ``adapters_in_cpu`` are the
+    ``lora_int_id``s held in device slots and in the CPU cache: what fleet routing reads."""
 
     running: int = 0
     waiting: int = 0
@@ -55,6 +56,8 @@ class EngineSnapshot:
     slots_in_use: int = 0
     cpu_adapters: int = 0
     preemptions: int = 0
+    adapters_in_slots: tuple[int, ...] = ()
+    adapters_in_cpu: tuple[int, ...] = ()
     adapters: AdapterStats = field(default_factory=AdapterStats)
 
     @property

@@ -8,6 +8,7 @@ overridden by what the command was given (``local_worker_config``).
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -46,12 +47,26 @@ def local_worker_config(
 
 
 @contextmanager
-def local_fleet(config: WorkerConfig, *, embedded_redis: bool) -> Iterator[WorkerConfig]:
-    """Start (an embedded Redis if asked, then) a worker; yield the configuration clients
-    should use; stop both on exit."""
+def local_fleet(
+    config: WorkerConfig, *, embedded_redis: bool, workers: int = 1
+) -> Iterator[WorkerConfig]:
+    """Start (an embedded Redis if asked, then) ``workers`` workers on one queue, side by
+    side; yield the configuration clients should use (the first worker's); stop them all on
+    exit."""
+    if workers < 1:
+        raise ValueError(f"a local fleet needs at least one worker, got {workers}")
     with ExitStack() as stack:
         if embedded_redis:
             server = stack.enter_context(EmbeddedRedis())
             config = replace(config, redis_url=server.url)
-        worker = stack.enter_context(WorkerProcess(config))
-        yield worker.config
+        if workers == 1:
+            yield stack.enter_context(WorkerProcess(config)).config
+            return
+        tag = config.name or f"local-{uuid.uuid4().hex[:6]}"
+        processes = [WorkerProcess(replace(config, name=f"{tag}-{i}")) for i in range(workers)]
+        for process in processes:
+            stack.callback(process.stop)
+            process.start()
+        for process in processes:  # they load their engines at the same time
+            process.wait_ready(timeout=process.ready_timeout)
+        yield processes[0].config

@@ -41,6 +41,7 @@ from lorafleet.worker.process.link import (
     EngineInfo,
     EngineReady,
     EngineUpdate,
+    PrefetchAdapters,
     Shutdown,
     pack,
     read_header,
@@ -246,6 +247,12 @@ class AsyncEngine:
             )
         )
         return stream
+
+    def prefetch(self, loras: list[LoRARequest]) -> None:
+        """Ask the engine to read these adapters into its CPU cache in the background (jobs
+        for them are waiting); a no-op when the engine is not running."""
+        if self._running and loras:
+            self._send(PrefetchAdapters(list(loras)))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream finishes with ``finish_reason == "abort"``."""

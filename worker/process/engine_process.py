@@ -19,9 +19,11 @@ import logging
 import signal
 import socket
 import sys
+import time
 from dataclasses import replace
 
 from lorafleet.producer.errors import InternalError, LoraFleetError
+from lorafleet.worker.adapters.prefetch import Prefetcher
 from lorafleet.worker.engine.kv_budget import KVBudgetError
 from lorafleet.worker.engine.llm_engine import LLMEngine
 from lorafleet.worker.engine.outputs import StepOutput
@@ -30,6 +32,9 @@ from lorafleet.worker.process import link
 
 log = logging.getLogger(__name__)
 
+#: Seconds an idle engine waits between looks at a read ahead under way.
+PREFETCH_POLL_S = 0.005
+
 
 class EngineLoop:
     """Applies commands to the engine and steps it; returns what the worker must hear."""
@@ -37,6 +42,10 @@ class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.stopped = False
+        config = engine.config
+        self.prefetcher = (
+            Prefetcher(engine.adapters) if config.enable_lora and config.prefetch_adapters else None
+        )
 
     def apply(self, commands: list[link.Command]) -> list[StepOutput]:
         outputs: list[StepOutput] = []
@@ -49,6 +58,9 @@ class EngineLoop:
                 out = self.engine.abort(cmd.request_id)
                 if out is not None:
                     outputs.append(out)
+            elif isinstance(cmd, link.PrefetchAdapters):
+                if self.prefetcher is not None:
+                    self.prefetcher.request(cmd.loras)
             elif isinstance(cmd, link.Shutdown):
                 self.stopped = True
             else:
@@ -129,17 +141,25 @@ def serve(sock: socket.socket) -> int:
     )
     sock.sendall(link.pack(link.EngineReady(info)))
     loop = EngineLoop(engine)
+    prefetcher = loop.prefetcher
     while True:
         outputs = loop.apply([c for batch in backlog for c in batch])
         if loop.stopped:
+            if prefetcher is not None:
+                prefetcher.close()
             return 0
+        # Reads ahead that finished go into the CPU cache here, on the engine's thread.
+        prefetched = prefetcher.collect() if prefetcher is not None else 0
         stats = None
         if engine.has_unfinished():
             outputs.extend(loop.step())
             stats = engine.last_step
-        if outputs or stats is not None:
+        if outputs or stats is not None or prefetched:
             sock.sendall(link.pack(link.EngineUpdate(outputs, stats, engine.snapshot())))
-        backlog = inbox.read(wait=not engine.has_unfinished())
+        reading = prefetcher is not None and prefetcher.busy
+        if reading and not engine.has_unfinished():
+            time.sleep(PREFETCH_POLL_S)  # idle, a read under way: look again shortly
+        backlog = inbox.read(wait=not engine.has_unfinished() and not reading)
         if backlog is None:  # the worker is gone
             return 0
 

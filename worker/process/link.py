@@ -49,11 +49,19 @@ class AbortRequest:
 
 
 @dataclass
+class PrefetchAdapters:
+    """Read these adapters into the CPU cache in the background (jobs for them are waiting
+    in the queue for this worker); see ``lorafleet.worker.adapters.prefetch``."""
+
+    loras: list[LoRARequest]
+
+
+@dataclass
 class Shutdown:
     """Stop stepping and exit; requests still in the engine are dropped."""
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | AbortRequest | PrefetchAdapters | Shutdown
 
 
 # -- child -> parent ---------------------------------------------------------------------

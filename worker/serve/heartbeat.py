@@ -14,7 +14,10 @@ The same beat writes this worker's entry in ``lorafleet:workers`` (a JSON object
 model, queue, ``heartbeat`` time and ``ttl``, ``state`` ``ready`` or ``draining``, jobs held,
 jobs ``sent_to_engine`` and ``released`` by a drain, and an ``engine`` snapshot: requests,
 KV blocks, adapter slots, adapter load counters) and removes entries whose beat stopped
-three TTLs ago, so the registry lists live workers only.
+three TTLs ago, so the registry lists live workers only. With a ``fleet`` provider the entry
+also carries what routing reads (``fleet``: adapters held in device slots and CPU cache,
+recent traffic per adapter; see ``lorafleet.worker.serve.homes``), and ``publish`` rewrites
+the entry between beats when that changes.
 
 Trade-off: a worker that cannot reach Redis, or whose event loop stalls, for longer than the
 TTL loses its claims, and its jobs may then run twice. Clients still see one result per job
@@ -27,6 +30,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from arq.constants import in_progress_key_prefix
@@ -57,6 +61,7 @@ def engine_snapshot(engine: AsyncEngine) -> dict[str, int]:
         "num_blocks": snap.num_blocks,
         "slots_in_use": snap.slots_in_use,
         "adapter_disk_loads": snap.adapters.disk_loads,
+        "adapter_slot_loads": snap.adapters.slot_loads,
         "adapter_load_failures": snap.adapters.disk_load_failures,
         "adapter_failure_cache_hits": snap.adapters.failure_cache_hits,
     }
@@ -77,6 +82,7 @@ class Heartbeat:
         info: dict[str, Any],
         engine: AsyncEngine,
         jobs: JobTracker,
+        fleet: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._redis = redis
         self._worker = worker
@@ -85,6 +91,7 @@ class Heartbeat:
         self._info = info
         self._engine = engine
         self._jobs = jobs
+        self._fleet = fleet
         self.state = "ready"
         self._task: asyncio.Task[None] | None = None
         self._draining_beat: asyncio.Task[None] | None = None
@@ -113,23 +120,36 @@ class Heartbeat:
         then drop registry entries of dead workers."""
         held = self.held_jobs()
         ttl_ms = int(self._ttl * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            # PEXPIRE never creates a key: a job that finished meanwhile stays finished.
+            for job_id in held:
+                pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
+            pipe.hset(WORKERS_KEY, self._name, json.dumps(self._entry(len(held))))
+            await pipe.execute()
+        await self._prune()
+
+    async def publish(self) -> None:
+        """Rewrite this worker's registry entry now (what it holds changed); claims are left
+        to the beat. A no-op before the first beat and after ``close``, so a late call never
+        re-registers a worker that left."""
+        if self._task is None or self._task.done():
+            return
+        await self._redis.hset(WORKERS_KEY, self._name, json.dumps(self._entry(None)))
+
+    def _entry(self, jobs: int | None) -> dict[str, Any]:
         entry = {
             **self._info,
             "heartbeat": time.time(),
             "ttl": self._ttl,
             "state": self.state,
-            "jobs": len(held),
+            "jobs": len(self.held_jobs()) if jobs is None else jobs,
             "engine": engine_snapshot(self._engine),
             "released": self._jobs.released,
             "sent_to_engine": self._jobs.sent_to_engine,
         }
-        async with self._redis.pipeline(transaction=False) as pipe:
-            # PEXPIRE never creates a key: a job that finished meanwhile stays finished.
-            for job_id in held:
-                pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
-            pipe.hset(WORKERS_KEY, self._name, json.dumps(entry))
-            await pipe.execute()
-        await self._prune()
+        if self._fleet is not None:
+            entry["fleet"] = self._fleet()
+        return entry
 
     async def _prune(self) -> None:
         now = time.time()

@@ -37,6 +37,7 @@ from lorafleet.worker.process.async_engine import AsyncEngine, EngineStartError
 from lorafleet.worker.serve.aborts import AbortWatcher
 from lorafleet.worker.serve.arq_fixes import current_arq_worker, guard_claims
 from lorafleet.worker.serve.drain import Drain, JobTracker, TrackedJob
+from lorafleet.worker.serve.fleet import FleetMember
 from lorafleet.worker.serve.heartbeat import Heartbeat
 from lorafleet.worker.serve.ledger import Ledger, LedgerEntry
 from lorafleet.worker.serve.logs import ensure_logging
@@ -71,6 +72,7 @@ class WorkerState:
     quotas: QuotaTenants
     ledger: Ledger | None = None  # None: metering off
     tenants: TenantMetrics | None = None
+    fleet: FleetMember | None = None
 
 
 def _engine_exited(status: int | None) -> None:
@@ -116,6 +118,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     tenants = TenantMetrics(metrics.registry, config.name, max_tenants=config.metrics_max_tenants)
     worker = current_arq_worker()
     guard_claims(worker)
+    fleet = FleetMember.start(redis, worker, config, engine, metrics)  # routes the claims
     tracker = JobTracker(redis)
     info = {
         "pid": os.getpid(),
@@ -132,6 +135,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         info=info,
         engine=engine,
         jobs=tracker,
+        fleet=fleet.entry,
     )
     limits = JobLimits(engine.info.max_model_len, config.max_prompt_chars)
     contention = SlotContentionWatch(engine, config.max_loras)
@@ -159,7 +163,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         ledger,
         tenants,
     )
+    ctx["lorafleet"].fleet = fleet
     await heartbeat.start()  # registers the worker: from here on it takes jobs
+    fleet.attach(heartbeat.publish)
     Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
     if config.adapter_roots:
         roots = "adapters from " + os.pathsep.join(config.adapter_roots)
@@ -182,6 +188,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     if state is None:
         return
     try:
+        if state.fleet is not None:
+            await state.fleet.close()
         await state.heartbeat.close()
     finally:
         await state.contention.close()
@@ -239,6 +247,8 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
             result = _error(job_id, refusal)
         else:
             state.metrics.job_started(job_id, job)
+            if state.fleet is not None:
+                state.fleet.job_started(job_id, attempt, state.metrics)
             try:
                 async with state.jobs.track(job_id) as tracked:
                     result = await _run(state, job_id, attempt, job, tracked)

@@ -94,6 +94,7 @@ class _Request:
     adapter: str | None
     since: float  # Unix time the latency clock starts: enqueue, or job start if unknown
     last_token: float | None = None  # monotonic
+    cold: bool = False  # its adapter was not held here when the job was queued
 
 
 class WorkerMetrics:
@@ -150,6 +151,12 @@ class WorkerMetrics:
         self.ttft = self._histogram(
             "lorafleet_time_to_first_token_seconds",
             "Time from enqueue (producer clock) until the first token was streamed.",
+            LATENCY_BUCKETS,
+        )
+        self.ttft_cold = self._histogram(
+            "lorafleet_time_to_first_token_cold_adapter_seconds",
+            "Time to first token of jobs whose adapter this worker did not hold when it first "
+            "saw them in the queue (what prefetch shortens).",
             LATENCY_BUCKETS,
         )
         self.itl = self._histogram(
@@ -230,6 +237,12 @@ class WorkerMetrics:
             self.queue_wait.observe(max(0.0, now - since))
         self._requests[job_id] = _Request(adapter, since)
 
+    def job_cold(self, job_id: str) -> None:
+        """The started job's adapter was not held here when the job was queued."""
+        request = self._requests.get(job_id)
+        if request is not None:
+            request.cold = True
+
     def job_tokens(self, job_id: str, count: int) -> None:
         """``count`` new tokens of the job were streamed (the engine emits one per step)."""
         request = self._requests.get(job_id)
@@ -238,6 +251,8 @@ class WorkerMetrics:
         now = time.monotonic()
         if request.last_token is None:
             self.ttft.observe(max(0.0, time.time() - request.since))
+            if request.cold:
+                self.ttft_cold.observe(max(0.0, time.time() - request.since))
         else:
             self.itl.observe((now - request.last_token) / count)
         request.last_token = now

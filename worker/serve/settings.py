@@ -97,6 +97,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_MAX_TRIES", "max_tries", "int", "Runs of one job before arq gives up (re-runs follow worker crashes)."),
     Variable("LORAFLEET_HEARTBEAT_TTL", "heartbeat_ttl", "float", "Seconds after which a dead worker's jobs run again elsewhere (its claims are refreshed every third of it)."),
     Variable("LORAFLEET_DRAIN_TIMEOUT", "drain_timeout", "float", "On SIGTERM, seconds running jobs get to finish before they go back to the queue."),
+    Variable("LORAFLEET_AFFINITY", "affinity", "bool", "Route by adapter across the fleet: take jobs for adapters this worker holds or is a home of first, others' after --steal-after (off: every job as it comes, random routing)."),
+    Variable("LORAFLEET_STEAL_AFTER", "steal_after", "float", "Seconds a job homed on other workers waits for them before this worker takes it (an idle worker takes it at once)."),
+    Variable("LORAFLEET_PREFETCH", "prefetch", "bool", "Read the adapters of jobs waiting in the queue for this worker into its CPU cache, in the background while the engine steps.", engine="prefetch_adapters"),
     Variable("LORAFLEET_STREAM_MAXLEN", "stream_maxlen", "int", "Entries kept per token stream (approximate cap)."),
     Variable("LORAFLEET_STREAM_TTL", "stream_ttl", "int", "Seconds a token stream lives after its last write."),
     Variable("LORAFLEET_WORKER_NAME", "name", "str", "Name in logs and in `lorafleet:workers` (default host:pid)."),
@@ -136,6 +139,8 @@ class WorkerConfig:
     max_tries: int = 5
     heartbeat_ttl: float = 15.0
     drain_timeout: float = 25.0
+    affinity: bool = True
+    steal_after: float = 0.5
     stream_maxlen: int = DEFAULT_MAXLEN
     stream_ttl: int = DEFAULT_TTL_S
     name: str = ""
@@ -318,6 +323,12 @@ def _worker_problems(
     # Below a second, a beat every third of it is too easily missed under load.
     need(worker["heartbeat_ttl"] >= 1, "heartbeat_ttl", "must be >= 1 second")
     need(worker["drain_timeout"] >= 0, "drain_timeout", "must be >= 0")
+    # Past a heartbeat TTL a dead home would be noticed first: a longer wait buys nothing.
+    need(
+        0 <= worker["steal_after"] <= max(worker["heartbeat_ttl"], 1),
+        "steal_after",
+        f"must be in [0, heartbeat_ttl ({worker['heartbeat_ttl']:g})] seconds",
+    )
     problems += [f"{labels[name]} {problem}" for name, problem in ledger_problems(worker).items()]
     problems += _redis_url_problems(worker["redis_url"], labels["redis_url"])
     need(bool(worker["queue"]), "queue", "cannot be empty")
