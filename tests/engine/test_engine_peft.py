@@ -194,9 +194,9 @@ def test_projections_no_active_adapter_targets_skip_the_lora_ops(
         shrinks.append(lora_as[0].shape[-1])  # in_features of the projection
         return real(x, lora_as, *rest, **options)
 
-    def counting_hot(self, x, seg):
+    def counting_hot(self, x):
         shrinks.append(x.shape[-1])
-        return real_hot(self, x, seg)
+        return real_hot(self, x)
 
     monkeypatch.setattr(model_module, "add_lora_slices", counting)
     monkeypatch.setattr(HotSlot, "forward", counting_hot)

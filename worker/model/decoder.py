@@ -19,7 +19,7 @@ from torch import nn
 from lorafleet.kernels import add_lora_slices, use_triton
 from lorafleet.kernels.attention import KeyGather, key_gather, paged_decode_attention
 from lorafleet.kernels.dispatch import step_uses_triton
-from lorafleet.kernels.segmented import FusedStacks, HotSlot, single_segment
+from lorafleet.kernels.segmented import FusedStacks, HotSlot
 from lorafleet.worker.model.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,11 +134,21 @@ class LoRALinear(nn.Module):
         if meta is None or not self.slot_mask & meta.active_mask:
             return F.linear(x, self.weight, self.bias)
         hot = self.hot
-        if hot is not None and not meta.static and not step_uses_triton(meta, x):
-            seg = single_segment(meta, self.fused.max_rank, self.slot_mask)
-            # The weight is hot's memory unless something replaced it since (a dtype cast).
-            if seg is not None and hot.w_ext.data_ptr() == self.weight.data_ptr():
-                return hot.forward(x, seg)
+        if hot is not None:
+            # Prepared once per step (and again if a slot was written since: the stacks'
+            # version moved); the other calls of the step pay two comparisons.
+            if hot.meta is not meta or hot.version != hot.stacks.a_t._version:
+                # The weight is hot's memory unless something replaced it since (a cast).
+                if (
+                    not meta.static
+                    and hot.w_ext.data_ptr() == self.weight.data_ptr()
+                    and not step_uses_triton(meta, x)
+                ):
+                    hot.prepare(meta, self.slot_mask)
+                else:
+                    hot.meta, hot.version, hot.plan = meta, hot.stacks.a_t._version, None
+            if hot.plan is not None:
+                return hot.forward(x)
         y = F.linear(x, self.weight, self.bias)
         add_lora_slices(
             x,
