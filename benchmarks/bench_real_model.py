@@ -17,7 +17,9 @@ After a short warm-up, ``--rounds`` rounds alternate the sides (each goal's two 
 one after the other, so both see the same machine). The tables show each side's best and
 median round and, per goal the issue names, the ratio of the two bests (judged against the
 target) and the median of the per-round ratios, steadier where other work shares the CPU;
-``--json`` keeps every round. Commands:
+and the median of the per-round ratios of tokens per CPU-second of this process (all its
+threads): where other work crowds the cores, wall time also counts waiting for them, CPU
+time mostly not. ``--json`` keeps every round. Commands:
 
     LORAFLEET_CACHE=/tmp/lfcache python benchmarks/bench_real_model.py --threads 2
     python benchmarks/bench_real_model.py --model path/to/hf_folder --threads 1 --json out.json
@@ -145,15 +147,17 @@ def make_prompts(tokenizer, count: int) -> list[str]:
 def engine_side(
     llm: LLM, prompts: list[str], loras: list[LoRARequest | None], new_tokens: int
 ) -> Callable[[], float]:
-    """A timed run of ``prompts`` through the engine, each on its adapter: tokens/s."""
+    """A timed run of ``prompts`` through the engine, each on its adapter: (tokens/s,
+    tokens per CPU-second)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
 
-    def run() -> float:
-        start = time.perf_counter()
+    def run() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         outs = llm.generate(prompts, params, loras)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
-        return len(prompts) * new_tokens / elapsed
+        total = len(prompts) * new_tokens
+        return total / elapsed, total / cpu
 
     return run
 
@@ -162,14 +166,15 @@ def generate_side(
     model, tokenizer, groups: list[tuple[str | None, list[str]]], new_tokens: int
 ) -> Callable[[], float]:
     """A timed run of transformers ``generate``: one left-padded batch per group, with the
-    group's adapter set first when ``model`` is a ``PeftModel``. tokens/s."""
+    group's adapter set first when ``model`` is a ``PeftModel``. (tokens/s, tokens per
+    CPU-second)."""
     batches = [
         (adapter, tokenizer(group, return_tensors="pt", padding=True)) for adapter, group in groups
     ]
     total = sum(len(group) for _, group in groups) * new_tokens
 
-    def run() -> float:
-        start = time.perf_counter()
+    def run() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         for adapter, batch in batches:
             if adapter is not None:
                 model.set_adapter(adapter)
@@ -182,7 +187,7 @@ def generate_side(
                     pad_token_id=tokenizer.pad_token_id,
                 )
             assert out.shape[1] - batch.input_ids.shape[1] == new_tokens
-        return total / (time.perf_counter() - start)
+        return total / (time.perf_counter() - start), total / (time.process_time() - cpu)
 
     return run
 
@@ -256,23 +261,32 @@ def build_sides(args: argparse.Namespace, model_dir: Path, root: Path) -> dict:
     return sides_for(len(prompts), args.new_tokens)
 
 
-def measure(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """tokens/s of every side, ``rounds`` times, the sides alternating within each round
-    (each run reported on stderr as it ends: a whole run takes minutes)."""
+def measure(
+    sides: dict[str, Callable[[], tuple[float, float]]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """tokens/s and tokens per CPU-second of every side, ``rounds`` times, the sides
+    alternating within each round (each run reported on stderr as it ends: a whole run
+    takes minutes)."""
     results: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     for i in range(rounds):
         for name, run in sides.items():
-            results[name].append(run())
+            wall, per_cpu = run()
+            results[name].append(wall)
+            cpu[name].append(per_cpu)
             print(
-                f"round {i + 1}/{rounds}: {name} {results[name][-1]:,.1f} tokens/s", file=sys.stderr
+                f"round {i + 1}/{rounds}: {name} {wall:,.1f} tokens/s, "
+                f"{per_cpu:,.1f} tokens per CPU-second",
+                file=sys.stderr,
             )
-    return results
+    return results, cpu
 
 
-def summary(results: dict[str, list[float]]) -> dict:
-    """Best and median tokens/s per side; per goal, the ratio of the two sides' bests and
-    the median of their per-round ratios (paired: the two ran a moment apart, so a load
-    that drifts over minutes moves both)."""
+def summary(results: dict[str, list[float]], cpu: dict[str, list[float]] | None = None) -> dict:
+    """Best and median tokens/s per side; per goal, the ratio of the two sides' bests, the
+    median of their per-round ratios (paired: the two ran a moment apart, so a load that
+    drifts over minutes moves both) and, given ``cpu`` (tokens per CPU-second, same shape),
+    the median of the per-round ratios of that."""
     best = {name: max(values) for name, values in results.items()}
     goals = []
     for goal in GOALS:
@@ -280,6 +294,10 @@ def summary(results: dict[str, list[float]]) -> dict:
             ratio = best[goal.ours] / best[goal.baseline]
             pairs = zip(results[goal.ours], results[goal.baseline], strict=True)
             paired = statistics.median(ours / theirs for ours, theirs in pairs)
+            cpu_paired = None
+            if cpu is not None:
+                cpu_pairs = zip(cpu[goal.ours], cpu[goal.baseline], strict=True)
+                cpu_paired = statistics.median(ours / theirs for ours, theirs in cpu_pairs)
             goals.append(
                 {
                     "goal": goal.name,
@@ -287,12 +305,14 @@ def summary(results: dict[str, list[float]]) -> dict:
                     "baseline": goal.baseline,
                     "ratio": ratio,
                     "paired_ratio": paired,
+                    "cpu_paired_ratio": cpu_paired,
                     "target": goal.target,
                     "met": ratio >= goal.target,
                 }
             )
     sides = {
         name: {"best": best[name], "median": statistics.median(values), "rounds": values}
+        | ({} if cpu is None else {"cpu_rounds": cpu[name]})
         for name, values in results.items()
     }
     return {"sides": sides, "goals": goals}
@@ -309,13 +329,21 @@ def print_tables(report: dict) -> None:
             g["goal"],
             f"{g['ratio']:.3f}x",
             f"{g['paired_ratio']:.3f}x",
+            "-" if g["cpu_paired_ratio"] is None else f"{g['cpu_paired_ratio']:.3f}x",
             f">= {g['target']:g}x",
             "met" if g["met"] else "NOT met",
         ]
         for g in report["goals"]
     ]
     side_head = ["side", "what", "tokens/s (best)", "tokens/s (median)"]
-    goal_head = ["goal", "best / best", "median of round ratios", "target", "(best / best)"]
+    goal_head = [
+        "goal",
+        "best / best",
+        "median of round ratios",
+        "same, per CPU-second",
+        "target",
+        "(best / best)",
+    ]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -326,7 +354,7 @@ def print_tables(report: dict) -> None:
                 print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
             print()
         return
-    console = Console(width=120)
+    console = Console(width=150)
     for head, rows in ((side_head, side_rows), (goal_head, goal_rows)):
         table = Table(*head)
         for row in rows:
@@ -365,9 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     info = machine(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
         sides = build_sides(args, model_dir, Path(tmp))
-        results = measure(sides, args.rounds)
+        results, cpu = measure(sides, args.rounds)
     report = {"model": str(model_dir), "args": vars(args) | {"json": str(args.json)}}
-    report |= info | {"load_average_after": os.getloadavg()} | summary(results)
+    report |= info | {"load_average_after": os.getloadavg()} | summary(results, cpu)
     print(
         f"{model_dir.name}: {info['machine']}, {info['cpus']} CPUs, torch {info['torch']}, "
         f"{args.threads} threads; load average {info['load_average'][0]:.2f} before, "

@@ -10,7 +10,16 @@ against about 10 us of reading the weights), so the layout (``FusedStacks``) is 
 for the fewest calls: A interleaved by rank, so one matmul covers every slice at any live
 rank, and B block-diagonal, so one more covers every output slice. Long segments (prefill)
 expand one slice at a time instead, where the block-diagonal's zeros would cost real
-multiply-adds.
+multiply-adds, and so do short ones whose block-diagonal would hold many zeros
+(``PER_SLICE_MIN_ZEROS``). A projection call cuts every segment's rows out of x and out
+with one ``split_with_sizes`` each (``Segments.sizes``), not a slice per segment.
+
+A step whose tokens all sit on one slot (a single stream, or a batch on one adapter) takes a
+shorter road, ``HotSlot``: the slot's A lies under the base weight, so the base GEMM yields
+the shrink too and only the expand is left. On 2 threads that drops the one op MKL splits
+across threads at decode sizes (x @ A^T at one token: 46 us of CPU time against 4-5 us for
+the expand, measured on the 2-core VM while other work loaded it), and most of a call's
+Python (one cached lookup per step and projection).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from lorafleet.kernels.meta import LoRAMeta
 
@@ -26,15 +36,25 @@ from lorafleet.kernels.meta import LoRAMeta
 #: to about 32 tokens, measured); longer ones, one matmul per slice on its diagonal block.
 BLOCK_DIAGONAL_MAX_TOKENS = 32
 
+#: A short segment expands slice by slice instead of through the block-diagonal B when the
+#: block-diagonal's zeros would be at least this many floats (128 KiB): reading them costs
+#: about as much as the three or four more calls a split takes (a few us each) near 10 GB/s,
+#: the 2-core VM's order of memory bandwidth. gate|up at rank 16 (49,152 zeros on
+#: SmolLM2-135M) splits; q|k|v at ranks 8 and 16 (15,360, 30,720) and gate|up at rank 8
+#: (24,576) stay block-diagonal.
+PER_SLICE_MIN_ZEROS = 32768
+
 
 @dataclass(frozen=True)
 class SlotViews:
     """One slot's weights at live rank r, as views of a ``FusedStacks``: ``a`` [H, r*n] (A^T),
-    ``b`` [r*n, N] (block-diagonal), and ``diagonal[i]`` [r, N_i], slice i's block of ``b``."""
+    ``b`` [r*n, N] (block-diagonal), and ``diagonal[i]`` [r, N_i], slice i's block of ``b``;
+    ``per_slice``: short segments expand through ``diagonal`` (``PER_SLICE_MIN_ZEROS``)."""
 
     a: torch.Tensor
     b: torch.Tensor
     diagonal: tuple[torch.Tensor, ...]
+    per_slice: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +123,10 @@ class FusedStacks:
                 b[i::n, off : off + size]
                 for i, (off, size) in enumerate(zip(self.offsets, self.out_sizes, strict=True))
             )
-            found = self._views[key] = SlotViews(self.a_t[slot, :, :width], b, diagonal)
+            zeros = (n - 1) * sum(self.out_sizes) * rank
+            found = self._views[key] = SlotViews(
+                self.a_t[slot, :, :width], b, diagonal, n > 1 and zeros >= PER_SLICE_MIN_ZEROS
+            )
         return found
 
 
@@ -111,7 +134,8 @@ class FusedStacks:
 class Segment:
     """The tokens of one active slot in a step, and its live ``rank``: ``rows``, a slice of
     contiguous rows (``whole``: every row of the step), or ``index``, int64 row numbers when
-    they are scattered; ``short``: few enough tokens for the block-diagonal expand."""
+    they are scattered; ``short``: few enough tokens for the block-diagonal expand;
+    ``piece``: for contiguous rows, their place in the step's ``Pieces``, else -1."""
 
     slot: int
     rank: int
@@ -119,32 +143,59 @@ class Segment:
     index: torch.Tensor | None
     whole: bool
     short: bool
+    piece: int = -1
 
 
-def segments(meta: LoRAMeta, max_rank: int) -> tuple[Segment, ...]:
+@dataclass(frozen=True)
+class Segments:
+    """A step's segments for stacks of one max rank, and ``sizes``: row counts that tile
+    the step's T rows in order, each contiguous segment one of them (so one
+    ``split_with_sizes`` cuts every segment's rows: a Python slice costs microseconds, eight
+    of them several times one split, measured)."""
+
+    items: tuple[Segment, ...]
+    sizes: tuple[int, ...]
+
+
+def segments(meta: LoRAMeta, max_rank: int) -> Segments:
     """The step's segments for stacks of rank ``max_rank``, built once per step (every
     layer shares ``meta``). Slots of live rank 0 add nothing and have none."""
     key = ("segments", max_rank)
     found = meta.cache.get(key)
     if found is None:
-        found = []
-        counts = meta.host_tables().counts
-        for g, (slot, span) in enumerate(zip(meta.host_tables().active, meta.spans, strict=True)):
+        host = meta.host_tables()
+        spans = sorted(
+            (span, g) for g, span in enumerate(meta.spans) if span is not None and span[1] > span[0]
+        )
+        sizes: list[int] = []
+        piece_of: dict[int, int] = {}
+        pos = 0
+        for (start, end), g in spans:
+            if start > pos:
+                sizes.append(start - pos)
+            piece_of[g] = len(sizes)
+            sizes.append(end - start)
+            pos = end
+        if pos < meta.num_tokens:
+            sizes.append(meta.num_tokens - pos)
+        items = []
+        for g, (slot, span) in enumerate(zip(host.active, meta.spans, strict=True)):
             rank = meta.rank_of(slot, max_rank)
             if rank == 0:
                 continue
             start, end = span if span is not None else (0, 0)
-            found.append(
+            items.append(
                 Segment(
                     slot,
                     rank,
                     slice(start, end),
                     None if span is not None else meta.groups[g][1],
                     span == (0, meta.num_tokens),
-                    counts[slot] <= BLOCK_DIAGONAL_MAX_TOKENS,
+                    host.counts[slot] <= BLOCK_DIAGONAL_MAX_TOKENS,
+                    piece_of.get(g, -1),
                 )
             )
-        found = meta.cache[key] = tuple(found)
+        found = meta.cache[key] = Segments(tuple(items), tuple(sizes))
     return found
 
 
@@ -167,39 +218,49 @@ def add_lora_fused(
     """
     exact = out.dtype == torch.float32
     single = stacks.num_slices == 1
-    for seg in segments(meta, stacks.max_rank):
+    step = segments(meta, stacks.max_rank)
+    xs = outs = None
+    for seg in step.items:
         if not slot_mask >> seg.slot & 1:
             continue
         views = stacks.views(seg.slot, seg.rank)
         if seg.index is not None or not exact:
             _add_upcast(x, views, seg, out, scale)
-        elif not (seg.short or single):
-            _add_per_slice(x, views, seg, out, scale, stacks.offsets)
-        else:  # the decode case, inline: a call costs microseconds on a cold interpreter
-            rows, dest = (x, out) if seg.whole else (x[seg.rows], out[seg.rows])
-            buf = torch.mm(rows, views.a)
-            if scale == 1.0:  # so does a keyword argument to addmm_
+            continue
+        if seg.whole:
+            rows, dest = x, out
+        else:
+            if xs is None:  # the first segment that needs its rows cuts them all
+                xs, outs = x.split_with_sizes(step.sizes), out.split_with_sizes(step.sizes)
+            rows, dest = xs[seg.piece], outs[seg.piece]
+        buf = torch.mm(rows, views.a)  # [t, r*n], the slices interleaved: slice i is i::n
+        if single or not (views.per_slice or not seg.short):
+            # Every slice in one matmul over the block-diagonal B (inline: a call costs
+            # microseconds on a cold interpreter, and so does a keyword argument to addmm_).
+            if scale == 1.0:
                 dest.addmm_(buf, views.b)
             else:
                 dest.addmm_(buf, views.b, alpha=scale)
+        else:
+            _expand_per_slice(buf, views, dest, stacks.out_sizes, scale)
     return out
 
 
-def _add_per_slice(
-    x: torch.Tensor,
+def _expand_per_slice(
+    buf: torch.Tensor,
     views: SlotViews,
-    seg: Segment,
-    out: torch.Tensor,
+    dest: torch.Tensor,
+    out_sizes: tuple[int, ...],
     scale: float,
-    offsets: tuple[int, ...],
 ) -> None:
-    """float32, contiguous rows of a long segment: one expand per slice on its diagonal
-    block, skipping the block-diagonal's zeros."""
-    rows, dest = (x, out) if seg.whole else (x[seg.rows], out[seg.rows])
-    buf = torch.mm(rows, views.a)  # [t, r*n], the slices interleaved: slice i is i::n
+    """float32 ``dest[:, slice i] += scale * buf[:, i::n] @ diagonal[i]``: one expand per
+    slice on its diagonal block, skipping the block-diagonal's zeros."""
     n = len(views.diagonal)
-    for i, (block, off) in enumerate(zip(views.diagonal, offsets, strict=True)):
-        dest[:, off : off + block.shape[1]].addmm_(buf[:, i::n], block, alpha=scale)
+    parts = buf.view(buf.shape[0], -1, n).unbind(2)  # slice i: columns i::n, one call
+    for target, part, block in zip(
+        dest.split_with_sizes(out_sizes, 1), parts, views.diagonal, strict=True
+    ):
+        target.addmm_(part, block, alpha=scale)
 
 
 def _add_upcast(
@@ -217,3 +278,100 @@ def _add_upcast(
         dest.copy_(new)
     else:
         out.index_copy_(0, seg.index, new.to(out.dtype))
+
+
+def single_segment(meta: LoRAMeta, max_rank: int, slot_mask: int) -> Segment | None:
+    """The step's one segment among the slots in ``slot_mask`` when it holds every row of
+    the step (contiguous, so no index), else None; built once per step and mask."""
+    key = ("single", max_rank, slot_mask)
+    found = meta.cache.get(key, False)
+    if found is False:
+        mine = [seg for seg in segments(meta, max_rank).items if slot_mask >> seg.slot & 1]
+        found = mine[0] if len(mine) == 1 and mine[0].whole and mine[0].index is None else None
+        meta.cache[key] = found
+    return found
+
+
+class HotSlot:
+    """A CPU LoRA linear's base weight with one slot's A under it: ``w_ext`` [N + R*n, H]
+    (float32) holds W in rows [0, N) and the hot slot's A at live rank r in the next r*n
+    rows, interleaved by rank as ``FusedStacks.a_t`` (row ``N + j*n + i`` is row j of slice
+    i's A), so ``x @ w_ext[:N + r*n].T`` is the base output and the shrink in one GEMM.
+
+    The linear's weight (and bias, zero-padded in ``b_ext``) become views of this memory,
+    so the base path reads it unchanged and costs nothing more; the extra memory is one
+    slot's A. The hot slot's rows are copied from the stacks when the slot, its live rank
+    or the stacks' contents change (tracked by the stacks' version counter, which every
+    in-place write through any of their views bumps): a single stream copies once.
+
+    Per step (``prepare``, on the step's first call) it decides whether the step is one
+    segment and readies its views; the calls after it (``forward``) only check that the
+    step and the stacks' version are still the ones prepared: a decode step makes 120 such
+    calls on a 30-layer model, so each microsecond of Python there is about 0.3% of it.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, stacks: FusedStacks
+    ) -> None:
+        n_out, h = weight.shape
+        rows = stacks.max_rank * stacks.num_slices
+        self.stacks = stacks
+        self.out_features = n_out
+        self.w_ext = weight.new_zeros(n_out + rows, h)
+        self.w_ext[:n_out].copy_(weight)
+        self.b_ext = None
+        if bias is not None:
+            self.b_ext = bias.new_zeros(n_out + rows)
+            self.b_ext[:n_out].copy_(bias)
+        self._key: tuple[int, int, int] | None = None
+        # live rank -> (weight rows, bias, split sizes), views built once each
+        self._shapes: dict[int, tuple] = {}
+        # The prepared step: its meta, the stacks' version then, and the plan (or None).
+        self.meta: LoRAMeta | None = None
+        self.version = -1
+        self.plan: tuple | None = None
+
+    def weight(self) -> torch.Tensor:
+        """The base weight [N, H]: a view of ``w_ext``."""
+        return self.w_ext[: self.out_features]
+
+    def bias(self) -> torch.Tensor | None:
+        """The base bias [N] (a view of ``b_ext``), or None."""
+        return None if self.b_ext is None else self.b_ext[: self.out_features]
+
+    def prepare(self, meta: LoRAMeta, slot_mask: int) -> tuple | None:
+        """Ready ``meta``'s step for a linear whose slots with weights are ``slot_mask``:
+        the plan ``forward`` runs when the step's rows all sit on one of them (the slot's A
+        copied under W if it is not there yet), else None. Returns the plan."""
+        self.meta, self.version = meta, self.stacks.a_t._version
+        seg = single_segment(meta, self.stacks.max_rank, slot_mask)
+        if seg is None:
+            self.plan = None
+            return None
+        stacks, n_out = self.stacks, self.out_features
+        width = seg.rank * stacks.num_slices
+        key = (seg.slot, seg.rank, self.version)
+        if key != self._key:
+            self.w_ext[n_out : n_out + width].copy_(stacks.a_t[seg.slot, :, :width].t())
+            self._key = key
+        shapes = self._shapes.get(seg.rank)
+        if shapes is None:
+            bias = None if self.b_ext is None else self.b_ext[: n_out + width]
+            shapes = self._shapes[seg.rank] = (self.w_ext[: n_out + width], bias, (n_out, width))
+        views = stacks.views(seg.slot, seg.rank)
+        per_slice = stacks.num_slices > 1 and (views.per_slice or not seg.short)
+        self.plan = (*shapes, views, per_slice)
+        return self.plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` plus the prepared slot's update for every row of x [T, H] (float32;
+        call ``prepare`` for the step first and only where it gave a plan). Returns [T, N],
+        a view of the GEMM's [T, N + r*n] output (row stride N + r*n: contiguous for one
+        token)."""
+        weight, bias, sizes, views, per_slice = self.plan
+        y, buf = F.linear(x, weight, bias).split_with_sizes(sizes, 1)
+        if per_slice:
+            _expand_per_slice(buf, views, y, self.stacks.out_sizes, 1.0)
+        else:
+            y.addmm_(buf, views.b)
+        return y

@@ -30,6 +30,10 @@ def test_bench_real_model_smoke(llama_dir: Path, tmp_path: Path) -> None:
         "single_hf",
     }
     assert all(side["best"] > 0 and len(side["rounds"]) == 1 for side in report["sides"].values())
+    assert all(
+        len(side["cpu_rounds"]) == 1 and side["cpu_rounds"][0] > 0
+        for side in report["sides"].values()
+    )
     assert [goal["ours"] + "/" + goal["baseline"] for goal in report["goals"]] == [
         "mixed/mixed_base",
         "mixed/mixed_peft",
@@ -40,5 +44,7 @@ def test_bench_real_model_smoke(llama_dir: Path, tmp_path: Path) -> None:
     for goal in report["goals"]:
         assert goal["goal"] in res.stdout and f"{goal['ratio']:.3f}x" in res.stdout
         assert goal["paired_ratio"] == goal["ratio"]  # one round: its ratio is the bests'
+        ours, theirs = (report["sides"][goal[k]]["cpu_rounds"][0] for k in ("ours", "baseline"))
+        assert goal["cpu_paired_ratio"] == ours / theirs
 
     assert report["threads"] == 1 and report["args"]["requests"] == 6

@@ -177,18 +177,26 @@ def test_projections_no_active_adapter_targets_skip_the_lora_ops(
     llama_dir, adapter_factory, monkeypatch
 ):
     """An adapter on q/v only runs LoRA ops on the fused qkv projection alone; one on the MLP
-    on gate/up and down alone; evicting a slot clears what its old adapter targeted."""
+    on gate/up and down alone; evicting a slot clears what its old adapter targeted. A
+    single stream takes the hot-slot road (``HotSlot.forward``), a batch could take the
+    segmented one (``add_lora_slices``): both are counted."""
     import lorafleet.worker.model.decoder as model_module
+    from lorafleet.kernels.segmented import HotSlot
 
     by_name = {spec.name: req for spec, req in adapter_factory(llama_dir)}
     shrinks: list[int] = []
-    real = model_module.add_lora_slices
+    real, real_hot = model_module.add_lora_slices, HotSlot.forward
 
     def counting(x, lora_as, *rest, **options):
         shrinks.append(lora_as[0].shape[-1])  # in_features of the projection
         return real(x, lora_as, *rest, **options)
 
+    def counting_hot(self, x):
+        shrinks.append(x.shape[-1])
+        return real_hot(self, x)
+
     monkeypatch.setattr(model_module, "add_lora_slices", counting)
+    monkeypatch.setattr(HotSlot, "forward", counting_hot)
     llm = LLM(str(llama_dir), max_loras=1, max_lora_rank=64)  # one slot: each load evicts
     layers = llm.engine.args.num_layers
     hidden, inter = llm.engine.args.hidden_size, llm.engine.args.intermediate_size

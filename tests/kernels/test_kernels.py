@@ -625,8 +625,19 @@ FUSED_CASES = [
 ]
 
 
+@pytest.fixture(params=["block-diagonal", "per-slice"])
+def short_expand(request, monkeypatch) -> str:
+    """Short segments' expand, either way (``PER_SLICE_MIN_ZEROS`` picks it by the zeros the
+    block-diagonal would read: the tests' small shapes would always take one road)."""
+    import lorafleet.kernels.segmented as segmented
+
+    zeros = 0 if request.param == "per-slice" else 1 << 62
+    monkeypatch.setattr(segmented, "PER_SLICE_MIN_ZEROS", zeros)
+    return request.param
+
+
 @pytest.mark.parametrize("case", FUSED_CASES + [back_to_back(c) for c in CASES], ids=str)
-def test_fused_add_matches_float64(case: Case) -> None:
+def test_fused_add_matches_float64(case: Case, short_expand: str) -> None:
     check_fused(make_batch(case))
 
 
@@ -654,6 +665,7 @@ def test_fused_stacks_views_alias_the_fused_memory() -> None:
     for i in range(3):
         fused.lora_as[i][2, :5], fused.lora_bs[i][2, :, :5] = a[i], b[i]
     views = fused.views(2, 5)
+    assert not views.per_slice  # 2 * 20 * 5 block-diagonal zeros: one expand is cheaper
     assert torch.equal(views.a.t(), torch.stack(a, dim=1).reshape(15, 20))  # rows r*n + i
     expected_b = torch.block_diag(*(m.t() for m in b)).view(3, 5, 20).transpose(0, 1)
     assert torch.equal(views.b, expected_b.reshape(15, 20))
@@ -720,7 +732,123 @@ def test_lora_linear_on_cpu_takes_the_fused_path() -> None:
         buf = lora_shrink_slices_ref(x, [a[:2] for a in linear.lora_as], _two_slots(meta))
         want = x @ linear.weight.T
         lora_expand_slices_ref(buf, [b[:2] for b in linear.lora_bs], _two_slots(meta), want)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **FP32_TOL)
+
+
+#: float32 against float64 for sums of a few dozen products of unit-scale values.
+FP32_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _hot_linear(bias: bool, out_sizes: tuple[int, ...], gen: torch.Generator):
+    """A CPU float32 ``LoRALinear`` (in 48) with 3 slots of rank up to 8, random weights in
+    slots 0 and 2 (slot 2 at rank 5, its second slice zero as a q/v adapter's k), slot 1
+    empty; and its base weight and bias as loaded, kept apart."""
+    from lorafleet.worker.model.decoder import LoRALinear
+
+    linear = LoRALinear(48, out_sizes, bias=bias)
+    weight = torch.randn(sum(out_sizes), 48, generator=gen)
+    linear.weight.copy_(weight)
+    base_bias = torch.randn(sum(out_sizes), generator=gen) if bias else None
+    if bias:
+        linear.bias.copy_(base_bias)
+    linear.allocate_slots(3, 8)
+    for stack in (*linear.lora_as, *linear.lora_bs):
+        stack[0] = torch.randn(stack[0].shape, generator=gen)
+    for stack in (linear.lora_as[0], linear.lora_bs[0]):
+        stack[2, ..., :5] = torch.randn(stack[2, ..., :5].shape, generator=gen)
+    linear.slot_mask = 0b101
+    return linear, weight, base_bias
+
+
+def _hot_truth(linear, weight, bias, x, slot: int, rank: int) -> torch.Tensor:
+    """float64 ``x W^T + b + sum_i x A_i^T B_i^T`` for every row on ``slot`` at ``rank``."""
+    want = x.double() @ weight.double().T
+    if bias is not None:
+        want += bias.double()
+    parts = [
+        x.double() @ a[slot, :rank].double().T @ b[slot, :, :rank].double().T
+        for a, b in zip(linear.lora_as, linear.lora_bs, strict=True)
+    ]
+    return want + torch.cat(parts, dim=1)
+
+
+def _ctx(meta: LoRAMeta):
+    from lorafleet.worker.model.context import StepContext
+
+    return StepContext(None, None, None, meta.num_tokens, 1, 16, meta)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize(
+    "out_sizes", [(40, 8, 8), (64, 64), (24,)], ids=["qkv", "gate-up", "single"]
+)
+@pytest.mark.parametrize("tokens", [1, 5, 40], ids=["decode", "short", "long"])
+def test_lora_linear_hot_slot_matches_float64(bias, out_sizes, tokens, short_expand) -> None:
+    """Every row on one slot: the base GEMM with the slot's A under W (``HotSlot``), at the
+    slot's live rank, then the expand (block-diagonal or per slice, short or long) equals
+    float64; the base path still reads the weight as loaded; a slot rewritten in place is
+    read anew, and so is a switch of slot or rank."""
+    from lorafleet.kernels.segmented import HotSlot
+
+    gen = torch.Generator().manual_seed(tokens + len(out_sizes))
+    linear, weight, base_bias = _hot_linear(bias, out_sizes, gen)
+    assert linear.hot is not None and linear.weight.data_ptr() == linear.hot.w_ext.data_ptr()
+    x = torch.randn(tokens, 48, generator=gen)
+    calls = []
+    real = HotSlot.forward
+    HotSlot.forward = lambda self, *a: calls.append(a) or real(self, *a)
+    try:
+        with torch.inference_mode():
+            base = linear(x, _ctx(LoRAMeta.from_token_slots([-1] * tokens, 3)))
+            torch.testing.assert_close(
+                base.double(), _hot_truth(linear, weight, base_bias, x, 1, 0), **FP32_TOL
+            )
+            for slot, rank in [(0, 8), (2, 5), (0, 8)]:
+                meta = LoRAMeta.from_token_slots([slot] * tokens, 3, slot_ranks=[8, 0, rank])
+                got = linear(x, _ctx(meta))
+                want = _hot_truth(linear, weight, base_bias, x, slot, rank)
+                torch.testing.assert_close(got.double(), want, **FP32_TOL)
+            linear.lora_as[-1][0] *= -2.0  # the manager writes a slot through these views
+            meta = LoRAMeta.from_token_slots([0] * tokens, 3, slot_ranks=[8, 0, 5])
+            want = _hot_truth(linear, weight, base_bias, x, 0, 8)
+            torch.testing.assert_close(linear(x, _ctx(meta)).double(), want, **FP32_TOL)
+    finally:
+        HotSlot.forward = real
+    assert len(calls) == 4
+
+
+def test_lora_linear_hot_slot_only_for_one_whole_segment(short_expand: str) -> None:
+    """Rows on two slots, one slot and base rows, or one slot and a slot outside the linear's
+    mask (whose rows must get nothing) take the segmented path, and agree with float64."""
+    from lorafleet.kernels.segmented import HotSlot
+
+    gen = torch.Generator().manual_seed(11)
+    linear, weight, _ = _hot_linear(False, (40, 8, 8), gen)
+    x = torch.randn(4, 48, generator=gen)
+    calls = []
+    real = HotSlot.forward
+    HotSlot.forward = lambda self, *a: calls.append(a) or real(self, *a)
+    try:
+        with torch.inference_mode():
+            for slots, hot in [
+                ([0, 0, 2, 2], False),
+                ([0, 0, -1, -1], False),
+                ([1, 1, 2, 2], False),
+                ([2, 2, 2, 2], True),
+            ]:
+                calls.clear()
+                meta = LoRAMeta.from_token_slots(slots, 3, slot_ranks=[8, 8, 5])
+                got = linear(x, _ctx(meta)).double()
+                assert bool(calls) == hot, slots
+                for row, slot in enumerate(slots):
+                    ranks = {0: 8, 2: 5}
+                    if slot in ranks:
+                        want = _hot_truth(linear, weight, None, x[row : row + 1], slot, ranks[slot])
+                    else:  # no adapter, or slot 1: outside the mask, nothing added
+                        want = x[row : row + 1].double() @ weight.double().T
+                    torch.testing.assert_close(got[row : row + 1], want, **FP32_TOL)
+    finally:
+        HotSlot.forward = real
 
 
 def _two_slots(meta: LoRAMeta) -> LoRAMeta:

@@ -18,7 +18,8 @@ from torch import nn
 
 from lorafleet.kernels import add_lora_slices, use_triton
 from lorafleet.kernels.attention import KeyGather, key_gather, paged_decode_attention
-from lorafleet.kernels.segmented import FusedStacks
+from lorafleet.kernels.dispatch import step_uses_triton
+from lorafleet.kernels.segmented import FusedStacks, HotSlot
 from lorafleet.worker.model.context import StepContext
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,6 +83,10 @@ class LoRALinear(nn.Module):
     the adapter's scaling; unused rank columns are zero. On the CPU those stacks are views
     of ``fused`` (``FusedStacks``), laid out for the segmented CPU path; elsewhere each is
     its own tensor, B's rank axis innermost, as the Triton kernels load it.
+
+    On the CPU in float32, ``weight`` (and ``bias``) then become views of ``hot``
+    (``HotSlot``: W with one slot's A under it), so a step whose rows all sit on one of
+    this linear's slots runs the base GEMM and the shrink as one, then the expand.
     """
 
     def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool) -> None:
@@ -95,6 +100,7 @@ class LoRALinear(nn.Module):
         self.lora_as: Sequence[torch.Tensor] = ()
         self.lora_bs: Sequence[torch.Tensor] = ()
         self.fused: FusedStacks | None = None
+        self.hot: HotSlot | None = None
         # Bit s set: the adapter in slot s has weights for this projection. A step whose
         # active slots miss every bit skips the LoRA ops here (adapters on q/k/v/o only
         # leave the MLP alone), and the CPU path skips the tokens of slots whose bit is
@@ -109,6 +115,12 @@ class LoRALinear(nn.Module):
                 num_slots, rank, self.in_features, self.out_sizes, dtype, device
             )
             self.lora_as, self.lora_bs = self.fused.lora_as, self.fused.lora_bs
+            if dtype == torch.float32:  # 16-bit stacks accumulate in float32 (add_lora_fused)
+                self.hot = HotSlot(self.weight, self.bias, self.fused)
+                # In place (.data), so the Parameters stay the module's and the loader's.
+                self.weight.data = self.hot.weight()
+                if self.bias is not None:
+                    self.bias.data = self.hot.bias()
             return
         kw = dict(dtype=dtype, device=device)
         self.lora_as = [
@@ -117,19 +129,37 @@ class LoRALinear(nn.Module):
         self.lora_bs = [torch.zeros(num_slots, n, rank, **kw) for n in self.out_sizes]
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        """x [T, in] -> [T, sum(out_sizes)]; may be a view with a wider row stride."""
         meta = ctx.lora
-        if meta is not None and self.slot_mask & meta.active_mask:
-            add_lora_slices(
-                x,
-                self.lora_as,
-                self.lora_bs,
-                meta,
-                y,
-                self.offsets,
-                slot_mask=self.slot_mask,
-                fused=self.fused,
-            )
+        if meta is None or not self.slot_mask & meta.active_mask:
+            return F.linear(x, self.weight, self.bias)
+        hot = self.hot
+        if hot is not None:
+            # Prepared once per step (and again if a slot was written since: the stacks'
+            # version moved); the other calls of the step pay two comparisons.
+            if hot.meta is not meta or hot.version != hot.stacks.a_t._version:
+                # The weight is hot's memory unless something replaced it since (a cast).
+                if (
+                    not meta.static
+                    and hot.w_ext.data_ptr() == self.weight.data_ptr()
+                    and not step_uses_triton(meta, x)
+                ):
+                    hot.prepare(meta, self.slot_mask)
+                else:
+                    hot.meta, hot.version, hot.plan = meta, hot.stacks.a_t._version, None
+            if hot.plan is not None:
+                return hot.forward(x)
+        y = F.linear(x, self.weight, self.bias)
+        add_lora_slices(
+            x,
+            self.lora_as,
+            self.lora_bs,
+            meta,
+            y,
+            self.offsets,
+            slot_mask=self.slot_mask,
+            fused=self.fused,
+        )
         return y
 
 
