@@ -90,7 +90,11 @@ def test_a_deadline_mid_generation_keeps_the_text_made_so_far(shared_worker):
 
     async def scenario():
         async with Client(url, queue_name=queue) as client:
-            handle = await client.submit("cut by the clock", LONG, timeout=1.0)
+            # A deadline at half of what the whole job takes here, however fast this machine.
+            started = time.monotonic()
+            await (await client.submit("how long", LONG)).result(timeout=120)
+            deadline = (time.monotonic() - started) / 2
+            handle = await client.submit("cut by the clock", LONG, timeout=deadline)
             streamed = []
             with pytest.raises(DeadlineExceededError) as caught:
                 async for delta in handle.stream():

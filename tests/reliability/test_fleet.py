@@ -106,6 +106,15 @@ def fleet(rel_redis, make_config, start_worker, rel_adapters):
         process.stop(timeout=15)
 
 
+async def _keep_busy(client: Client, handles: list[Any], stop: asyncio.Event, tokens: int) -> None:
+    """Base-model jobs of ``tokens`` tokens, one after another, until ``stop``."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    while not stop.is_set():
+        handle = await client.submit(f"keep B busy {uuid.uuid4().hex}", params)
+        handles.append(handle)
+        await handle.result(timeout=60)
+
+
 async def _one(client: Client, lora: LoRARequest | None, params=SHORT) -> tuple[str, RequestOutput]:
     handle = await client.submit("fleet test", params, lora)
     return handle.job_id, await handle.result(timeout=60)
@@ -154,17 +163,25 @@ def test_jobs_of_a_stalled_home_are_stolen_after_the_bounded_wait(rel_redis, fle
     async def scenario() -> tuple[float, float, str, str]:
         async with Client(url, queue_name=queue) as client:
             idle_job, idle_out = await _one(client, lora(x))  # B is idle: a short wait
-            # Busy for longer than the wait: three long base-model jobs in one batch.
-            longs = [await client.submit(f"keep B busy {i}", LONGEST) for i in range(3)]
+            # Busy for longer than the wait, however fast B generates: long base-model jobs
+            # of staggered lengths, each submitted again as it ends, so B never runs dry.
+            longs: list[Any] = []
+            stop = asyncio.Event()
+            feeders = [
+                asyncio.create_task(_keep_busy(client, longs, stop, max_tokens))
+                for max_tokens in (LONGEST.max_tokens, 2 * LONGEST.max_tokens // 3, 40)
+            ]
             await asyncio.to_thread(
                 wait_until,
-                lambda: all(stream_events(url, h.job_id) for h in longs),
+                lambda: len(longs) >= 3 and all(stream_events(url, h.job_id) for h in longs[:3]),
                 30,
                 "B to start",
             )
             busy_job, busy_out = await _one(client, lora(x2))  # B is busy: the full wait
+            stop.set()
             for handle in longs:
                 await handle.abort()
+            await asyncio.gather(*feeders, return_exceptions=True)
         return (
             idle_out.metrics.time_in_queue,
             busy_out.metrics.time_in_queue,
