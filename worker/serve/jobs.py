@@ -164,9 +164,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         tenants,
     )
     ctx["lorafleet"].fleet = fleet
-    await heartbeat.start()  # registers the worker: from here on it takes jobs
-    fleet.attach(heartbeat.publish)
-    Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
+    # Said before registering: whoever waits for the registration (the launcher, an
+    # operator's tooling) then finds the ready line already written.
     if config.adapter_roots:
         roots = "adapters from " + os.pathsep.join(config.adapter_roots)
     else:
@@ -180,6 +179,9 @@ async def startup(ctx: dict[str, Any]) -> None:
         config.queue,
         redact_url(config.redis_url),
     )
+    await heartbeat.start()  # registers the worker: from here on it takes jobs
+    fleet.attach(heartbeat.publish)
+    Drain(worker, tracker, grace=config.drain_timeout, on_start=heartbeat.mark_draining).install()
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
