@@ -35,6 +35,7 @@ from lorafleet.kernels import (
     lora_shrink_slices,
     lora_shrink_slices_ref,
     reference,
+    segmented,
     triton_available,
 )
 from lorafleet.kernels.meta import static_segment_capacity
@@ -550,8 +551,9 @@ def test_triton_rejects_bad_shapes_and_tiles() -> None:
 
 def fused_copy(batch: Batch, skipped: Sequence[int] = ()) -> FusedStacks:
     """The batch's stacks in a ``FusedStacks`` (slices back to back). Slots in ``skipped``
-    stand for adapters without this projection: NaN in the copy, so a path that reads them
-    fails, and zero in the batch, so the float64 truth leaves their rows alone."""
+    stand for adapters without this projection: 1e30 in the copy, so a path that adds what
+    they give fails (weights are finite: a batched step may read them, times zero), and
+    zero in the batch, so the float64 truth leaves their rows alone."""
     case = batch.case
     fused = FusedStacks.allocate(case.num_slots, case.rank, case.hidden, case.widths, batch.dtype)
     kept = [s for s in range(case.num_slots) if s not in skipped]
@@ -559,7 +561,7 @@ def fused_copy(batch: Batch, skipped: Sequence[int] = ()) -> FusedStacks:
         fused.lora_as + fused.lora_bs, batch.lora_as + batch.lora_bs, strict=True
     ):
         theirs[list(skipped)] = 0.0
-        mine[list(skipped)] = float("nan")
+        mine[list(skipped)] = 1e30
         mine[kept] = theirs[kept]
     return fused
 
@@ -579,6 +581,16 @@ def back_to_back(case: Case) -> Case:
     """``case`` with its slices side by side from column 0, as ``FusedStacks`` lays them."""
     return dataclasses.replace(case, gap=0)
 
+
+# Short segments on consecutive slots (``Batched``): rows slot after slot, as many each;
+# padded to the longest, -1 rows around; rows in the reverse order of the slots; slot 1
+# between the step's slots 0 and 2 without tokens (batched on padding rows only).
+BATCHED_CASES = [
+    Case("batched-aligned-fp32", "fp32", 16, 96, 4, (0, 1, 2, 3), (4,) * 4, (48, 16, 16), (16, 8, 16, 4)),
+    Case("batched-padded-fp32", "fp32", 8, 64, 4, (-1, 1, 2, 2, 3, -1), (2, 3, 1, 1, 3, 1), (40, 24), (8, 4, 6, 2), scale=0.5),
+    Case("batched-reversed-fp32", "fp32", 8, 64, 3, (2, 1, 0), (2, 2, 2), (32,), (8, 3, 8)),
+    Case("batched-gap-fp32", "fp32", 8, 64, 3, (0, -1, 2), (3, 1, 3), (24, 24), (8, 8, 4)),
+]  # fmt: skip
 
 # Decode and prefill shapes of the engine's CPU path: mixed live ranks (0 and padded ones
 # included), -1 rows between adapters, a slot whose tokens are not one run of rows, runs
@@ -622,6 +634,7 @@ FUSED_CASES = [
         scale=0.5,
     ),
     Case("prefill-long-runs-bf16", "bf16", 8, 128, 2, (1, -1, 0), (45, 4, 34), (48, 48), (8, 5)),
+    *BATCHED_CASES,
 ]
 
 
@@ -629,7 +642,6 @@ FUSED_CASES = [
 def short_expand(request, monkeypatch) -> str:
     """Short segments' expand, either way (``PER_SLICE_MIN_ZEROS`` picks it by the zeros the
     block-diagonal would read: the tests' small shapes would always take one road)."""
-    import lorafleet.kernels.segmented as segmented
 
     zeros = 0 if request.param == "per-slice" else 1 << 62
     monkeypatch.setattr(segmented, "PER_SLICE_MIN_ZEROS", zeros)
@@ -644,13 +656,49 @@ def test_fused_add_matches_float64(case: Case, short_expand: str) -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_add_skips_slots_without_the_projection(dtype: str) -> None:
     """Adapters with different target sets in one batch: slots 1 and 3 hold nothing for this
-    projection (bit clear in the mask, NaN weights that must stay unread); slot 2 has zeros
-    in its second slice (a q/v adapter's k)."""
+    projection (bit clear in the mask, huge weights that must add nothing); slot 2 has
+    zeros in its second slice (a q/v adapter's k)."""
     case = Case(f"targets-{dtype}", dtype, 16, 96, 4, (3, 0, -1, 1, 2, 0), (2, 1, 1, 3, 2, 1))
     case = dataclasses.replace(case, widths=(48, 16, 16), slot_ranks=(16, 8, 16, 4))
     batch = make_batch(case)
     batch.lora_as[1][2], batch.lora_bs[1][2] = 0.0, 0.0
     check_fused(batch, skipped=(1, 3))
+
+
+@pytest.mark.parametrize(
+    "name, aligned",
+    [
+        ("batched-aligned-fp32", True),
+        ("batched-padded-fp32", False),
+        ("batched-reversed-fp32", False),
+    ],
+)
+def test_short_segments_on_consecutive_slots_take_the_batched_road(name: str, aligned: bool):
+    """The ``Batched`` cases above do run batched (their results are checked against
+    float64 with the others): viewed in place when aligned, gathered otherwise; too much
+    padding, or a long segment, sends the step back to one segment at a time."""
+    case = next(c for c in FUSED_CASES if c.name == name)
+    meta = make_batch(case).meta
+    everyone = (1 << case.num_slots) - 1
+    plan = segmented.batched(meta, case.rank, everyone, torch.device("cpu"))
+    assert plan is not None and (plan.rows is not None) == aligned
+    if name == "batched-aligned-fp32":  # slots 0 and 3 alone: half the rows padding
+        assert segmented.batched(meta, case.rank, 0b1001, torch.device("cpu")) is None
+    long = dataclasses.replace(case, seq_lens=(40,) * len(case.seq_lens))
+    assert (
+        segmented.batched(make_batch(long).meta, case.rank, everyone, torch.device("cpu")) is None
+    )
+
+
+def test_a_batched_step_adds_nothing_to_a_slot_without_the_projection() -> None:
+    """Slots 0, 2 and 3 have weights for the linear, slot 1 (between them, its rows between
+    theirs) has none: the step runs batched over the four, viewed in place, and slot 1's
+    rows get nothing from its (huge) weights."""
+    case = next(c for c in BATCHED_CASES if c.name == "batched-aligned-fp32")
+    batch = make_batch(case)
+    plan = segmented.batched(batch.meta, case.rank, 0b1101, torch.device("cpu"))
+    assert plan is not None and plan.rows is not None and plan.num == 4
+    check_fused(batch, skipped=(1,))
 
 
 def test_fused_stacks_views_alias_the_fused_memory() -> None:
