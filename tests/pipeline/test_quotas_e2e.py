@@ -28,6 +28,19 @@ def _tenant(kind: str) -> str:
     return f"{kind}-{uuid.uuid4().hex[:8]}"
 
 
+def _in_flight(client, tenant: str) -> int:
+    """The tenant's jobs in flight as the quota counts them."""
+
+    async def count() -> int:
+        r = aioredis.Redis.from_url(client._client.url)
+        try:
+            return await in_flight(r, tenant)
+        finally:
+            await r.aclose()
+
+    return asyncio.run(count())
+
+
 def _rows(client, tenant: str):
     return [r for r in client.usage(by="tenant").rows if r.tenant == tenant]
 
@@ -87,14 +100,7 @@ def test_a_noisy_tenant_is_held_to_its_quota_while_another_completes(client, ada
     for handle in accepted:
         handle.result(timeout=120)
 
-    async def left() -> int:
-        r = aioredis.Redis.from_url(client._client.url)
-        try:
-            return await in_flight(r, noisy)
-        finally:
-            await r.aclose()
-
-    assert asyncio.run(left()) == 0  # the finished jobs gave their places back
+    assert _in_flight(client, noisy) == 0  # the finished jobs gave their places back
     (row,) = _rows(client, noisy)
     assert row.requests == 2  # refused jobs cost nothing
     # Tokens per minute: the noisy jobs' tokens spent this minute's budget; the next job is
@@ -141,14 +147,7 @@ def test_resubmitting_a_finished_job_holds_no_place(client):
     again = client.submit("hello", PARAMS, tenant=tenant, job_id=job_id).result(timeout=60)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
 
-    async def left() -> int:
-        r = aioredis.Redis.from_url(client._client.url)
-        try:
-            return await in_flight(r, tenant)
-        finally:
-            await r.aclose()
-
-    assert asyncio.run(left()) == 0
+    assert _in_flight(client, tenant) == 0
     client.submit("next", PARAMS, tenant=tenant).result(timeout=60)  # the place is free
     (row,) = _rows(client, tenant)
     assert row.requests == 2

@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -62,6 +62,15 @@ def stream_events(url: str, job_id: str) -> list[StreamEvent]:
     """Every event still in the job's token stream, in order."""
     with redis.Redis.from_url(url) as r:
         return [decode_event(fields[FIELD]) for _, fields in r.xrange(stream_key(job_id))]
+
+
+def streaming(url: str, job_ids: Iterable[str], timeout: float = 30.0) -> None:
+    """Wait until every job in ``job_ids`` has streamed tokens (it is running on a worker);
+    raises like ``wait_until``."""
+    ids = list(job_ids)
+    wait_until(
+        lambda: all(stream_events(url, j) for j in ids), timeout, f"{len(ids)} jobs to stream"
+    )
 
 
 class PasswordRedis(EmbeddedRedis):

@@ -11,7 +11,7 @@ import time
 import pytest
 import redis
 from arq.constants import retry_key_prefix
-from reliability_support import registry_entry, stream_events, wait_until
+from reliability_support import registry_entry, stream_events, streaming, wait_until
 
 from lorafleet.producer import Client, SamplingParams
 from lorafleet.producer.keys import stream_key
@@ -68,12 +68,7 @@ def test_sigterm_finishes_running_jobs_and_hands_back_the_rest(rescuer, draining
     async def scenario():
         async with Client(url, queue_name=queue) as client:
             running = [await client.submit(f"running {i}", LONG) for i in range(2)]
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(stream_events(url, h.job_id) for h in running),
-                20,
-                "the long jobs to generate",
-            )
+            await asyncio.to_thread(streaming, url, [h.job_id for h in running], 20)
             # Frozen while the other jobs are queued: the long jobs keep nearly all their
             # work for after the thaw, which leaves ample time to signal mid-generation.
             draining.signal(signal.SIGSTOP)

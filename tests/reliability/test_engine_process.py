@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from reliability_support import HEARTBEAT_TTL, registry_entry, stream_events, wait_until
+from reliability_support import HEARTBEAT_TTL, registry_entry, stream_events, streaming, wait_until
 
 from lorafleet.producer import Client, SamplingParams
 
@@ -48,12 +48,7 @@ def test_engine_death_ends_the_worker_and_its_jobs_run_again_once(
                 for i in range(NUM_JOBS)
             ]
             ids = [h.job_id for h in handles]
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(stream_events(url, j) for j in ids),
-                30,
-                "every job to stream tokens on the first worker",
-            )
+            await asyncio.to_thread(streaming, url, ids, 30)
             os.kill(engine_pid, signal.SIGKILL)
             await asyncio.to_thread(
                 wait_until, lambda: not first.running, 10, "the worker to exit after its engine"
@@ -92,9 +87,7 @@ def test_hung_engine_ends_the_worker_and_its_jobs_run_again_once(
         async with Client(url, queue_name=first.config.queue) as client:
             handles = [await client.submit(f"engine hang {i}", LONG) for i in range(3)]
             ids = [h.job_id for h in handles]
-            await asyncio.to_thread(
-                wait_until, lambda: all(stream_events(url, j) for j in ids), 30, "tokens"
-            )
+            await asyncio.to_thread(streaming, url, ids, 30)
             os.kill(engine_pid, signal.SIGSTOP)
             frozen_at = time.monotonic()
             await asyncio.to_thread(

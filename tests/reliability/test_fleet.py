@@ -23,6 +23,7 @@ from reliability_support import (
     fresh_entry,
     registry_entry,
     stream_events,
+    streaming,
     wait_until,
 )
 
@@ -211,12 +212,7 @@ def test_a_killed_home_re_homes_its_adapters_and_no_job_is_left_behind(rel_redis
             first, _ = await _one(client, lora(x))
             assert served_by(url, first) == [a]
             running = [await client.submit(f"long {i}", MEDIUM, lora(x)) for i in range(4)]
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(stream_events(url, h.job_id) for h in running),
-                30,
-                "A to run the adapter's jobs",
-            )
+            await asyncio.to_thread(streaming, url, [h.job_id for h in running], 30)
             victim.signal(signal.SIGKILL)  # X's only home dies mid-generation
             queued = [await client.submit(f"after {i}", SHORT, lora(x)) for i in range(4)]
             # Once the registry drops A, X has a new home.

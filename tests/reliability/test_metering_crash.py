@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-from reliability_support import stream_events, wait_until
+from reliability_support import stream_events, streaming
 
 from lorafleet.producer import Client, SamplingParams
 from lorafleet.producer.ledger import read_usage, to_us
@@ -38,12 +38,7 @@ def test_a_sigkilled_run_is_waste_and_the_rerun_is_counted_once(
                 for i in range(NUM_JOBS)
             ]
             ids = [h.job_id for h in handles]
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(stream_events(url, j) for j in ids),
-                30,
-                "every job to stream its first tokens on the first worker",
-            )
+            await asyncio.to_thread(streaming, url, ids, 30)
             first.signal(signal.SIGKILL)
             rescuer.signal(signal.SIGCONT)
             outputs = await asyncio.wait_for(asyncio.gather(*(h.result() for h in handles)), 90)

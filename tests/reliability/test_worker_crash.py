@@ -10,7 +10,7 @@ import time
 
 import pytest
 import redis
-from reliability_support import HEARTBEAT_TTL, registry_entry, stream_events, wait_until
+from reliability_support import HEARTBEAT_TTL, registry_entry, stream_events, streaming, wait_until
 
 from lorafleet.producer import Client, SamplingParams
 from lorafleet.producer.keys import arq_job_key
@@ -52,12 +52,7 @@ def test_sigkill_mid_batch_reruns_every_job_once_within_the_ttl(
             ]
             ids = [h.job_id for h in handles]
             followers = [asyncio.create_task(_follow(h)) for h in handles]
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(stream_events(url, j) for j in ids),
-                30,
-                "every job to stream its first tokens on the first worker",
-            )
+            await asyncio.to_thread(streaming, url, ids, 30)
             assert not any(h.done for h in handles), "jobs must be mid-generation"
             first.signal(signal.SIGKILL)
             killed_at = time.monotonic()

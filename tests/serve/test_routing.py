@@ -88,20 +88,35 @@ class Scene:
     async def verdict(self, capacity: int = 100) -> list[tuple[bytes, str]]:
         return (await self.router.decide(await self.head(), capacity)).claim
 
+    def homed_at(self, home: str, skip=()) -> int:
+        """The first adapter whose (single) home among me and the other worker is ``home``."""
+        return adapter_homed_at(home, [self.me, self.other], skip=skip)
 
-def run(coro):
-    return asyncio.run(coro)
+    async def meet(self, **other) -> None:
+        """Register me, then the other worker with ``other`` (``register``'s keywords)."""
+        await self.register(self.me)
+        await self.register(self.other, **other)
+
+
+def play(server: EmbeddedRedis, scenario, **scene) -> None:
+    """Run ``await scenario(Scene(...))`` to the end, then close the scene's connection."""
+
+    async def go():
+        s = Scene(server.url, **scene)
+        try:
+            await scenario(s)
+        finally:
+            await s.redis.aclose()
+
+    asyncio.run(go())
 
 
 def test_held_and_homed_jobs_are_claimed_now_others_after_the_bounded_wait(server):
-    async def scenario():
-        s = Scene(server.url)
-        names = [s.me, s.other]
-        await s.register(s.me)
-        await s.register(s.other)
-        mine = adapter_homed_at(s.me, names)
-        theirs = adapter_homed_at(s.other, names)
-        held = adapter_homed_at(s.other, names, skip={theirs})
+    async def scenario(s: Scene):
+        await s.meet()
+        mine = s.homed_at(s.me)
+        theirs = s.homed_at(s.other)
+        held = s.homed_at(s.other, skip={theirs})
         s.cached = frozenset({held})
         j_mine, j_theirs, j_held, j_base = await s.enqueue(mine, theirs, held, None)
         assert dict(await s.verdict()) == {j_mine: "homed", j_held: "held", j_base: "base"}
@@ -113,17 +128,14 @@ def test_held_and_homed_jobs_are_claimed_now_others_after_the_bounded_wait(serve
         # enqueued in the same millisecond is their ids' order).
         order = [j for j, _ in await s.verdict()]
         assert set(order[:3]) == {j_mine, j_held, j_base} and order[3] == j_theirs
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_an_idle_worker_steals_sooner(server):
-    async def scenario():
-        s = Scene(server.url)
-        await s.register(s.me)
-        await s.register(s.other)
-        theirs = adapter_homed_at(s.other, [s.me, s.other])
+    async def scenario(s: Scene):
+        await s.meet()
+        theirs = s.homed_at(s.other)
         (job,) = await s.enqueue(theirs)
         s.jobs_held = 0
         assert await s.verdict() == []
@@ -131,34 +143,26 @@ def test_an_idle_worker_steals_sooner(server):
         assert await s.verdict() == [(job, "stolen")]
         s.jobs_held = 3  # busy again: the full wait applies
         assert await s.verdict() == []
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_a_cold_adapter_held_elsewhere_stays_there_and_its_home_waits(server):
-    async def scenario():
-        s = Scene(server.url)
-        names = [s.me, s.other]
-        mine = adapter_homed_at(s.me, names)
-        await s.register(s.me)
-        await s.register(s.other, cached=[mine])
+    async def scenario(s: Scene):
+        mine = s.homed_at(s.me)
+        await s.meet(cached=[mine])
         (job,) = await s.enqueue(mine)
         assert await s.verdict() == []  # the holder serves it without reading the disk
         s.t += STEAL_AFTER
         assert await s.verdict() == [(job, "homed")]  # ...unless it does not in time
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_dead_and_draining_workers_lose_their_adapters_and_rehomes_are_counted(server):
-    async def scenario():
-        s = Scene(server.url)
-        names = [s.me, s.other]
-        theirs = adapter_homed_at(s.other, names)
-        await s.register(s.me)
-        await s.register(s.other)
+    async def scenario(s: Scene):
+        theirs = s.homed_at(s.other)
+        await s.meet()
         (job,) = await s.enqueue(theirs)
         assert await s.verdict() == []
         assert s.router.counters.rehomes == 0
@@ -170,62 +174,50 @@ def test_dead_and_draining_workers_lose_their_adapters_and_rehomes_are_counted(s
         await s.register(s.other, state="draining")
         assert await s.verdict() == [(job, "homed")]
         assert s.router.counters.rehomes == 2
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_workers_of_other_queues_do_not_count(server):
-    async def scenario():
-        s = Scene(server.url)
-        theirs = adapter_homed_at(s.other, [s.me, s.other])
+    async def scenario(s: Scene):
+        theirs = s.homed_at(s.other)
         await s.register(s.me)
         entry = {"heartbeat": s.t, "ttl": 3.0, "state": "ready", "queue": "lorafleet:else"}
         await s.redis.hset(WORKERS_KEY, s.other, json.dumps(entry))
         (job,) = await s.enqueue(theirs)
         assert await s.verdict() == [(job, "homed")]  # the only live worker of this queue
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_a_payload_routing_cannot_read_is_claimed_now_for_its_run_to_report(server):
-    async def scenario():
-        s = Scene(server.url)
-        await s.register(s.me)
-        await s.register(s.other)
+    async def scenario(s: Scene):
+        await s.meet()
         (job,) = await s.enqueue(None)
         await s.redis.set(job_key_prefix + job.decode(), b"\xc1 not msgpack")
         s.router._jobs.clear()
         assert await s.verdict() == [(job, "base")]
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)
 
 
 def test_with_affinity_off_every_job_is_claimed_in_queue_order(server):
-    async def scenario():
-        s = Scene(server.url, affinity=False)
-        await s.register(s.me)
-        await s.register(s.other)
-        theirs = adapter_homed_at(s.other, [s.me, s.other])
+    async def scenario(s: Scene):
+        await s.meet()
+        theirs = s.homed_at(s.other)
         s.cached = frozenset({5})
         jobs = await s.enqueue(theirs, None, 5)
         verdict = await s.verdict()
         assert dict(verdict) == dict(zip(jobs, ["stolen", "base", "held"], strict=True))
         assert [j for j, _ in verdict] == await s.head()  # as arq read them
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario, affinity=False)
 
 
 def test_a_worker_much_lighter_than_the_homes_and_holders_steals_sooner(server):
-    async def scenario():
-        s = Scene(server.url)
-        names = [s.me, s.other]
-        theirs = adapter_homed_at(s.other, names)
-        await s.register(s.me)
-        await s.register(s.other, load=5)
+    async def scenario(s: Scene):
+        theirs = s.homed_at(s.other)
+        await s.meet(load=5)
         (job,) = await s.enqueue(theirs)
         s.jobs_held = 4  # lighter, but by fewer than LIGHTER_BY jobs: the full wait
         s.t += STEAL_AFTER * IDLE_STEAL_SHARE
@@ -235,6 +227,5 @@ def test_a_worker_much_lighter_than_the_homes_and_holders_steals_sooner(server):
         await s.register(s.me, cached=[theirs])  # I do not count as a holder against myself
         await s.register("third-" + s.other, load=1, cached=[theirs])  # a light holder
         assert await s.verdict() == []
-        await s.redis.aclose()
 
-    run(scenario())
+    play(server, scenario)

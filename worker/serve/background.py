@@ -1,11 +1,12 @@
 """The queue worker's background loops (abort listener, stream publisher, heartbeat, slot
-watch, queue-length reader): each runs as one asyncio task for its owner's lifetime and
-ends when the owner closes."""
+watch, queue-length reader, holdings watch, queue prefetch): each runs as one asyncio task
+for its owner's lifetime and ends when the owner closes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import ClassVar
 
 
 async def stop_task(task: asyncio.Task | None) -> None:
@@ -18,3 +19,20 @@ async def stop_task(task: asyncio.Task | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class BackgroundLoop:
+    """An owner of one such loop: ``start()`` runs ``run()`` (a subclass's loop, until
+    cancelled) as the task ``lorafleet-{task_name}``; ``close()`` stops it."""
+
+    task_name: ClassVar[str]
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"lorafleet-{self.task_name}")
+
+    async def close(self) -> None:
+        await stop_task(self._task)
+
+    async def run(self) -> None:
+        raise NotImplementedError

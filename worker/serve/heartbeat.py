@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arq.constants import in_progress_key_prefix
@@ -67,38 +68,28 @@ def engine_snapshot(engine: AsyncEngine) -> dict[str, int]:
     }
 
 
+@dataclass(eq=False)
 class Heartbeat:
     """Keeps this worker's job claims and registry entry alive. ``await start()`` from arq's
     ``on_startup`` (it shortens arq's claim TTL and registers the worker at once);
     ``await close()`` withdraws the entry."""
 
-    def __init__(
-        self,
-        redis: Any,
-        worker: Worker,
-        *,
-        name: str,
-        ttl: float,
-        info: dict[str, Any],
-        engine: AsyncEngine,
-        jobs: JobTracker,
-        fleet: Callable[[], dict[str, Any]] | None = None,
-    ) -> None:
-        self._redis = redis
-        self._worker = worker
-        self._name = name
-        self._ttl = ttl
-        self._info = info
-        self._engine = engine
-        self._jobs = jobs
-        self._fleet = fleet
-        self.state = "ready"
-        self._task: asyncio.Task[None] | None = None
-        self._draining_beat: asyncio.Task[None] | None = None
+    redis: Any
+    worker: Worker
+    _: KW_ONLY
+    name: str
+    ttl: float
+    info: dict[str, Any]
+    engine: AsyncEngine
+    jobs: JobTracker
+    fleet: Callable[[], dict[str, Any]] | None = None
+    state: str = field(default="ready", init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _draining_beat: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> None:
         # Claims made from now on expire after one TTL unless this heartbeat extends them.
-        self._worker.in_progress_timeout_s = self._ttl
+        self.worker.in_progress_timeout_s = self.ttl
         await self.beat()
         self._task = asyncio.create_task(self._beat_forever(), name="lorafleet-heartbeat")
 
@@ -109,22 +100,22 @@ class Heartbeat:
 
     async def close(self) -> None:
         await stop_task(self._task)
-        await self._redis.hdel(WORKERS_KEY, self._name)
+        await self.redis.hdel(WORKERS_KEY, self.name)
 
     def held_jobs(self) -> list[str]:
         """Ids of the jobs whose arq task is alive in this process."""
-        return [job_id for job_id, task in self._worker.tasks.items() if not task.done()]
+        return [job_id for job_id, task in self.worker.tasks.items() if not task.done()]
 
     async def beat(self) -> None:
         """Extend the claims of held jobs and refresh the registry entry (one round trip),
         then drop registry entries of dead workers."""
         held = self.held_jobs()
-        ttl_ms = int(self._ttl * 1000)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        ttl_ms = int(self.ttl * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
             # PEXPIRE never creates a key: a job that finished meanwhile stays finished.
             for job_id in held:
                 pipe.pexpire(in_progress_key_prefix + job_id, ttl_ms)
-            pipe.hset(WORKERS_KEY, self._name, json.dumps(self._entry(len(held))))
+            pipe.hset(WORKERS_KEY, self.name, json.dumps(self._entry(len(held))))
             await pipe.execute()
         await self._prune()
 
@@ -134,27 +125,27 @@ class Heartbeat:
         re-registers a worker that left."""
         if self._task is None or self._task.done():
             return
-        await self._redis.hset(WORKERS_KEY, self._name, json.dumps(self._entry(None)))
+        await self.redis.hset(WORKERS_KEY, self.name, json.dumps(self._entry(None)))
 
     def _entry(self, jobs: int | None) -> dict[str, Any]:
         entry = {
-            **self._info,
+            **self.info,
             "heartbeat": time.time(),
-            "ttl": self._ttl,
+            "ttl": self.ttl,
             "state": self.state,
             "jobs": len(self.held_jobs()) if jobs is None else jobs,
-            "engine": engine_snapshot(self._engine),
-            "released": self._jobs.released,
-            "sent_to_engine": self._jobs.sent_to_engine,
+            "engine": engine_snapshot(self.engine),
+            "released": self.jobs.released,
+            "sent_to_engine": self.jobs.sent_to_engine,
         }
-        if self._fleet is not None:
-            entry["fleet"] = self._fleet()
+        if self.fleet is not None:
+            entry["fleet"] = self.fleet()
         return entry
 
     async def _prune(self) -> None:
         now = time.time()
         stale = []
-        for name, raw in (await self._redis.hgetall(WORKERS_KEY)).items():
+        for name, raw in (await self.redis.hgetall(WORKERS_KEY)).items():
             try:
                 entry = json.loads(raw)
                 age = now - float(entry["heartbeat"])
@@ -165,11 +156,11 @@ class Heartbeat:
                 stale.append(name)
         if stale:
             logger.info("removing %d dead workers from the registry: %s", len(stale), stale)
-            await self._redis.hdel(WORKERS_KEY, *stale)
+            await self.redis.hdel(WORKERS_KEY, *stale)
 
     async def _beat_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            await asyncio.sleep(self.ttl / 3)
             await self._beat_logged()
 
     async def _beat_logged(self) -> None:

@@ -13,7 +13,6 @@ claimed, its adapter is a CPU cache hit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,6 +22,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError
 
 from lorafleet.producer.types import LoRARequest
+from lorafleet.worker.serve.background import BackgroundLoop
 
 if TYPE_CHECKING:
     from lorafleet.worker.serve.routing import Router
@@ -35,8 +35,10 @@ LOOK_S = 0.05
 LOOKAHEAD = 64
 
 
-class QueuePrefetch:
+class QueuePrefetch(BackgroundLoop):
     """Reads ahead for ``worker`` (an arq worker routed by ``router``) through ``send``."""
+
+    task_name = "prefetch"
 
     def __init__(
         self, worker: Worker, router: Router, send: Callable[[list[LoRARequest]], None]
@@ -45,16 +47,6 @@ class QueuePrefetch:
         self._router = router
         self._send = send
         self._asked: set[int] = set()  # adapters asked for since the worker was last full
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._look_forever(), name="lorafleet-prefetch")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def look(self) -> list[LoRARequest]:
         """One look at the queue: the adapters sent to the engine now (each once while the
@@ -77,7 +69,7 @@ class QueuePrefetch:
             self._send(wanted)
         return wanted
 
-    async def _look_forever(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(LOOK_S)
             try:

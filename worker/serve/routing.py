@@ -37,7 +37,6 @@ this worker's entry within ``WATCH_S`` of a change to what it holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,6 +51,7 @@ from redis.exceptions import RedisError
 from lorafleet.producer.codec import arq_deserialize
 from lorafleet.producer.keys import WORKERS_KEY, arq_job_key
 from lorafleet.producer.types import LoRARequest
+from lorafleet.worker.serve.background import BackgroundLoop
 from lorafleet.worker.serve.homes import FleetView
 from lorafleet.worker.serve.traffic import AdapterTraffic
 
@@ -405,10 +405,12 @@ def install_routing(worker: Worker, router: Router) -> None:
     worker.start_jobs = start_jobs_routed  # type: ignore[method-assign]
 
 
-class HoldingsWatch:
+class HoldingsWatch(BackgroundLoop):
     """Republishes this worker's registry entry (``publish``) within ``WATCH_S`` of a
     change to what its engine holds, or of its load by ``LIGHTER_BY`` jobs, so routing uses
     what is held and how busy each worker is now, not as of the last heartbeat."""
+
+    task_name = "holdings"
 
     def __init__(
         self,
@@ -419,18 +421,8 @@ class HoldingsWatch:
         self._holdings = holdings
         self._publish = publish
         self._load = load
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._watch(), name="lorafleet-holdings")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _watch(self) -> None:
+    async def run(self) -> None:
         last, last_load = self._holdings(), self._load()
         while True:
             await asyncio.sleep(WATCH_S)

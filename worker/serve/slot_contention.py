@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from lorafleet.worker.serve.background import stop_task
+from lorafleet.worker.serve.background import BackgroundLoop
 
 if TYPE_CHECKING:
     from lorafleet.worker.process.async_engine import AsyncEngine
@@ -30,23 +30,18 @@ REPEAT_S = 60.0
 CHECK_S = 1.0
 
 
-class SlotContentionWatch:
+class SlotContentionWatch(BackgroundLoop):
     """Reads the engine's snapshot every ``CHECK_S`` and warns about long slot waits."""
+
+    task_name = "slot-contention"
 
     def __init__(self, engine: AsyncEngine, max_loras: int) -> None:
         self.engine = engine
         self.max_loras = max_loras
         self.since: float | None = None
         self.warned_at: float | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lorafleet-slot-contention")
-
-    async def close(self) -> None:
-        await stop_task(self._task)
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(CHECK_S)
             self.check(self.engine.snapshot.waiting_for_slot, time.monotonic())

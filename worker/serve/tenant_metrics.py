@@ -18,6 +18,17 @@ from lorafleet.worker.serve.adapter_labels import AdapterLabels
 
 #: Label value of jobs without a tenant.
 NO_TENANT = "none"
+#: The counters of completed requests by tenant (name, help), in ``TenantMetrics.usage``
+#: order: requests, prompt tokens, completion tokens, engine seconds.
+USAGE_COUNTERS = (
+    (
+        "lorafleet_tenant_requests",
+        "Completed requests by tenant (busiest named, the rest `other`, none `none`).",
+    ),
+    ("lorafleet_tenant_prompt_tokens", "Prompt tokens of completed requests by tenant."),
+    ("lorafleet_tenant_completion_tokens", "Completion tokens of completed requests by tenant."),
+    ("lorafleet_tenant_engine_seconds", "Engine time of completed requests by tenant."),
+)
 #: The ``limit`` label values of quota refusals.
 QUOTA_LIMITS = ("max_in_flight", "tokens_per_minute")
 
@@ -31,35 +42,12 @@ class TenantMetrics:
     def __init__(self, registry: CollectorRegistry, worker: str, *, max_tenants: int) -> None:
         self.worker = worker
         self.labels = AdapterLabels(max_tenants, self._remove)
-        w = ["worker", "tenant"]
-        self.requests = Counter(
-            "lorafleet_tenant_requests",
-            "Completed requests by tenant (busiest named, the rest `other`, none `none`).",
-            w,
-            registry=registry,
-        )
-        self.prompt_tokens = Counter(
-            "lorafleet_tenant_prompt_tokens",
-            "Prompt tokens of completed requests by tenant.",
-            w,
-            registry=registry,
-        )
-        self.completion_tokens = Counter(
-            "lorafleet_tenant_completion_tokens",
-            "Completion tokens of completed requests by tenant.",
-            w,
-            registry=registry,
-        )
-        self.engine_seconds = Counter(
-            "lorafleet_tenant_engine_seconds",
-            "Engine time of completed requests by tenant.",
-            w,
-            registry=registry,
-        )
+        labels = ["worker", "tenant"]
+        self.usage = tuple(Counter(*spec, labels, registry=registry) for spec in USAGE_COUNTERS)
         self.refusals = Counter(
             "lorafleet_tenant_quota_refusals",
             "Jobs refused by their tenant's quota when this worker took them, by limit.",
-            [*w, "limit"],
+            [*labels, "limit"],
             registry=registry,
         )
 
@@ -84,15 +72,13 @@ class TenantMetrics:
         if usage is None:
             return
         label = self._label(job.tenant)
-        self.requests.labels(self.worker, label).inc()
-        self.prompt_tokens.labels(self.worker, label).inc(usage.prompt_tokens)
-        self.completion_tokens.labels(self.worker, label).inc(usage.completion_tokens)
-        self.engine_seconds.labels(self.worker, label).inc(usage.engine_s)
+        amounts = (1, usage.prompt_tokens, usage.completion_tokens, usage.engine_s)
+        for counter, amount in zip(self.usage, amounts, strict=True):
+            counter.labels(self.worker, label).inc(amount)
 
     def _remove(self, tenant: str) -> None:
         # Counted under `other` from now on; dropping its series keeps the count bounded.
-        for counter in (self.requests, self.prompt_tokens, self.completion_tokens):
+        for counter in self.usage:
             counter.remove(self.worker, tenant)
-        self.engine_seconds.remove(self.worker, tenant)
         for limit in QUOTA_LIMITS:
             self.refusals.remove(self.worker, tenant, limit)
