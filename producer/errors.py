@@ -186,6 +186,14 @@ ERROR_TYPES: dict[str, type[LoraFleetError]] = {
     )
 }
 
+#: The codes a worker answers jobs with: every wire code but the ones a client raises
+#: itself (Redis unreachable, job unknown, stream restarted).
+WORKER_ERROR_CODES: tuple[str, ...] = tuple(
+    code
+    for code, cls in ERROR_TYPES.items()
+    if cls not in (QueueUnavailableError, JobNotFoundError, StreamRestartedError)
+)
+
 
 def error_from_info(info: ErrorInfo) -> LoraFleetError:
     """The typed exception for a wire error; unknown codes become ``LoraFleetError``."""

@@ -393,8 +393,37 @@ def require_matplotlib() -> None:
         raise RuntimeError("the figure needs matplotlib: pip install matplotlib")
 
 
+def offered_rate(report: Report) -> float | None:
+    """The open loop's arrival rate (requests/s) the run was asked for; None for a closed
+    loop or everything sent at once."""
+    rate = report.config.get("rate")
+    return float(rate) if report.config.get("mode") == "open" and rate else None
+
+
+def headline(report: Report) -> str:
+    """The figure's one-line summary: requests ok / failed, goodput, offered vs achieved
+    request rate."""
+    parts = [f"{report.ok} ok / {report.failed} failed of {report.sent} requests"]
+    if report.goodput is not None:
+        parts.append(f"goodput {report.goodput:.2f} req/s ({(report.slo_attainment or 0):.0%})")
+    offered = offered_rate(report)
+    achieved = f"achieved {report.request_throughput:.2f} req/s"
+    parts.append(f"offered {offered:g} req/s, {achieved}" if offered else achieved)
+    return " · ".join(parts)
+
+
 def plot_report(report: Report, path: str | Path) -> None:
-    """Save a PNG: latency CDFs (left) and throughput over time (right)."""
+    """Save ``report_figure(report)`` as a PNG."""
+    fig = report_figure(report)
+    import matplotlib.pyplot as plt  # after report_figure has chosen the file-only backend
+
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+def report_figure(report: Report) -> Any:
+    """A matplotlib ``Figure``: latency CDFs with the SLOs as vertical lines (left),
+    throughput over time with the offered rate (right), and the ``headline`` on top."""
     require_matplotlib()
     import matplotlib
 
@@ -403,15 +432,25 @@ def plot_report(report: Report, path: str | Path) -> None:
 
     fig, (cdf, rate) = plt.subplots(1, 2, figsize=(13, 4.8))
     good = [r for r in report.records if r.ok]
-    for label, values in (
-        ("queue wait", [r.queue_wait for r in good]),
-        ("TTFT", [r.ttft for r in good]),
-        ("TPOT", [r.tpot for r in good]),
-        ("end-to-end", [r.e2e for r in good]),
+    slo = report.slo or SLO()
+    for label, values, objective in (
+        ("queue wait", [r.queue_wait for r in good], None),
+        ("TTFT", [r.ttft for r in good], slo.ttft),
+        ("TPOT", [r.tpot for r in good], slo.tpot),
+        ("end-to-end", [r.e2e for r in good], slo.e2e),
     ):
         ms = sorted(v * 1000 for v in values if v is not None and v > 0)
         if ms:
-            cdf.step(ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post", label=label)
+            (line,) = cdf.step(
+                ms, [(i + 1) / len(ms) for i in range(len(ms))], where="post", label=label
+            )
+            if objective is not None:
+                cdf.axvline(
+                    objective * 1000,
+                    color=line.get_color(),
+                    linestyle=":",
+                    label=f"{label} SLO {objective * 1000:g} ms",
+                )
     cdf.set_xscale("log")
     cdf.set_xlabel("latency (ms, log scale)")
     cdf.set_ylabel("fraction of requests")
@@ -429,6 +468,9 @@ def plot_report(report: Report, path: str | Path) -> None:
     rate.step(
         edges, steps([b.request_rate for b in report.timeline]), where="post", color="tab:blue"
     )
+    if (offered := offered_rate(report)) is not None:
+        rate.axhline(offered, color="tab:blue", linestyle=":", label=f"offered {offered:g} req/s")
+        rate.legend(loc="lower right")
     rate.set_xlabel("time since start (s)")
     rate.set_ylabel("completed requests/s", color="tab:blue")
     rate.set_ylim(bottom=0)
@@ -444,7 +486,6 @@ def plot_report(report: Report, path: str | Path) -> None:
     tokens.set_ylim(bottom=0)
     rate.set_title(f"throughput over time ({report.bucket_s:g} s buckets)")
     rate.grid(True, alpha=0.3)
-    fig.suptitle(report.description, fontsize=9)
+    fig.suptitle(f"{headline(report)}\n{report.description}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    return fig

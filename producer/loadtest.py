@@ -29,6 +29,7 @@ import itertools
 import math
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from lorafleet.producer.loadreport import (
     RequestRecord,
 )
 from lorafleet.producer.types import LoRARequest, RequestOutput, SamplingParams
+from lorafleet.producer.usage import check_tenant
 from lorafleet.producer.workload import (
     Arrivals,
     PlannedRequest,
@@ -59,6 +61,12 @@ _GRACE_S = 30.0
 ALL_AT_ONCE = Arrivals(math.inf)
 
 
+#: The warm-up jobs' tenant and job id prefix: the ledger, the per-tenant metrics and the
+#: worker logs keep them apart from the measured run's.
+WARMUP_TENANT = "loadtest-warmup"
+WARMUP_JOB_PREFIX = "warmup-"
+
+
 class LoadTestError(RuntimeError):
     """The load test could not run (e.g. every warm-up request failed)."""
 
@@ -70,7 +78,9 @@ class LoadTestSpec:
     Open loop at ``arrivals`` unless ``concurrency`` is set (closed loop). At least one of
     ``num_requests`` and ``duration`` (seconds) must bound the run. ``request_timeout`` is
     each job's deadline (seconds from sending); a late job fails with
-    ``deadline_exceeded``.
+    ``deadline_exceeded``. ``tenant``: the measured jobs' tenant (metering, quotas). The
+    warm-up jobs are told apart wherever jobs are counted: job ids start with
+    ``WARMUP_JOB_PREFIX`` and their tenant is ``WARMUP_TENANT``.
     """
 
     workload: Workload
@@ -82,6 +92,7 @@ class LoadTestSpec:
     warmup: int = 8
     temperature: float = 0.0
     request_timeout: float = 300.0
+    tenant: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.loras) < self.workload.mix.num_adapters:
@@ -101,6 +112,7 @@ class LoadTestSpec:
             raise ValueError("sending everything at once (infinite rate) needs num_requests")
         if self.warmup < 0 or not self.request_timeout > 0:
             raise ValueError("warmup must be >= 0 and request_timeout > 0")
+        check_tenant(self.tenant)
 
     @property
     def closed_loop(self) -> bool:
@@ -167,25 +179,31 @@ class _Runner:
         planned = self.spec.workload.take(self.spec.warmup, seed_offset=1)
         if not planned:
             return
-        outcomes = await asyncio.gather(
-            *(self._generate(p) for p in planned), return_exceptions=True
-        )
+        outcomes = await asyncio.gather(*(self._warm(p) for p in planned), return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if len(errors) == len(outcomes):
             raise LoadTestError(f"every warm-up request failed; the first: {errors[0]!r}")
 
-    async def _submit(self, planned: PlannedRequest) -> JobHandle:
+    async def _submit(
+        self, planned: PlannedRequest, tenant: str | None, job_id: str | None = None
+    ) -> JobHandle:
         lora = None if planned.adapter is None else self.spec.loras[planned.adapter]
         # ignore_eos: every request generates exactly the output length the workload drew.
         params = SamplingParams(
             max_tokens=planned.max_tokens, temperature=self.spec.temperature, ignore_eos=True
         )
         return await self.client.submit(
-            planned.prompt, params, lora, timeout=self.spec.request_timeout
+            planned.prompt,
+            params,
+            lora,
+            timeout=self.spec.request_timeout,
+            tenant=tenant,
+            job_id=job_id,
         )
 
-    async def _generate(self, planned: PlannedRequest) -> RequestOutput:
-        handle = await self._submit(planned)
+    async def _warm(self, planned: PlannedRequest) -> RequestOutput:
+        job_id = WARMUP_JOB_PREFIX + uuid.uuid4().hex
+        handle = await self._submit(planned, WARMUP_TENANT, job_id)
         return await handle.result(timeout=self.spec.request_timeout + _GRACE_S)
 
     async def one(self, planned: PlannedRequest) -> None:
@@ -203,7 +221,7 @@ class _Runner:
         self._report()
         handle = None
         try:
-            handle = await self._submit(planned)
+            handle = await self._submit(planned, spec.tenant)
             record.enqueued = self.now()
             async with asyncio.timeout(spec.request_timeout + _GRACE_S):
                 async for _ in handle.stream():

@@ -6,13 +6,19 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 import redis
 
-from lorafleet.producer import LoRARequest
+from lorafleet.producer import LoRARequest, SyncClient
 from lorafleet.producer.loadreport import build_report, read_json
-from lorafleet.producer.loadtest import LoadTestSpec, run_load_test
+from lorafleet.producer.loadtest import (
+    WARMUP_JOB_PREFIX,
+    WARMUP_TENANT,
+    LoadTestSpec,
+    run_load_test,
+)
 from lorafleet.producer.workload import AdapterMix, Length, Prompts, Workload
 
 pytestmark = pytest.mark.slow
@@ -38,11 +44,13 @@ def test_open_loop_report_agrees_with_the_jobs_sent(loadtest_worker, made_adapte
     before = _results(url)
     report_path = tmp_path / "report.json"
     n, warmup = 40, 4
+    tenant = f"lt-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run(
         [*CLI, "--redis-url", url, "--queue", queue, "--adapters-dir", str(made_adapters.path),
          "--num-requests", str(n), "--rate", "40", "--warmup", str(warmup),
          "--adapter-mix", "zipf:1.0", "--base-share", "0.2", "--prompt-len", "uniform:4:20",
-         "--output-len", "uniform:2:6", "--slo-ttft", "10000", "--json", str(report_path)],
+         "--output-len", "uniform:2:6", "--slo-ttft", "10000", "--json", str(report_path),
+         "--tenant", tenant],
         capture_output=True, text=True, timeout=300, env=_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -67,6 +75,14 @@ def test_open_loop_report_agrees_with_the_jobs_sent(loadtest_worker, made_adapte
     assert report.output_tokens == sum(r.max_tokens for r in report.records)
     assert report.ttft.count == report.e2e.count == n
     assert report.config["adapter_mix"] == "zipf:1.0" and report.config["redis"]
+    assert report.config["tenant"] == tenant
+    # The warm-up is told apart: its own tenant in the ledger, its own job ids.
+    with SyncClient(url, queue_name=queue) as client:
+        rows = {row.tenant: row.requests for row in client.usage(by="tenant").rows}
+    assert rows[tenant] == n and rows[WARMUP_TENANT] >= warmup
+    with redis.Redis.from_url(url) as r:
+        warm = sum(1 for _ in r.scan_iter(f"arq:result:{WARMUP_JOB_PREFIX}*", count=1000))
+    assert warm >= warmup
 
 
 def test_closed_loop_counts_failures_and_respects_bounds(loadtest_worker, made_adapters):
@@ -134,3 +150,10 @@ def test_workers_flag_is_checked():
         capture_output=True, text=True, timeout=60, env=_env(),
     )  # fmt: skip
     assert remote.returncode != 0 and "--workers starts local workers" in remote.stderr
+    tenant = subprocess.run(
+        [*CLI, "--tenant", "no spaces please", "--redis-url", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60, env=_env(),
+    )  # fmt: skip
+    assert tenant.returncode != 0 and "--tenant: tenant 'no spaces please' is not valid" in (
+        tenant.stderr
+    )

@@ -10,9 +10,11 @@ from lorafleet.producer.loadreport import (
     Stats,
     build_report,
     format_summary,
+    headline,
     percentile,
     plot_report,
     read_json,
+    report_figure,
     write_json,
 )
 
@@ -106,3 +108,23 @@ def test_summary_json_and_figure(tmp_path):
     figure = tmp_path / "report.png"
     plot_report(report, figure)
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_draws_the_slos_and_the_headline_figures():
+    pytest.importorskip("matplotlib")
+    slo = SLO(ttft=0.3, e2e=1)
+    config = {"mode": "open", "rate": 4.0}
+    report = build_report(_records(), 2.0, description="d", config=config, slo=slo)
+    text = headline(report)
+    assert text.startswith("10 ok / 1 failed of 11 requests")
+    assert f"goodput {report.goodput:.2f} req/s" in text
+    assert f"offered 4 req/s, achieved {report.request_throughput:.2f} req/s" in text
+    fig = report_figure(report)
+    cdf, rate = fig.axes[:2]
+    labels = cdf.get_legend_handles_labels()[1]
+    assert "TTFT SLO 300 ms" in labels and "end-to-end SLO 1000 ms" in labels
+    assert not any(label.startswith("TPOT SLO") for label in labels)  # none was set
+    assert "offered 4 req/s" in rate.get_legend_handles_labels()[1]
+    assert text in fig.texts[0].get_text()  # the suptitle
+    closed = build_report(_records(), 2.0, description="d", config={"mode": "closed"})
+    assert "offered" not in headline(closed) and "goodput" not in headline(closed)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from lorafleet.producer.codec import GenerateJob, JobResult
-from lorafleet.producer.errors import AdapterNotFoundError
+from lorafleet.producer.errors import WORKER_ERROR_CODES, AdapterNotFoundError
 from lorafleet.producer.types import CompletionOutput, LoRARequest, RequestOutput, SamplingParams
 from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.serve.adapter_labels import BASE, OTHER, AdapterLabels
@@ -194,3 +194,34 @@ def test_max_adapters_setting(tmp_path):
     assert WorkerConfig(engine=EngineConfig(model="m")).metrics_max_adapters == 20
     with pytest.raises(ConfigError, match="LORAFLEET_METRICS_MAX_ADAPTERS must be >= 0"):
         WorkerConfig.from_env({**env, "LORAFLEET_METRICS_MAX_ADAPTERS": "-1"})
+
+
+def test_error_series_start_at_zero_for_the_codes_a_worker_answers_with_only():
+    metrics = WorkerMetrics("w", max_adapters=4)
+    codes = {
+        sample.labels["code"]
+        for family in metrics.registry.collect()
+        if family.name == "lorafleet_request_errors"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert codes == set(WORKER_ERROR_CODES)
+    assert {"adapter_not_found", "quota_exceeded", "internal_error"} <= codes
+    # Raised by clients, never by a worker: no series that would stay at 0 forever.
+    assert not codes & {"queue_unavailable", "job_not_found", "stream_restarted"}
+
+
+def test_a_rerun_jobs_first_token_counts_from_its_own_run_not_the_dead_workers():
+    metrics = WorkerMetrics("w", max_adapters=4)
+    # Enqueued 30 s ago; its first worker died after holding it for most of that.
+    metrics.job_started("again", _job("again", "sql", enqueued_at=time.time() - 30.0), attempt=2)
+    metrics.job_tokens("again", 1)
+    metrics.job_finished("again", _done("again"))
+
+    def value(name: str, **labels: str) -> float:
+        return _value(metrics, name, worker="w", **labels)
+
+    assert value("lorafleet_time_to_first_token_seconds_count") == 1
+    assert value("lorafleet_time_to_first_token_seconds_sum") < 5.0
+    assert value("lorafleet_queue_wait_seconds_sum") >= 30.0  # what the client waited
+    assert value("lorafleet_request_latency_seconds_sum") >= 30.0

@@ -27,8 +27,9 @@ from lorafleet.producer.loadreport import (
     require_matplotlib,
     write_json,
 )
-from lorafleet.producer.loadtest import LoadCounts, LoadTestSpec, run_load_test
+from lorafleet.producer.loadtest import WARMUP_TENANT, LoadCounts, LoadTestSpec, run_load_test
 from lorafleet.producer.types import LoRARequest
+from lorafleet.producer.usage import tenant_problem
 from lorafleet.producer.workload import AdapterMix, Arrivals, Length, Prompts, Workload
 from lorafleet.worker.cli.adapters import folder_lora
 from lorafleet.worker.cli.engine_flags import add_engine_flags
@@ -247,6 +248,11 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument(
         "--seed", type=int, default=0, help="seed of the workload and arrivals (default 0)"
     )
+    work.add_argument(
+        "--tenant",
+        help="tenant of the measured requests, for metering and quotas (default none; the "
+        f"warm-up's is {WARMUP_TENANT!r})",
+    )
     slo = parser.add_argument_group(
         "SLOs for goodput (milliseconds): a request counts toward goodput when it meets all given"
     )
@@ -268,6 +274,8 @@ def _spec_from_args(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> L
     """The ``LoadTestSpec`` the flags describe. Raises ``ValueError`` with a message for a
     bad value, an unreadable prompts file or a missing matplotlib, so call it before
     starting anything."""
+    if (problem := tenant_problem(args.tenant)) is not None:
+        raise ValueError(f"--tenant: {problem}")
     try:
         if args.plot:
             require_matplotlib()
@@ -299,6 +307,7 @@ def _spec(args: argparse.Namespace, loras: Sequence[LoRARequest]) -> LoadTestSpe
         warmup=args.warmup,
         temperature=args.temperature,
         request_timeout=args.timeout,
+        tenant=args.tenant,
     )
 
 
@@ -336,6 +345,8 @@ def _run_command(
         "temperature": spec.temperature,
         "seed": args.seed,
         "request_timeout": spec.request_timeout,
+        "tenant": spec.tenant,
+        "warmup_tenant": WARMUP_TENANT,
         "adapters": [lora.lora_name for lora in spec.loras],
     }
     report = build_report(

@@ -248,7 +248,7 @@ async def generate(ctx: dict[str, Any], payload: bytes) -> bytes:
         if refusal is not None:  # answered without running: it costs nothing
             result = _error(job_id, refusal)
         else:
-            state.metrics.job_started(job_id, job)
+            state.metrics.job_started(job_id, job, attempt)
             if state.fleet is not None:
                 state.fleet.job_started(job_id, attempt, state.metrics)
             try:

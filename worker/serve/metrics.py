@@ -44,7 +44,7 @@ from prometheus_client import (
 from redis.exceptions import RedisError
 
 from lorafleet.producer.codec import GenerateJob, JobResult
-from lorafleet.producer.errors import ERROR_TYPES
+from lorafleet.producer.errors import WORKER_ERROR_CODES
 from lorafleet.worker.serve.adapter_labels import BASE, OTHER, AdapterLabels
 from lorafleet.worker.serve.background import stop_task
 from lorafleet.worker.serve.engine_collector import EngineCollector
@@ -79,6 +79,18 @@ STEP_BUCKETS = (
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(16))  # 1 .. 32768 tokens
 SEQUENCE_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 .. 1024 sequences per step
 ADAPTER_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
+#: The histograms of each engine step (name, help, buckets), in ``WorkerMetrics.step``
+#: order: sequences, distinct adapters, tokens, wall time.
+STEP_HISTOGRAMS = (
+    ("lorafleet_step_sequences", "Sequences in one engine step.", SEQUENCE_BUCKETS),
+    ("lorafleet_step_adapters", "Distinct adapters in one engine step.", ADAPTER_BUCKETS),
+    (
+        "lorafleet_step_tokens",
+        "Tokens computed in one engine step (prefill and decode).",
+        TOKEN_BUCKETS,
+    ),
+    ("lorafleet_step_duration_seconds", "Wall time of one engine step.", STEP_BUCKETS),
+)
 
 QUEUE_POLL_S = 1.0
 
@@ -93,6 +105,9 @@ class _Request:
 
     adapter: str | None
     since: float  # Unix time the latency clock starts: enqueue, or job start if unknown
+    # Unix time the TTFT clock starts: ``since``, or this run's start for a job run again
+    # after its worker died (the dead worker's time is not this run's first token).
+    first_token_since: float
     last_token: float | None = None  # monotonic
     cold: bool = False  # its adapter was not held here when the job was queued
 
@@ -150,7 +165,8 @@ class WorkerMetrics:
         )
         self.ttft = self._histogram(
             "lorafleet_time_to_first_token_seconds",
-            "Time from enqueue (producer clock) until the first token was streamed.",
+            "Time from enqueue (producer clock) until the first token was streamed; for a job "
+            "run again after its worker died, from this run's start.",
             LATENCY_BUCKETS,
         )
         self.ttft_cold = self._histogram(
@@ -177,20 +193,7 @@ class WorkerMetrics:
             "Generated tokens per completed request.",
             TOKEN_BUCKETS,
         )
-        self.step_seqs = self._histogram(
-            "lorafleet_step_sequences", "Sequences in one engine step.", SEQUENCE_BUCKETS
-        )
-        self.step_adapters = self._histogram(
-            "lorafleet_step_adapters", "Distinct adapters in one engine step.", ADAPTER_BUCKETS
-        )
-        self.step_tokens = self._histogram(
-            "lorafleet_step_tokens",
-            "Tokens computed in one engine step (prefill and decode).",
-            TOKEN_BUCKETS,
-        )
-        self.step_time = self._histogram(
-            "lorafleet_step_duration_seconds", "Wall time of one engine step.", STEP_BUCKETS
-        )
+        self.step = tuple(self._histogram(*spec) for spec in STEP_HISTOGRAMS)
         in_progress = Gauge(
             "lorafleet_jobs_in_progress",
             "Jobs this worker has started and not finished.",
@@ -210,7 +213,7 @@ class WorkerMetrics:
     def _initialize(self) -> None:
         # Series of known label values exist at 0 from the start: a series that first
         # appears with a count already above 0 loses that count in rate() and increase().
-        for code in ERROR_TYPES:
+        for code in WORKER_ERROR_CODES:
             self.errors.labels(self.worker, code)
         for adapter in (BASE, OTHER):
             for outcome in OUTCOMES:
@@ -225,8 +228,9 @@ class WorkerMetrics:
 
     # -- requests (event loop) -------------------------------------------------------------
 
-    def job_started(self, job_id: str, job: GenerateJob) -> None:
-        """A job was taken from the queue and decoded: observe its queue wait."""
+    def job_started(self, job_id: str, job: GenerateJob, attempt: int = 1) -> None:
+        """A job was taken from the queue and decoded (its ``attempt``-th run): observe its
+        queue wait. A re-run's time to first token counts from this run's start."""
         now = time.time()
         adapter = job.lora_request.lora_name if job.lora_request else None
         self.adapters.hit(adapter)
@@ -235,7 +239,7 @@ class WorkerMetrics:
             since = job.enqueued_at
             # Producer and worker clocks may differ a little; a wait is never negative.
             self.queue_wait.observe(max(0.0, now - since))
-        self._requests[job_id] = _Request(adapter, since)
+        self._requests[job_id] = _Request(adapter, since, now if attempt > 1 else since)
 
     def job_cold(self, job_id: str) -> None:
         """The started job's adapter was not held here when the job was queued."""
@@ -250,9 +254,10 @@ class WorkerMetrics:
             return
         now = time.monotonic()
         if request.last_token is None:
-            self.ttft.observe(max(0.0, time.time() - request.since))
+            ttft = max(0.0, time.time() - request.first_token_since)
+            self.ttft.observe(ttft)
             if request.cold:
-                self.ttft_cold.observe(max(0.0, time.time() - request.since))
+                self.ttft_cold.observe(ttft)
         else:
             self.itl.observe((now - request.last_token) / count)
         request.last_token = now
@@ -298,10 +303,9 @@ class WorkerMetrics:
         """One engine step ran; steps that scheduled nothing are not observed."""
         if stats.num_seqs == 0:
             return
-        self.step_seqs.observe(stats.num_seqs)
-        self.step_adapters.observe(stats.num_adapters)
-        self.step_tokens.observe(stats.num_tokens)
-        self.step_time.observe(stats.seconds)
+        values = (stats.num_seqs, stats.num_adapters, stats.num_tokens, stats.seconds)
+        for histogram, value in zip(self.step, values, strict=True):
+            histogram.observe(value)
 
     def attach_engine(self, engine: AsyncEngine, queue: str) -> None:
         """Export ``engine``'s state at scrape time and observe each of its steps."""
