@@ -19,7 +19,15 @@ median round and, per goal the issue names, the ratio of the two bests (judged a
 target) and the median of the per-round ratios, steadier where other work shares the CPU;
 and the median of the per-round ratios of tokens per CPU-second of this process (all its
 threads): where other work crowds the cores, wall time also counts waiting for them, CPU
-time mostly not. ``--json`` keeps every round. Commands:
+time mostly not.
+
+Then, unless ``--paired-rounds 0``, the same-engine goals again, measured step by step: two
+engines of the same settings take the two sides' requests (mixed adapters and base-only;
+one stream with and without its adapter) and step one after the other until both are done,
+which one steps first alternating, so a machine whose speed drifts from one second to the
+next (a shared VM) slows both sides alike. Each side's throughput counts its own steps'
+time; the table shows the median over rounds of the ratio and the median of the per-step
+time ratios. ``--json`` keeps every round. Commands:
 
     LORAFLEET_CACHE=/tmp/lfcache python benchmarks/bench_real_model.py --threads 2
     python benchmarks/bench_real_model.py --model path/to/hf_folder --threads 1 --json out.json
@@ -35,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +51,7 @@ from pathlib import Path
 import torch
 
 from lorafleet.producer import LoRARequest, SamplingParams
-from lorafleet.worker import LLM
+from lorafleet.worker import LLM, LLMEngine
 from lorafleet.worker.demo.synthetic import ALL_TARGETS, build_random_adapter
 
 QV_TARGETS = ("q_proj", "v_proj")
@@ -211,9 +220,25 @@ def peft_model(model_dir: Path, loras: list[LoRARequest]):
     return peft.eval()
 
 
-def build_sides(args: argparse.Namespace, model_dir: Path, root: Path) -> dict:
+def engine(model_dir: Path, args: argparse.Namespace, num_adapters: int, config: dict) -> LLM:
+    """The engine every engine side runs on (``paired`` makes a second one alike)."""
+    return LLM(
+        str(model_dir),
+        max_loras=num_adapters,
+        max_lora_rank=16,
+        num_threads=args.threads,
+        # Enough for every request (and a default-sized KV cache holds it), within the model's.
+        max_model_len=min(2048, config["max_position_embeddings"]),
+        kv_cache_bytes=1 << 30,  # two of them in paired rounds: 1 GiB each is plenty
+    )
+
+
+def build_sides(
+    args: argparse.Namespace, model_dir: Path, root: Path
+) -> tuple[dict[str, Callable[[], tuple[float, float]]], dict[str, Jobs], LLM]:
     """Every side's timed run, in the order they alternate (each goal's two sides next to
-    each other, so that both see the same machine), after a short warm-up of each."""
+    each other, so that both see the same machine), after a short warm-up of each; the
+    engine sides' requests (for ``paired``); and the engine, warm."""
     from transformers import AutoTokenizer
 
     loras = make_adapters(model_dir, root, args.adapters)
@@ -223,14 +248,7 @@ def build_sides(args: argparse.Namespace, model_dir: Path, root: Path) -> dict:
     prompts = make_prompts(tokenizer, args.requests)
     mixed = [loras[i % len(loras)] for i in range(len(prompts))]
     config = json.loads((model_dir / "config.json").read_text())
-    llm = LLM(
-        str(model_dir),
-        max_loras=len(loras),
-        max_lora_rank=16,
-        num_threads=args.threads,
-        # Enough for every request (and a default-sized KV cache holds it), within the model's.
-        max_model_len=min(2048, config["max_position_embeddings"]),
-    )
+    llm = engine(model_dir, args, len(loras), config)
     hf = load_hf(model_dir)
     peft = None if args.skip_peft else peft_model(model_dir, loras)
     single = [prompts[1]]
@@ -258,7 +276,78 @@ def build_sides(args: argparse.Namespace, model_dir: Path, root: Path) -> dict:
     # Warm-up, untimed: adapters into the engine's slots, first-call allocations.
     for run in sides_for(len(loras), 2).values():
         run()
-    return sides_for(len(prompts), args.new_tokens)
+    jobs = {
+        "mixed": list(zip(prompts, mixed, strict=True)),
+        "mixed_base": [(p, None) for p in prompts],
+        "single_lora": [(single[0], loras[0])],
+        "single_lora_qv": [(single[0], loras[2])],
+        "single_base": [(single[0], None)],
+    }
+    return sides_for(len(prompts), args.new_tokens), jobs, llm
+
+
+#: The same-engine goals measured step by step (``paired``): ours, baseline, target.
+PAIRED_GOALS = (
+    Goal("(a) mixed adapters vs base-only, same engine", "mixed", "mixed_base", 0.9),
+    Goal("(b) one stream, rank-8 adapter (all 7) vs none", "single_lora", "single_base", 0.95),
+    Goal("(b) one stream, rank-8 adapter (q/v) vs none", "single_lora_qv", "single_base", 0.95),
+)
+
+Jobs = list[tuple[str, LoRARequest | None]]
+
+
+def paired(
+    engines: tuple[LLMEngine, LLMEngine], jobs: tuple[Jobs, Jobs], new_tokens: int
+) -> tuple[float, list[float]]:
+    """``engines[i]`` takes ``jobs[i]`` (prompt, adapter); then both step, one after the
+    other, until both are done, the first of each pair alternating. Returns the ratio of
+    the two sides' throughputs (side 0 over side 1, each over its own steps' time) and the
+    per-step time ratios (side 1's step over side 0's, step by step)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for engine, side in zip(engines, jobs, strict=True):
+        for prompt, lora in side:
+            engine.add_request(uuid.uuid4().hex, prompt, params, lora)
+    times: tuple[list[float], list[float]] = ([], [])
+    order = (0, 1)
+    while any(engine.has_unfinished() for engine in engines):
+        for i in order:
+            if engines[i].has_unfinished():
+                start = time.perf_counter()
+                engines[i].step()
+                times[i].append(time.perf_counter() - start)
+        order = order[::-1]
+    tokens = [len(side) * new_tokens for side in jobs]
+    ratio = (tokens[0] / sum(times[0])) / (tokens[1] / sum(times[1]))
+    return ratio, [theirs / ours for ours, theirs in zip(times[0], times[1], strict=False)]
+
+
+def measure_paired(
+    engines: tuple[LLMEngine, LLMEngine], jobs: dict[str, Jobs], new_tokens: int, rounds: int
+) -> list[dict]:
+    """Every ``PAIRED_GOALS`` goal, ``rounds`` times (the engines swap sides each round)."""
+    found = []
+    for goal in PAIRED_GOALS:
+        ratios, steps = [], []
+        for i in range(rounds):
+            pair = engines if i % 2 == 0 else engines[::-1]
+            ratio, step_ratios = paired(pair, (jobs[goal.ours], jobs[goal.baseline]), new_tokens)
+            ratios.append(ratio)
+            steps += step_ratios
+            print(f"paired round {i + 1}/{rounds}: {goal.name}: {ratio:.3f}x", file=sys.stderr)
+        ratio = statistics.median(ratios)
+        found.append(
+            {
+                "goal": goal.name,
+                "ours": goal.ours,
+                "baseline": goal.baseline,
+                "ratio": ratio,
+                "step_ratio": statistics.median(steps),
+                "rounds": ratios,
+                "target": goal.target,
+                "met": ratio >= goal.target,
+            }
+        )
+    return found
 
 
 def measure(
@@ -382,6 +471,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
     ap.add_argument("--skip-peft", action="store_true", help="leave out transformers + PEFT")
+    ap.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=2,
+        help="rounds of the same-engine goals measured step by step on two engines (0: none)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.adapters < 3:
@@ -392,10 +487,17 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model(args.model)
     info = machine(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
-        sides = build_sides(args, model_dir, Path(tmp))
+        sides, jobs, llm = build_sides(args, model_dir, Path(tmp))
         results, cpu = measure(sides, args.rounds)
+        pairs: list[dict] = []
+        if args.paired_rounds > 0:
+            config = json.loads((model_dir / "config.json").read_text())
+            twin = engine(model_dir, args, args.adapters, config)
+            engines = (llm.engine, twin.engine)
+            pairs = measure_paired(engines, jobs, args.new_tokens, args.paired_rounds)
     report = {"model": str(model_dir), "args": vars(args) | {"json": str(args.json)}}
     report |= info | {"load_average_after": os.getloadavg()} | summary(results, cpu)
+    report["paired"] = pairs
     print(
         f"{model_dir.name}: {info['machine']}, {info['cpus']} CPUs, torch {info['torch']}, "
         f"{args.threads} threads; load average {info['load_average'][0]:.2f} before, "
@@ -406,6 +508,14 @@ def main(argv: list[str] | None = None) -> None:
         f"each, greedy; best of {args.rounds} alternating rounds"
     )
     print_tables(report)
+    if pairs:
+        print(f"step by step, two engines alike, {args.paired_rounds} rounds:")
+        for g in pairs:
+            verdict = "met" if g["met"] else "NOT met"
+            print(
+                f"  {g['goal']}: {g['ratio']:.3f}x (median of rounds; per step "
+                f"{g['step_ratio']:.3f}x), target >= {g['target']:g}x: {verdict}"
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -14,7 +14,16 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_real_model.
 def test_bench_real_model_smoke(llama_dir: Path, tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     args = ["--model", str(llama_dir), "--threads", "1", "--requests", "6", "--adapters", "3"]
-    args += ["--new-tokens", "3", "--rounds", "1", "--json", str(report_path)]
+    args += [
+        "--new-tokens",
+        "3",
+        "--rounds",
+        "1",
+        "--paired-rounds",
+        "2",
+        "--json",
+        str(report_path),
+    ]
     res = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300
     )
@@ -48,3 +57,12 @@ def test_bench_real_model_smoke(llama_dir: Path, tmp_path: Path) -> None:
         assert goal["cpu_paired_ratio"] == ours / theirs
 
     assert report["threads"] == 1 and report["args"]["requests"] == 6
+    # Step by step on two engines alike: the same-engine goals, each round a ratio.
+    assert [g["ours"] + "/" + g["baseline"] for g in report["paired"]] == [
+        "mixed/mixed_base",
+        "single_lora/single_base",
+        "single_lora_qv/single_base",
+    ]
+    for goal in report["paired"]:
+        assert len(goal["rounds"]) == 2 and all(r > 0 for r in goal["rounds"])
+        assert goal["step_ratio"] > 0 and f"{goal['goal']}: {goal['ratio']:.3f}x" in res.stdout
