@@ -471,12 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best kept")
     ap.add_argument("--skip-peft", action="store_true", help="leave out transformers + PEFT")
-    ap.add_argument(
-        "--paired-rounds",
-        type=int,
-        default=2,
-        help="rounds of the same-engine goals measured step by step on two engines (0: none)",
-    )
+    ap.add_argument("--paired-rounds", type=int, default=2, help="step-by-step rounds (0: none)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.adapters < 3:

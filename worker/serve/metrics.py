@@ -79,6 +79,12 @@ STEP_BUCKETS = (
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(16))  # 1 .. 32768 tokens
 SEQUENCE_BUCKETS = tuple(float(2**i) for i in range(11))  # 1 .. 1024 sequences per step
 ADAPTER_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
+#: The token counters of completed requests (name, help), in ``WorkerMetrics.tokens``
+#: order: prompt, generated.
+TOKEN_COUNTERS = (
+    ("lorafleet_prompt_tokens", "Prompt tokens of completed requests."),
+    ("lorafleet_generation_tokens", "Generated tokens of completed requests."),
+)
 #: The histograms of each engine step (name, help, buckets), in ``WorkerMetrics.step``
 #: order: sequences, distinct adapters, tokens, wall time.
 STEP_HISTOGRAMS = (
@@ -146,18 +152,8 @@ class WorkerMetrics:
             [*w, "code"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
-            "lorafleet_prompt_tokens",
-            "Prompt tokens of completed requests.",
-            [*w, "adapter"],
-            registry=r,
-        )
-        self.generation_tokens = Counter(
-            "lorafleet_generation_tokens",
-            "Generated tokens of completed requests.",
-            [*w, "adapter"],
-            registry=r,
-        )
+        # Prompt and generated tokens of completed requests, by adapter.
+        self.tokens = tuple(Counter(*spec, [*w, "adapter"], registry=r) for spec in TOKEN_COUNTERS)
         self.queue_wait = self._histogram(
             "lorafleet_queue_wait_seconds",
             "Time from enqueue (producer clock) until this worker started the job.",
@@ -218,8 +214,8 @@ class WorkerMetrics:
         for adapter in (BASE, OTHER):
             for outcome in OUTCOMES:
                 self.requests.labels(self.worker, adapter, outcome)
-            self.prompt_tokens.labels(self.worker, adapter)
-            self.generation_tokens.labels(self.worker, adapter)
+            for counter in self.tokens:
+                counter.labels(self.worker, adapter)
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(name, doc, ["worker"], buckets=buckets, registry=self.registry).labels(
@@ -276,8 +272,8 @@ class WorkerMetrics:
         outcome = "length" if completion.finish_reason == "length" else "stop"
         self.requests.labels(self.worker, adapter, outcome).inc()
         prompt, generated = len(output.prompt_token_ids), len(completion.token_ids)
-        self.prompt_tokens.labels(self.worker, adapter).inc(prompt)
-        self.generation_tokens.labels(self.worker, adapter).inc(generated)
+        for counter, count in zip(self.tokens, (prompt, generated), strict=True):
+            counter.labels(self.worker, adapter).inc(count)
         self.request_prompt_tokens.observe(prompt)
         self.request_generation_tokens.observe(generated)
         if request is not None:
@@ -294,8 +290,8 @@ class WorkerMetrics:
         # series count bounded (Prometheus treats a later comeback as a counter reset).
         for outcome in OUTCOMES:
             self.requests.remove(self.worker, name, outcome)
-        self.prompt_tokens.remove(self.worker, name)
-        self.generation_tokens.remove(self.worker, name)
+        for counter in self.tokens:
+            counter.remove(self.worker, name)
 
     # -- engine steps --------------------------------------------------------------------
 
