@@ -34,10 +34,10 @@ def test_engine_death_ends_the_worker_and_its_jobs_run_again_once(
     rel_redis, make_config, start_worker, rel_adapters
 ):
     url = rel_redis.url
-    first = start_worker(make_config(url))
+    first = start_worker(make_config(url, affinity=False))  # every job at once (routing off)
     engine_pid = registry_entry(url, first.config.name)["engine_pid"]
     assert engine_pid != first.pid and _alive(engine_pid)
-    rescuer = start_worker(make_config(url, queue=first.config.queue))
+    rescuer = start_worker(make_config(url, queue=first.config.queue, affinity=False))
     rescuer.signal(signal.SIGSTOP)  # thawed once the first worker holds every job
     loras = [None, rel_adapters[0], rel_adapters[2]]
 
@@ -78,9 +78,9 @@ def test_hung_engine_ends_the_worker_and_its_jobs_run_again_once(
     waiting out the job timeout."""
     url = rel_redis.url
     stall = 2.0
-    first = start_worker(make_config(url, engine_stall_timeout=stall))
+    first = start_worker(make_config(url, engine_stall_timeout=stall, affinity=False))
     engine_pid = registry_entry(url, first.config.name)["engine_pid"]
-    rescuer = start_worker(make_config(url, queue=first.config.queue))
+    rescuer = start_worker(make_config(url, queue=first.config.queue, affinity=False))
     rescuer.signal(signal.SIGSTOP)
 
     async def scenario():

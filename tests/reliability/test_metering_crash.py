@@ -25,10 +25,12 @@ def test_a_sigkilled_run_is_waste_and_the_rerun_is_counted_once(
     rel_redis, make_config, start_worker, rel_adapters
 ):
     url = rel_redis.url
-    first = start_worker(make_config(url, name=f"doomed-{uuid.uuid4().hex[:6]}"))
+    # Routing off: with it, jobs homed on the stopped rescuer would start on the first worker
+    # only after the steal wait, and the ones that started at once could end before the kill.
+    first = start_worker(make_config(url, name=f"doomed-{uuid.uuid4().hex[:6]}", affinity=False))
     config = first.config
-    rescuer = start_worker(make_config(url, queue=config.queue))
-    rescuer.signal(signal.SIGSTOP)  # the first worker takes every job
+    rescuer = start_worker(make_config(url, queue=config.queue, affinity=False))
+    rescuer.signal(signal.SIGSTOP)  # the first worker takes every job, all at once
     tenant = f"crash-{uuid.uuid4().hex[:6]}"
 
     async def scenario():

@@ -35,12 +35,14 @@ def test_sigkill_mid_batch_reruns_every_job_once_within_the_ttl(
 ):
     url = rel_redis.url
     # job_timeout stays at its default (600 s): arq alone would wait 610 s to re-run.
-    first = start_worker(make_config(url))
+    # Routing off: the first worker takes every job at once (the rescuer is stopped; with
+    # routing, jobs homed on it would wait the steal delay and start later).
+    first = start_worker(make_config(url, affinity=False))
     config = first.config
     assert config.job_timeout == 600
     # The rescuer starts now (start-up takes seconds) but is frozen, so that the first
     # worker takes every job; it thaws only once all of them are claimed.
-    rescuer = start_worker(make_config(url, queue=config.queue))
+    rescuer = start_worker(make_config(url, queue=config.queue, affinity=False))
     rescuer.signal(signal.SIGSTOP)
     loras = [None, rel_adapters[0], rel_adapters[1], None]
 
