@@ -220,7 +220,7 @@ def peft_model(model_dir: Path, loras: list[LoRARequest]):
     return peft.eval()
 
 
-def engine(model_dir: Path, args: argparse.Namespace, num_adapters: int, config: dict) -> LLM:
+def make_engine(model_dir: Path, args: argparse.Namespace, num_adapters: int, config: dict) -> LLM:
     """The engine every engine side runs on (``paired`` makes a second one alike)."""
     return LLM(
         str(model_dir),
@@ -248,7 +248,7 @@ def build_sides(
     prompts = make_prompts(tokenizer, args.requests)
     mixed = [loras[i % len(loras)] for i in range(len(prompts))]
     config = json.loads((model_dir / "config.json").read_text())
-    llm = engine(model_dir, args, len(loras), config)
+    llm = make_engine(model_dir, args, len(loras), config)
     hf = load_hf(model_dir)
     peft = None if args.skip_peft else peft_model(model_dir, loras)
     single = [prompts[1]]
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs: list[dict] = []
         if args.paired_rounds > 0:
             config = json.loads((model_dir / "config.json").read_text())
-            twin = engine(model_dir, args, args.adapters, config)
+            twin = make_engine(model_dir, args, args.adapters, config)
             engines = (llm.engine, twin.engine)
             pairs = measure_paired(engines, jobs, args.new_tokens, args.paired_rounds)
     report = {"model": str(model_dir), "args": vars(args) | {"json": str(args.json)}}

@@ -282,27 +282,20 @@ def _plan_batched(
     lo = min(mine)
     num = max(mine) - lo + 1
     rank = max(seg.rank for seg in mine.values())
-    mine_rows = sum(seg.rows.stop - seg.rows.start for seg in mine.values())
     # A slot between two of the step's with no weights for this linear (its bit clear) or no
     # rows is batched too, on rows whose update is masked to zero: its weights are read.
     rows = _aligned_rows([every.get(slot) for slot in range(lo, lo + num)])
-    if rows is not None:
-        length = (rows.stop - rows.start) // num
-        if num * length > (1 + BATCHED_MAX_PADDING) * mine_rows:
-            return None
-        keep = torch.zeros(num, 1, rank)
-        for slot, seg in mine.items():
-            keep[slot - lo, :, : seg.rank] = 1.0
-        return Batched(lo, num, length, rank, rows, None, keep.to(device))
     segs = [mine.get(slot) for slot in range(lo, lo + num)]
     counts = [0 if seg is None else seg.rows.stop - seg.rows.start for seg in segs]
-    length = max(counts)
-    if num * length > (1 + BATCHED_MAX_PADDING) * mine_rows:
+    length = max(counts) if rows is None else (rows.stop - rows.start) // num
+    if num * length > (1 + BATCHED_MAX_PADDING) * sum(counts):
         return None
-    keep = torch.zeros(num, length, rank)
+    keep = torch.zeros(num, length if rows is None else 1, rank)
     for j, (seg, count) in enumerate(zip(segs, counts, strict=True)):
         if seg is not None:
-            keep[j, :count, : seg.rank] = 1.0
+            keep[j, : count if rows is None else 1, : seg.rank] = 1.0
+    if rows is not None:
+        return Batched(lo, num, length, rank, rows, None, keep.to(device))
     # Padding positions repeat a real row (of the slot, or the step's first one for a slot
     # with none): multiplied by zero, they add nothing wherever they land.
     first = min(seg.rows.start for seg in mine.values())

@@ -19,9 +19,12 @@ import triton
 MIN_TILE = 16
 
 
-def _check_tile(name: str, value: int) -> None:
-    if value < MIN_TILE or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value}")
+def _check_tiles(config: Any) -> None:
+    """Every ``block_*`` field of ``config`` is a power of two >= ``MIN_TILE``."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name.startswith("block_") and (value < MIN_TILE or value & (value - 1)):
+            raise ValueError(f"{f.name} must be a power of two >= {MIN_TILE}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,7 @@ class ShrinkConfig:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_r", "block_k"):
-            _check_tile(name, getattr(self, name))
+        _check_tiles(self)
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
@@ -53,8 +55,7 @@ class ExpandConfig:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "block_r"):
-            _check_tile(name, getattr(self, name))
+        _check_tiles(self)
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
