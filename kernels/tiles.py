@@ -19,43 +19,43 @@ import triton
 MIN_TILE = 16
 
 
-def _check_tiles(config: Any) -> None:
-    """Every ``block_*`` field of ``config`` is a power of two >= ``MIN_TILE``."""
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if f.name.startswith("block_") and (value < MIN_TILE or value & (value - 1)):
-            raise ValueError(f"{f.name} must be a power of two >= {MIN_TILE}, got {value}")
+@dataclass(frozen=True, kw_only=True)
+class _Launch:
+    """What a kernel's launch takes besides its tiles (keyword-only), and the tiles' rule:
+    every ``block_*`` field is a power of two >= ``MIN_TILE``."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("block_") and (value < MIN_TILE or value & (value - 1)):
+                raise ValueError(f"{f.name} must be a power of two >= {MIN_TILE}, got {value}")
 
 
 @dataclass(frozen=True)
-class ShrinkConfig:
+class ShrinkConfig(_Launch):
     """Tiles of the shrink kernel: tokens x rank x hidden, and the hidden-dim split."""
 
     block_m: int
     block_r: int
     block_k: int
     split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
 
     def __post_init__(self) -> None:
-        _check_tiles(self)
+        super().__post_init__()
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
 @dataclass(frozen=True)
-class ExpandConfig:
+class ExpandConfig(_Launch):
     """Tiles of the expand kernel: tokens x output columns x rank."""
 
     block_m: int
     block_n: int
     block_r: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self) -> None:
-        _check_tiles(self)
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:

@@ -65,10 +65,17 @@ class InvalidRequestError(LoraFleetError, ValueError):
 
 
 class PromptTooLongError(LoraFleetError, ValueError):
+    """The prompt is longer than the worker accepts: more tokens than ``max_model_len``
+    leaves room for, or more characters than ``LORAFLEET_MAX_PROMPT_CHARS``."""
+
     code = "prompt_too_long"
 
 
 class AdapterNotFoundError(LoraFleetError, ValueError):
+    """``lora_path`` names no adapter: no folder there, or one without the adapter's config
+    or weights file; or a hub id the worker cannot get (hub off, not cached while offline,
+    not available)."""
+
     code = "adapter_not_found"
 
 
@@ -80,6 +87,8 @@ class AdapterInvalidError(LoraFleetError, ValueError):
 
 
 class AdapterRankTooLargeError(AdapterInvalidError):
+    """The adapter's rank is above the worker's ``max_lora_rank``."""
+
     code = "adapter_rank_too_large"
 
 
@@ -90,18 +99,29 @@ class AdapterConflictError(LoraFleetError, ValueError):
 
 
 class AdapterPathForbiddenError(LoraFleetError, ValueError):
+    """The adapter's folder, or a file linked from it, lies outside the worker's
+    ``LORAFLEET_ADAPTER_ROOTS`` (or no local adapters are allowed at all)."""
+
     code = "adapter_path_forbidden"
 
 
 class LoRADisabledError(LoraFleetError, ValueError):
+    """A ``LoRARequest`` reached an engine started with ``enable_lora=False``."""
+
     code = "lora_disabled"
 
 
 class DeadlineExceededError(LoraFleetError, TimeoutError):
+    """The job's deadline passed, in the queue or while it ran; ``output`` holds what it
+    generated before."""
+
     code = "deadline_exceeded"
 
 
 class AbortedError(LoraFleetError):
+    """The job was aborted (``abort``), before it started or while it ran; ``output`` holds
+    what it generated before."""
+
     code = "aborted"
 
 
@@ -127,10 +147,16 @@ class QuotaExceededError(LoraFleetError):
 
 
 class UnsupportedVersionError(LoraFleetError, ValueError):
+    """A job, result or stream event in a wire version this side cannot read (a producer
+    or worker newer than the other)."""
+
     code = "unsupported_version"
 
 
 class InternalError(LoraFleetError):
+    """The worker or its engine failed in a way the request did not cause (a bug, a failed
+    engine step): submitting the request again may succeed."""
+
     code = "internal_error"
 
 

@@ -213,3 +213,38 @@ def test_projections_no_active_adapter_targets_skip_the_lora_ops(
     shrinks.clear()
     llm.generate(["hello"], params)  # base model only: no LoRA op at all
     assert shrinks == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_single_adapter_streams_equal_peft(
+    arch, model_factory, adapter_factory, monkeypatch
+):
+    """``merge_after_steps=3``: each adapter's single stream runs its later steps on weights
+    merged with the adapter (qwen2: projections with a bias), a batch of two adapters after
+    them on W unchanged; every output equals transformers + PEFT token for token."""
+    from lorafleet.kernels.segmented import HotSlot
+
+    merged_steps = []
+    real = HotSlot.forward
+
+    def forward(self, x):
+        if self.plan[0] is self.w_merged:
+            merged_steps.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(HotSlot, "forward", forward)
+    model_dir = model_factory(arch)
+    loras = [req for _, req in adapter_factory(model_dir)]
+    ref = PeftReference(model_dir, loras)
+    llm = LLM(str(model_dir), max_loras=2, max_lora_rank=64, merge_after_steps=3)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    for lora in loras:
+        merged_steps.clear()
+        out = llm.generate([PROMPTS[0]], params, lora)[0].outputs[0].token_ids
+        assert out == ref.generate(PROMPTS[0], lora), lora.lora_name
+        assert merged_steps, lora.lora_name
+    merged_steps.clear()
+    outs = llm.generate(PROMPTS[:4], params, [loras[0], loras[1]] * 2)
+    assert not merged_steps
+    for prompt, lora, out in zip(PROMPTS[:4], [loras[0], loras[1]] * 2, outs, strict=True):
+        assert out.outputs[0].token_ids == ref.generate(prompt, lora), (prompt, lora.lora_name)

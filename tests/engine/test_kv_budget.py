@@ -19,6 +19,7 @@ from lorafleet.worker.engine.kv_budget import (
     KVBudgetError,
     available_ram,
     kv_token_bytes,
+    merging_fits,
     plan_kv_cache,
     weight_bytes,
 )
@@ -78,6 +79,21 @@ def test_the_cpu_default_is_a_bounded_share_of_the_available_ram(llama_dir, args
     share = min(available_ram() // 4, CPU_MAX_BYTES)
     assert plan.cache_bytes == pytest.approx(share, abs=64 << 20)  # RAM moves a little
     assert "available RAM" in plan.source
+
+
+def test_merging_is_on_only_where_a_merged_copy_fits(llama_dir, args, caplog):
+    """Merged weights (``merge_after_steps``) need one more copy of the LoRA linears: on
+    when that takes at most half the RAM left after the KV cache, else off with a warning
+    naming the setting; the engine's adapters get the decision."""
+    plan = _plan(llama_dir, args)
+    assert merging_fits(args, torch.float32, plan)
+    huge = args.__class__(**{**vars(args), "num_layers": available_ram() // 1000})
+    with caplog.at_level(logging.WARNING):
+        assert not merging_fits(huge, torch.float32, plan)
+    assert "LORAFLEET_MERGE_AFTER_STEPS=0" in caplog.text and "merge_after_steps=0" in caplog.text
+    assert LLM(str(llama_dir), device="cpu").engine.adapters.config.merge_after_steps == 16
+    off = LLM(str(llama_dir), device="cpu", merge_after_steps=0)
+    assert all(lin.hot.merge_after == 0 for lin, _ in off.engine.adapters.linears.values())
 
 
 def test_weight_bytes_counts_the_parameters(llama_dir, args):

@@ -787,7 +787,7 @@ def test_lora_linear_on_cpu_takes_the_fused_path() -> None:
 FP32_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-def _hot_linear(bias: bool, out_sizes: tuple[int, ...], gen: torch.Generator):
+def _hot_linear(bias: bool, out_sizes: tuple[int, ...], gen: torch.Generator, merge_after: int = 0):
     """A CPU float32 ``LoRALinear`` (in 48) with 3 slots of rank up to 8, random weights in
     slots 0 and 2 (slot 2 at rank 5, its second slice zero as a q/v adapter's k), slot 1
     empty; and its base weight and bias as loaded, kept apart."""
@@ -799,7 +799,7 @@ def _hot_linear(bias: bool, out_sizes: tuple[int, ...], gen: torch.Generator):
     base_bias = torch.randn(sum(out_sizes), generator=gen) if bias else None
     if bias:
         linear.bias.copy_(base_bias)
-    linear.allocate_slots(3, 8)
+    linear.allocate_slots(3, 8, merge_after)
     for stack in (*linear.lora_as, *linear.lora_bs):
         stack[0] = torch.randn(stack[0].shape, generator=gen)
     for stack in (linear.lora_as[0], linear.lora_bs[0]):
@@ -897,6 +897,48 @@ def test_lora_linear_hot_slot_only_for_one_whole_segment(short_expand: str) -> N
                     torch.testing.assert_close(got[row : row + 1], want, **FP32_TOL)
     finally:
         HotSlot.forward = real
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize(
+    "out_sizes", [(40, 8, 8), (64, 64), (24,)], ids=["qkv", "gate-up", "single"]
+)
+def test_lora_linear_merges_a_long_run_on_one_slot(bias, out_sizes) -> None:
+    """``merge_after=3``: the third step in a row whose rows all sit on one slot, and every
+    step after it, run on W merged with that slot (one GEMM, ``w_merged``) and equal
+    float64; a mixed step, a switch of slot or a slot rewritten in place ends the run (the
+    unmerged road again, then a new merge of the new contents); W itself never changes."""
+    gen = torch.Generator().manual_seed(len(out_sizes) + bias)
+    linear, weight, base_bias = _hot_linear(bias, out_sizes, gen, merge_after=3)
+    hot = linear.hot
+    x = torch.randn(2, 48, generator=gen)
+
+    def step(slots: list[int], rank: int = 8) -> bool:
+        """One step (a new meta) of ``slots``; whether it ran merged. Checks the output."""
+        meta = LoRAMeta.from_token_slots(slots, 3, slot_ranks=[8, 0, 5])
+        got = linear(x, _ctx(meta)).double()
+        for row, slot in enumerate(slots):
+            want = _hot_truth(linear, weight, base_bias, x[row : row + 1], slot, rank)
+            torch.testing.assert_close(got[row : row + 1], want, **FP32_TOL)
+        return hot.plan is not None and hot.plan[0] is hot.w_merged
+
+    with torch.inference_mode():
+        assert [step([0, 0]) for _ in range(5)] == [False, False, True, True, True]
+        assert not step([0, 2]) and not step([0, 0]) and not step([0, 0]) and step([0, 0])
+        assert [step([2, 2], rank=5) for _ in range(3)] == [False, False, True]
+        linear.lora_bs[0][2] *= -3.0  # the manager writes a slot through these views
+        assert [step([2, 2], rank=5) for _ in range(3)] == [False, False, True]
+        torch.testing.assert_close(linear.weight, weight, rtol=0, atol=0)
+
+
+def test_lora_linear_never_merges_with_merge_after_zero() -> None:
+    gen = torch.Generator().manual_seed(5)
+    linear, _, _ = _hot_linear(False, (40, 8, 8), gen)
+    x = torch.randn(1, 48, generator=gen)
+    with torch.inference_mode():
+        for _ in range(20):
+            linear(x, _ctx(LoRAMeta.from_token_slots([0], 3, slot_ranks=[8, 0, 5])))
+    assert linear.hot.w_merged is None
 
 
 def _two_slots(meta: LoRAMeta) -> LoRAMeta:

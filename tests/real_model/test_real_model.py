@@ -55,6 +55,23 @@ def test_mixed_batch_with_evicting_slots_equals_peft(llm, real_adapters, peft_re
     assert len(texts) > 2  # the adapters change the answers
 
 
+def test_single_streams_on_merged_weights_equal_peft(real_adapters, peft_reference):
+    """``merge_after_steps=4``: one chat stream at a time on each adapter (trained rank 4
+    on q/v, random rank 16 on every target) runs most of its steps on weights merged with the adapter, and
+    equals transformers + PEFT token for token; so does a base stream right after."""
+    merged = LLM("smollm2", max_loras=2, max_lora_rank=32, merge_after_steps=4,
+                 max_model_len=1024, kv_cache_bytes=64 << 20)  # fmt: skip
+    requests = [(real_adapters[0], QUESTIONS[0]), (real_adapters[3], QUESTIONS[1])]  # all16
+    requests.append((None, QUESTIONS[1]))
+    expected = peft_reference(requests, MAX_TOKENS)
+    hot = [lin.hot for lin, _ in merged.engine.adapters.linears.values()]
+    for (lora, question), tokens in zip(requests, expected, strict=True):
+        (out,) = merged.chat(_chat(question), GREEDY, lora_request=lora)
+        assert out.outputs[0].token_ids == tokens, lora and lora.lora_name
+        if lora is not None:
+            assert any(h.plan is not None and h.plan[0] is h.w_merged for h in hot)
+
+
 def test_n_completions_reproducible_under_a_seed(llm):
     params = SamplingParams(n=3, max_tokens=16, temperature=0.9, seed=5)
     first = llm.chat(_chat(QUESTIONS[2]), params)[0]

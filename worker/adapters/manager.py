@@ -58,7 +58,9 @@ class AdapterManager:
         self._unique_linears = list({id(lin): lin for lin, _ in self.linears.values()}.values())
         if config.enable_lora:
             for linear in self._unique_linears:
-                linear.allocate_slots(self.num_slots, config.max_lora_rank)
+                linear.allocate_slots(
+                    self.num_slots, config.max_lora_rank, config.merge_after_steps
+                )
         # Host-side: the step's LoRAMeta uploads it with the rest of its metadata.
         self.slot_ranks = [0] * self.num_slots
         self.slot_owner: list[int | None] = [None] * self.num_slots

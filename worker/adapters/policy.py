@@ -24,3 +24,4 @@ class AdapterPolicy:
     adapter_failure_ttl: float
     hub: str
     hub_cache_dir: str | None
+    merge_after_steps: int

@@ -32,6 +32,10 @@ CPU_MAX_BYTES = 4 * 2**30
 #: Set aside on a GPU beyond weights and activations: the CUDA context, cuBLAS workspaces,
 #: captured graphs' pools, the allocator's fragmentation.
 GPU_OVERHEAD_BYTES = 1 * 2**30
+#: Share of the RAM left after the KV cache that merged adapter weights may take.
+MERGE_SHARE = 0.5
+#: What turns merging off, named in its warning.
+MERGE_OFF = "merge_after_steps=0 (LLM) / LORAFLEET_MERGE_AFTER_STEPS=0 (worker)"
 #: Shortest usable context.
 MIN_MODEL_LEN = 16
 
@@ -162,3 +166,23 @@ def plan_kv_cache(
             RAISE_CACHE,
         )
     return KVBudget(num_blocks, config.block_size, served, token_bytes, source)
+
+
+def merging_fits(args: ModelArgs, dtype: torch.dtype, budget: KVBudget) -> bool:
+    """Whether one merged copy of every LoRA linear's weight (``merge_after_steps``) takes
+    at most ``MERGE_SHARE`` of the RAM left after the KV cache (call it once the weights are
+    loaded and before the cache is); warns when not."""
+    need = args.num_layers * sum(i * o for i, o in args.linear_shapes().values()) * dtype.itemsize
+    left = available_ram() - budget.cache_bytes
+    if need <= left * MERGE_SHARE:
+        return True
+    log.warning(
+        "adapters will not be merged into the weights for long single-adapter streams: a copy "
+        "of the LoRA linears' weights (%.0f MiB) would take over %.0f%% of the RAM left after "
+        "the KV cache (%.0f MiB); set %s to silence this",
+        need / 2**20,
+        MERGE_SHARE * 100,
+        left / 2**20,
+        MERGE_OFF,
+    )
+    return False

@@ -10,26 +10,19 @@ from dataclasses import dataclass, replace
 import torch
 
 from lorafleet.producer.errors import InvalidRequestError, LoraFleetError, PromptTooLongError
-from lorafleet.producer.types import (
-    ChatMessage,
-    CompletionOutput,
-    Logprob,
-    LoRARequest,
-    RequestOutput,
-    SamplingParams,
-)
+from lorafleet.producer.types import ChatMessage, Logprob, LoRARequest, SamplingParams
 from lorafleet.worker.adapters.manager import AdapterManager
 from lorafleet.worker.engine.block_manager import BlockManager
 from lorafleet.worker.engine.config import EngineConfig
 from lorafleet.worker.engine.detokenizer import Detokenizer, TokenDecoder
-from lorafleet.worker.engine.kv_budget import plan_kv_cache
+from lorafleet.worker.engine.kv_budget import merging_fits, plan_kv_cache
 from lorafleet.worker.engine.model_runner import ModelRunner
-from lorafleet.worker.engine.outputs import EngineSnapshot, StepOutput, StepStats
+from lorafleet.worker.engine.outputs import EngineSnapshot, StepOutput, StepStats, request_output
 from lorafleet.worker.engine.sampler import SampledTokens, Sampler, TokenLogprobs
 from lorafleet.worker.engine.scheduler import ScheduledBatch, Scheduler
 from lorafleet.worker.engine.sequence import PENDING_TOKEN, Request, Sequence
 from lorafleet.worker.engine.step_layout import PendingTokens, prompt_targets
-from lorafleet.worker.engine.usage import request_usage, timed_load
+from lorafleet.worker.engine.usage import timed_load
 from lorafleet.worker.model.catalog import local_model
 from lorafleet.worker.model.loader import load_model, read_model_args, resolve_dtype
 
@@ -107,9 +100,15 @@ class LLMEngine:
         self.decoders = {skip: TokenDecoder(self.tokenizer, skip) for skip in (True, False)}
         self.model = load_model(model_dir, self.dtype, self.device)
         self.model_name = config.served_model_name or raw.get("_name_or_path") or model_dir.name
-        self.adapters = AdapterManager(
-            self.model, config.adapter_policy(), served_model_name=self.model_name
-        )
+        policy = config.adapter_policy()
+        merges = self.device.type == "cpu" and self.dtype == torch.float32 and config.enable_lora
+        if (
+            policy.merge_after_steps
+            and merges
+            and not merging_fits(self.args, self.dtype, self.kv_budget)
+        ):
+            policy = replace(policy, merge_after_steps=0)
+        self.adapters = AdapterManager(self.model, policy, served_model_name=self.model_name)
         num_blocks = self.kv_budget.num_blocks
         self.runner = ModelRunner(self.model, self.adapters, num_blocks, config.block_size)
         if config.cuda_graphs:
@@ -305,7 +304,7 @@ class LLMEngine:
             delta_token_ids=[],
             finished=True,
             finish_reason="abort",
-            output=self.request_output(request),
+            output=request_output(request),
         )
 
     def fail_all(self, error: LoraFleetError) -> list[StepOutput]:
@@ -541,7 +540,7 @@ class LLMEngine:
             if request is not None and request.finished:
                 del self.requests[request_id]
                 outputs[at].finished = True
-                outputs[at].output = self.request_output(request)
+                outputs[at].output = request_output(request)
         return outputs
 
     def _failed(self, request: Request, err: LoraFleetError) -> StepOutput:
@@ -551,28 +550,3 @@ class LLMEngine:
             if not seq.finished:
                 self._finish(seq)
         return StepOutput(request.request_id, "", [], True, finish_reason="error", error=err)
-
-    def request_output(self, request: Request) -> RequestOutput:
-        first = request.seqs[0]
-        completions = [
-            CompletionOutput(
-                index=seq.index,
-                text=seq.detokenizer.text,
-                token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=seq.logprobs,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for seq in request.seqs
-        ]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=first.prompt,
-            prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
-            outputs=completions,
-            finished=request.finished,
-            lora_request=first.lora_request,
-            prompt_logprobs=first.prompt_logprobs,
-            usage=request_usage(request),
-        )

@@ -1,4 +1,5 @@
-"""What the engine reports: per-request ``StepOutput``, per-step ``StepStats`` and the
+"""What the engine reports: per-request ``StepOutput`` (a finished request's
+``RequestOutput`` built by ``request_output``), per-step ``StepStats`` and the
 ``EngineSnapshot`` of its gauges and counters (with the adapter tiers' ``AdapterStats``).
 
 Torch-free, so the worker process, which only relays them, never loads torch.
@@ -7,10 +8,15 @@ Torch-free, so the worker process, which only relays them, never loads torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lorafleet.producer.errors import LoraFleetError
-from lorafleet.producer.types import RequestOutput
+from lorafleet.producer.types import CompletionOutput, RequestOutput
 from lorafleet.worker.adapters.stats import AdapterStats
+from lorafleet.worker.engine.usage import request_usage
+
+if TYPE_CHECKING:
+    from lorafleet.worker.engine.sequence import Request
 
 
 @dataclass
@@ -28,6 +34,33 @@ class StepOutput:
     output: RequestOutput | None = None
     error: LoraFleetError | None = None
     index: int = 0
+
+
+def request_output(request: Request) -> RequestOutput:
+    """The ``RequestOutput`` of ``request`` as of now: every completion so far, and its usage."""
+    first = request.seqs[0]
+    completions = [
+        CompletionOutput(
+            index=seq.index,
+            text=seq.detokenizer.text,
+            token_ids=seq.output_token_ids,
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        for seq in request.seqs
+    ]
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=first.prompt,
+        prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
+        outputs=completions,
+        finished=request.finished,
+        lora_request=first.lora_request,
+        prompt_logprobs=first.prompt_logprobs,
+        usage=request_usage(request),
+    )
 
 
 @dataclass

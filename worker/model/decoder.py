@@ -86,7 +86,8 @@ class LoRALinear(nn.Module):
 
     On the CPU in float32, ``weight`` (and ``bias``) then become views of ``hot``
     (``HotSlot``: W with one slot's A under it), so a step whose rows all sit on one of
-    this linear's slots runs the base GEMM and the shrink as one, then the expand.
+    this linear's slots runs the base GEMM and the shrink as one, then the expand (or, in a
+    long run of such steps, one GEMM against W merged with the slot's adapter).
     """
 
     def __init__(self, in_features: int, out_sizes: tuple[int, ...], bias: bool) -> None:
@@ -107,8 +108,9 @@ class LoRALinear(nn.Module):
         # clear; the AdapterManager keeps it in step with the slots.
         self.slot_mask = 0
 
-    def allocate_slots(self, num_slots: int, rank: int) -> None:
-        """Zeroed slot stacks for ``num_slots`` adapters of rank up to ``rank``."""
+    def allocate_slots(self, num_slots: int, rank: int, merge_after: int = 0) -> None:
+        """Zeroed slot stacks for ``num_slots`` adapters of rank up to ``rank``;
+        ``merge_after``: see ``HotSlot`` (CPU, float32; 0: never merge)."""
         dtype, device = self.weight.dtype, self.weight.device
         if device.type == "cpu":
             self.fused = FusedStacks.allocate(
@@ -116,7 +118,7 @@ class LoRALinear(nn.Module):
             )
             self.lora_as, self.lora_bs = self.fused.lora_as, self.fused.lora_bs
             if dtype == torch.float32:  # 16-bit stacks accumulate in float32 (add_lora_fused)
-                self.hot = HotSlot(self.weight, self.bias, self.fused)
+                self.hot = HotSlot(self.weight, self.bias, self.fused, merge_after)
                 # In place (.data), so the Parameters stay the module's and the loader's.
                 self.weight.data = self.hot.weight()
                 if self.bias is not None:

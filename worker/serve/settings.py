@@ -84,6 +84,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("LORAFLEET_HUB_CACHE", "hub_cache", "str", "Hub cache folder (default: huggingface_hub's, `$HF_HUB_CACHE`).", engine="hub_cache_dir"),
     Variable("LORAFLEET_MAX_ADAPTER_MB", "max_adapter_mb", "int", "Largest adapter weights file accepted, MiB.", engine="max_adapter_bytes", scale=MIB),
     Variable("LORAFLEET_ADAPTER_FAILURE_TTL", "adapter_failure_ttl", "float", "Seconds an adapter that failed to load is refused without touching the disk (0: always retry).", engine="adapter_failure_ttl"),
+    Variable("LORAFLEET_MERGE_AFTER_STEPS", "merge_after_steps", "int", "On the CPU in float32: a stream whose steps all ran on one adapter for this many steps in a row runs on the weights merged with it, as fast as the base model (memory: one more copy of the LoRA linears' weights, allocated at start-up; off with a warning when that would take over half the RAM left after the KV cache). 0: never merge.", engine="merge_after_steps"),
     Variable("LORAFLEET_MAX_PROMPT_CHARS", "max_prompt_chars", "int", "Longest prompt accepted, in characters, checked before tokenizing (default 16 x max_model_len)."),
     Variable("LORAFLEET_REDIS_URL", "redis_url", "str", "Redis to take jobs from (`redis://`, `rediss://`, `unix://`)."),
     Variable("LORAFLEET_QUEUE", "queue", "str", "arq queue name; producers must use the same."),
