@@ -17,9 +17,11 @@ streams it back, the no-op worker returns at once.
 
 ``--metering`` measures the cost of usage metering instead: two lorafleet workers on the
 same Redis, one with metering on, one with ``LORAFLEET_METERING=0``. Bursts rotate among
-jobs without a tenant on the metered worker (the ledger write in each final event's
-transaction), jobs of several tenants on it (plus each tenant's admission at submit), jobs
-on the unmetered worker and the no-op worker, ``--rounds`` times; the best of each is kept:
+jobs without a tenant and jobs of several tenants, each on the metered and on the
+unmetered worker (metering is the ledger write in each final event's transaction; tenants
+add their quota bookkeeping either way), and the no-op worker, ``--rounds`` times; each
+metered side is compared with the unmetered side of the same jobs, best against best and
+as the median of the rounds' ratios (sides a moment apart see the same machine):
 
     python benchmarks/bench_pipeline.py --metering --burst 1000 --rounds 5
 """
@@ -263,33 +265,51 @@ async def measure(url: str, args, loras) -> dict[str, object]:
     }
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds this host spent busy so far, every process together (``/proc/stat``:
+    user, nice, system, irq, softirq; not idle, I/O wait or time stolen by a hypervisor).
+    Jobs per busy CPU-second is what a side costs whatever else slows the machine down:
+    on a host whose speed drifts, a steadier figure than jobs per second."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
     """Bursts rotating among metered with tenants, metered without, unmetered and no-op,
     ``args.rounds`` times each (the order shifts every round, so none always goes first)."""
+    n, off = args.burst, UNMETERED_QUEUE
     sides = {
-        "tenants": lambda: pipeline_burst(url, args.burst, loras, tenants=args.tenants),
-        "ledger": lambda: pipeline_burst(url, args.burst, loras),
-        "off": lambda: pipeline_burst(url, args.burst, loras, queue=UNMETERED_QUEUE),
-        "noop": lambda: noop_burst(url, args.burst),
+        "tenants": lambda: pipeline_burst(url, n, loras, tenants=args.tenants),
+        "off_tenants": lambda: pipeline_burst(url, n, loras, queue=off, tenants=args.tenants),
+        "ledger": lambda: pipeline_burst(url, n, loras),
+        "off": lambda: pipeline_burst(url, n, loras, queue=off),
+        "noop": lambda: noop_burst(url, n),
     }
     await pipeline_burst(url, 64, loras, tenants=args.tenants)  # warm-up
     await pipeline_burst(url, 64, loras, queue=UNMETERED_QUEUE)
     await noop_burst(url, 64)
     runs: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
     redis = Redis.from_url(url)
     await redis.config_resetstat()
     order = list(sides)
     for i in range(args.rounds):
         for side in order[i % len(order) :] + order[: i % len(order)]:
+            before = busy_cpu_seconds()
             runs[side].append(await sides[side]())
-    # Time inside Redis of the ledger's script (EVAL: only metered jobs run it), per call:
-    # a figure that other processes on the host disturb much less than jobs/s.
+            cpu[side].append(n / (busy_cpu_seconds() - before))
+    runs |= {f"cpu_{side}": values for side, values in cpu.items()}
+    # Time inside Redis of the ledger's script (EVAL: only metered jobs run it, one call per
+    # publisher flush), per metered job: a figure that other processes on the host disturb
+    # much less than jobs/s.
     stats = await redis.info("commandstats")
     await redis.aclose()
-    runs["redis_usec"] = [
-        stats.get(f"cmdstat_{name}", {}).get("usec_per_call", 0.0) for name in ("eval", "xadd")
-    ]
-    runs["eval_calls"] = [stats.get("cmdstat_eval", {}).get("calls", 0)]
+    metered_jobs = 2 * args.rounds * args.burst
+    evals, xadds = stats.get("cmdstat_eval", {}), stats.get("cmdstat_xadd", {})
+    runs["redis_usec"] = [evals.get("usec", 0) / metered_jobs, xadds.get("usec_per_call", 0.0)]
+    runs["eval_calls"] = [evals.get("calls", 0)]
     return runs
 
 
@@ -297,6 +317,7 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
     """Best and median of each side; the ratios to metering off (the target: within 5%)."""
     eval_usec, xadd_usec = runs.pop("redis_usec")
     (eval_calls,) = runs.pop("eval_calls")
+    cpu = {side[4:]: runs.pop(side) for side in list(runs) if side.startswith("cpu_")}
     best = {side: max(values) for side, values in runs.items()}
     median = {side: statistics.median(values) for side, values in runs.items()}
     print(
@@ -308,6 +329,7 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
     print(f"{'':42}{'best':>7}{'median':>8}{'/ no-op':>9}  all rounds (jobs/s)")
     labels = {
         "tenants": f"metering on, jobs of {args.tenants} tenants",
+        "off_tenants": f"metering off, jobs of {args.tenants} tenants",
         "ledger": "metering on, jobs without tenant",
         "off": "metering off (LORAFLEET_METERING=0)",
         "noop": "arq no-op",
@@ -316,13 +338,22 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
         shown = " / ".join(f"{x:.0f}" for x in runs[side])
         ratio = best[side] / best["noop"]
         print(f"{label:42}{best[side]:>7.0f}{median[side]:>8.0f}{ratio:>9.1%}  {shown}")
-    for side in ("ledger", "tenants"):
-        b, m = best[side] / best["off"], median[side] / median["off"]
+    for side, off in (("ledger", "off"), ("tenants", "off_tenants")):
+        b = best[side] / best[off]
+        m = statistics.median(x / y for x, y in zip(runs[side], runs[off], strict=True))
+        c = statistics.median(cpu[side]) / statistics.median(cpu[off])
         verdict = "within" if min(b, m) >= 0.95 else "OUTSIDE"
-        print(f"{labels[side]} / metering off: best {b:.3f}, median {m:.3f} ({verdict} 5%)")
+        print(
+            f"{labels[side]} / {labels[off]}: best {b:.3f}, median of rounds {m:.3f} "
+            f"({verdict} 5%); jobs per busy CPU-second {c:.3f}"
+        )
+    print("jobs per busy CPU-second of the host, median and all rounds:")
+    for side, label in labels.items():
+        shown = " / ".join(f"{x:.0f}" for x in cpu[side])
+        print(f"{label:42}{statistics.median(cpu[side]):>7.0f}  {shown}")
     print(
-        f"inside Redis: the ledger script {eval_usec:.1f} us per job ({eval_calls} calls), "
-        f"for scale an XADD of a stream event {xadd_usec:.1f} us"
+        f"inside Redis: the ledger script {eval_usec:.1f} us per metered job ({eval_calls} "
+        f"calls), for scale an XADD of a stream event {xadd_usec:.1f} us"
     )
 
 

@@ -22,7 +22,8 @@ threads): where other work crowds the cores, wall time also counts waiting for t
 time mostly not.
 
 Then, unless ``--paired-rounds 0``, the same-engine goals again, measured step by step: two
-engines of the same settings take the two sides' requests (mixed adapters and base-only;
+engines of the same settings (the second first runs every side once, untimed, so both hold
+the same adapters in slots and merged) take the two sides' requests (mixed adapters and base-only;
 one stream with and without its adapter) and step one after the other until both are done,
 which one steps first alternating, so a machine whose speed drifts from one second to the
 next (a shared VM) slows both sides alike. Each side's throughput counts its own steps'
@@ -321,6 +322,17 @@ def paired(
     return ratio, [theirs / ours for ours, theirs in zip(times[0], times[1], strict=False)]
 
 
+def warm(engine: LLMEngine, jobs: dict[str, Jobs], new_tokens: int) -> None:
+    """Every side's requests once, untimed: a fresh engine then holds what the measured one
+    holds by now (every adapter in a slot, the single streams' adapters merged)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for side in jobs.values():
+        for prompt, lora in side:
+            engine.add_request(uuid.uuid4().hex, prompt, params, lora)
+        while engine.has_unfinished():
+            engine.step()
+
+
 def measure_paired(
     engines: tuple[LLMEngine, LLMEngine], jobs: dict[str, Jobs], new_tokens: int, rounds: int
 ) -> list[dict]:
@@ -488,6 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.paired_rounds > 0:
             config = json.loads((model_dir / "config.json").read_text())
             twin = make_engine(model_dir, args, args.adapters, config)
+            warm(twin.engine, jobs, args.new_tokens)
             engines = (llm.engine, twin.engine)
             pairs = measure_paired(engines, jobs, args.new_tokens, args.paired_rounds)
     report = {"model": str(model_dir), "args": vars(args) | {"json": str(args.json)}}

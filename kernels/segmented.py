@@ -462,7 +462,8 @@ class HotSlot:
     same slot, rank and stacks' versions (A's and B's), ``w_merged`` [N, H] (allocated
     here) becomes ``W + B_s A_s`` and the step is one GEMM against it: the expand, the wider
     GEMM and the split are gone, at the price of one more copy of W and one merge (``r*n``
-    multiply-adds per weight) each time the hot slot's contents change. Any other
+    multiply-adds per weight) each time the hot slot's contents change. A step on the slot
+    ``w_merged`` already holds (unchanged since) runs merged at once. Any other
     step reads W unchanged, so results differ from the unmerged road only by rounding.
     """
 
@@ -525,7 +526,8 @@ class HotSlot:
         run = (*key, stacks.b_t._version)
         self._run_steps = self._run_steps + 1 if run == self._run else 1
         self._run = run
-        if self.merge_after and self._run_steps >= self.merge_after:
+        # Waiting pays for a merge not yet made; one already made for this slot is free.
+        if self.merge_after and (self._run_steps >= self.merge_after or run == self._merged_key):
             if run != self._merged_key:
                 self._merge(run, stacks.views(seg.slot, seg.rank))
             self.plan = self._merged_plan

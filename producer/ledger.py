@@ -14,7 +14,10 @@ exactly once per job id however many times arq runs the job (the write side is
   of a job already metered), field ``{worker}\\t{metric}``;
 - ``lorafleet:usage:buckets``: a sorted set of the buckets written (member
   ``{bucket_s}:{start}``, score ``start``), to find them by time;
-- ``lorafleet:metered:{job_id}``: which runs of a job were recorded (dedupe, ``DEDUPE_TTL_S``).
+- ``lorafleet:metered:{job_id}``: the run of a job that was counted, ``{attempt}:{usage}``
+  (msgpack ``Usage``), and ``lorafleet:metered:{job_id}:runs``: the runs charged as waste,
+  fields ``a{attempt}`` (dedupe, ``DEDUPE_TTL_S``). Before 2026-12-06 the first was a hash
+  holding both (field ``m`` and the ``a{n}`` fields); workers still read that form.
 
 Buckets expire ``retention`` seconds after they end.
 """
@@ -66,6 +69,10 @@ def waste_key(bucket_s: int, start: int) -> str:
 
 def metered_key(job_id: str) -> str:
     return f"{NAMESPACE}:metered:{job_id}"
+
+
+def wasted_runs_key(job_id: str) -> str:
+    return f"{NAMESPACE}:metered:{job_id}:runs"
 
 
 def to_us(seconds: float) -> int:

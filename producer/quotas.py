@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,12 +174,13 @@ async def forget_if_finished(redis: Any, tenant: str, job_id: str) -> None:
 
 
 def queue_release(
-    pipe: Any, tenant: str, job_id: str, tokens: int, now: float | None = None
+    pipe: Any, tenant: str, job_ids: Sequence[str], tokens: int, now: float | None = None
 ) -> None:
-    """Queue, on ``pipe`` (the final event's transaction), the end of a job: it leaves the
-    tenant's jobs in flight and its ``tokens`` count toward this minute's."""
+    """Queue, on ``pipe`` (the final events' transaction), the end of jobs of ``tenant``:
+    they leave its jobs in flight and their ``tokens`` (all of them together) count toward
+    this minute's."""
     now = time.time() if now is None else now
-    pipe.zrem(in_flight_key(tenant), job_id)
+    pipe.zrem(in_flight_key(tenant), *job_ids)
     if tokens:
         key = tpm_key(tenant, _minute(now))
         pipe.incrby(key, tokens)

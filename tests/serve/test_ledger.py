@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -26,7 +27,7 @@ from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.producer.stream import FIELD, StreamEvent, decode_event, encode_event
 from lorafleet.producer.types import CompletionOutput, RequestOutput
 from lorafleet.producer.usage import Usage
-from lorafleet.worker.serve.ledger import UNKNOWN_WORKER, Ledger
+from lorafleet.worker.serve.ledger import UNKNOWN_WORKER, Ledger, LedgerEntry
 from lorafleet.worker.serve.publisher import StreamPublisher
 
 SQL = LoRARequest("sql", 1, "/adapters/sql")
@@ -313,6 +314,73 @@ async def _test_concurrent_jobs_share_one_transaction(redis, workers):
     report = await read_usage(redis, by="tenant")
     assert [r.requests for r in report.rows] == [10, 10, 10]
     assert report.total.completion_tokens == 60
+
+
+def test_one_script_call_records_a_whole_flush(fleet):
+    fleet.run(_test_one_script_call_records_a_whole_flush)
+
+
+async def _test_one_script_call_records_a_whole_flush(redis, workers):
+    """The jobs of one publisher flush go in one script call (``LedgerEntry.queue_all``):
+    new jobs in two buckets, a re-run of a counted job (waste), a job after a cut run and
+    a job already counted in that same call (a repeated publish); each as if alone."""
+    w = await workers("w1")
+    t0 = 1_800_000_000
+    await w.finish(_job("seen"), 1, _usage(7, 3), now=t0)
+    event = StreamEvent(attempt=1, seq=0, token_ids=[1, 2], worker="w0")
+    await redis.xadd(stream_key("cut"), {FIELD: encode_event(event)})
+    runs = [
+        ("a", 1, _usage(1, 1), t0 - 1),  # the bucket before t0
+        ("b", 1, _usage(2, 2), t0),
+        ("seen", 2, _usage(7, 9), t0),  # a re-run: its work is waste
+        ("cut", 2, _usage(5, 6), t0),  # run 1 cut short on w0: waste of w0
+        ("b", 1, _usage(2, 2), t0),  # the same publish again: nothing more
+    ]
+    entries = []
+    for job_id, attempt, usage, now in runs:
+        prior = await w.ledger.prepare(job_id, attempt)
+        entries.append(w.ledger.entry(job_id, attempt, _job(job_id), usage, prior, now=now))
+    before = (await redis.info("commandstats"))["cmdstat_eval"]["calls"]
+    async with redis.pipeline(transaction=True) as pipe:
+        LedgerEntry.queue_all(pipe, entries)
+        (counted,) = await pipe.execute()
+    assert (await redis.info("commandstats"))["cmdstat_eval"]["calls"] - before == 1
+    assert counted == [1, 1, 0, 1, 0]
+    report = await read_usage(redis, now=t0 + HOUR)
+    (row,) = report.rows
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (4, 15, 12)
+    waste = {x.worker: x for x in report.waste}
+    assert (waste["w1"].attempts, waste["w1"].completion_tokens) == (1, 9)
+    assert (waste["w0"].attempts, waste["w0"].prompt_tokens, waste["w0"].completion_tokens) == (
+        1,
+        5,
+        2,
+    )
+    assert await redis.exists(usage_key(HOUR, t0 - HOUR), usage_key(HOUR, t0)) == 2
+
+
+def test_a_marker_of_the_older_form_still_dedupes(fleet):
+    fleet.run(_test_a_marker_of_the_older_form_still_dedupes)
+
+
+async def _test_a_marker_of_the_older_form_still_dedupes(redis, workers):
+    """A job counted by a worker before the marker became a string (a hash: ``m`` and the
+    ``a{n}`` marks of runs charged as waste) and run again after: its recorded usage is
+    read back, it is not counted twice, and a run already charged is not charged again."""
+    w = await workers("w2")
+    usage = _usage(7, 3)
+    recorded = b"1:" + msgspec.msgpack.encode(usage)
+    await redis.hset(metered_key("old"), mapping={"m": recorded, "a2": 1})
+    for event in (
+        StreamEvent(attempt=1, seq=0, worker="w1", result=_result("old", usage)),  # counted
+        StreamEvent(attempt=2, seq=0, token_ids=[1], worker="w9"),  # cut short, charged
+    ):
+        await redis.xadd(stream_key("old"), {FIELD: encode_event(event)})
+    again = await w.finish(_job("old"), 3, _usage(7, 5))
+    assert again.output.usage == usage
+    report = await read_usage(redis)
+    assert report.rows == []  # counted before, in a bucket this test did not write
+    assert [(x.worker, x.attempts, x.completion_tokens) for x in report.waste] == [("w2", 1, 5)]
 
 
 def test_parse_time():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -55,7 +56,7 @@ def test_jobs_in_flight_are_capped_and_released(redis_url):
         assert refusal.retry_after > 0 and "2 jobs in flight" in refusal.message
         assert await admit(r, "other", "j3") is None  # another tenant: no quota
         async with r.pipeline(transaction=True) as pipe:
-            queue_release(pipe, "acme", "j1", tokens=0)
+            queue_release(pipe, "acme", ["j1"], tokens=0)
             await pipe.execute()
         assert await in_flight(r, "acme") == 1
         assert await admit(r, "acme", "j3") is None
@@ -63,6 +64,33 @@ def test_jobs_in_flight_are_capped_and_released(redis_url):
         await set_quota(r, "busy", max_in_flight=5)
         refusals = await asyncio.gather(*(admit(r, "busy", f"b{i}") for i in range(40)))
         assert sum(x is None for x in refusals) == 5
+
+    _run(redis_url, body)
+
+
+def test_the_releases_of_one_flush_are_queued_per_tenant(redis_url):
+    """``Release.queue_all``: the jobs of several tenants finishing in one publisher flush
+    leave their tenants' jobs in flight and add their tokens to each tenant's minute."""
+    from lorafleet.producer.quotas import tpm_key
+    from lorafleet.worker.serve.quotas import Release
+
+    async def body(r):
+        for tenant in ("acme", "zeta"):
+            await set_quota(r, tenant, max_in_flight=5, tokens_per_minute=1000)
+        for tenant, job in (("acme", "a1"), ("acme", "a2"), ("zeta", "z1")):
+            assert await admit(r, tenant, job) is None
+        releases = [Release("acme", "a1", 10), Release("zeta", "z1", 7), Release("acme", "a2", 5)]
+        minute = int(time.time() // 60)
+        async with r.pipeline(transaction=True) as pipe:
+            Release.queue_all(pipe, releases)
+            await pipe.execute()
+        assert (await in_flight(r, "acme"), await in_flight(r, "zeta")) == (0, 0)
+
+        async def used(tenant: str) -> int:  # the minute may have turned meanwhile
+            found = [await r.get(tpm_key(tenant, m)) for m in (minute, minute + 1)]
+            return sum(int(x or 0) for x in found)
+
+        assert (await used("acme"), await used("zeta")) == (15, 7)
 
     _run(redis_url, body)
 
@@ -84,11 +112,11 @@ def test_tokens_per_minute_with_retry_time(redis_url):
         now = 1_800_000_030.0  # 30 s into a minute
         assert await admit(r, "acme", "j1", now=now) is None
         async with r.pipeline(transaction=True) as pipe:
-            queue_release(pipe, "acme", "j1", tokens=99, now=now)
+            queue_release(pipe, "acme", ["j1"], tokens=99, now=now)
             await pipe.execute()
         assert await admit(r, "acme", "j2", now=now) is None  # 99 < 100: one more may go
         async with r.pipeline(transaction=True) as pipe:
-            queue_release(pipe, "acme", "j2", tokens=50, now=now)
+            queue_release(pipe, "acme", ["j2"], tokens=50, now=now)
             await pipe.execute()
         refusal = await admit(r, "acme", "j3", now=now + 10)
         assert (refusal.limit, refusal.value) == ("tokens_per_minute", 100)
@@ -99,7 +127,7 @@ def test_tokens_per_minute_with_retry_time(redis_url):
         await set_quota(r, "late", tokens_per_minute=1)
         assert await admit(r, "late", "q", now=now) is None
         async with r.pipeline(transaction=True) as pipe:
-            queue_release(pipe, "late", "other", tokens=5, now=now)
+            queue_release(pipe, "late", ["other"], tokens=5, now=now)
             await pipe.execute()
         assert (await admit(r, "late", "q", now=now)).limit == "tokens_per_minute"
         assert await r.zscore(in_flight_key("late"), "q") is None

@@ -3,11 +3,12 @@
 Exactly once, and never missing for a result a client received:
 
 - the ledger write of a job is queued by the ``StreamPublisher`` in the same MULTI/EXEC
-  transaction as the job's final stream event and inbox reply, so the result a client reads
+  transaction as the job's final stream event and inbox reply (one script call for all the
+  jobs of a flush), so the result a client reads
   from either exists if and only if the ledger holds it; arq's own result key is written
   only after that transaction, so a client reading that one finds the ledger written too;
 - the write is a Lua script that counts the job only if ``lorafleet:metered:{job_id}`` has
-  no record of it yet (``HSETNX``), so a re-run (at-least-once delivery) never counts it
+  no record of it yet (``SET NX``), so a re-run (at-least-once delivery) never counts it
   twice. The re-run's own work is added to the waste of its worker instead; before it
   publishes, a re-run reads the usage recorded for the job (``Ledger.prepare``) and returns
   that, so every result of one job id carries the usage the ledger holds;
@@ -23,10 +24,12 @@ answer NOSCRIPT inside the transaction after the event was written, losing the e
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from redis.exceptions import ResponseError
 
 from lorafleet.producer.codec import GenerateJob
 from lorafleet.producer.errors import LoraFleetError
@@ -40,65 +43,106 @@ from lorafleet.producer.ledger import (
     to_us,
     usage_key,
     waste_key,
+    wasted_runs_key,
 )
 from lorafleet.producer.stream import FIELD, decode_event
 from lorafleet.producer.usage import Usage
 
-# KEYS: marker, usage hash, waste hash, bucket index.
-# ARGV: 1 attempt, 2 encoded usage ("" for a run without usage: an error), 3 usage field
-# prefix ("tenant\tadapter\t"), 4 waste field prefix ("worker\t"), 5 bucket EXPIREAT,
-# 6 marker TTL, 7 index member, 8 index score, 9 index cut-off, 10-13 prompt tokens,
-# completion tokens, engine us, adapter-load us, 14 count of cut runs, then per cut run:
-# attempt, waste field prefix, prompt tokens, completion tokens.
-# The marker's field "m" holds "{attempt}:{usage}" of the counted run; "a{n}" marks run n
-# charged as waste. A bucket's expiry and index entry are written when the bucket is new
-# only: the common path is 8 calls. Returns 1 if this run's usage was counted, else 0.
+# One call records every job of a publisher flush (the jobs of one engine step finish
+# together). Counts are summed per hash and field first, so jobs of one tenant and adapter
+# in a flush cost one HINCRBY per counter, and each bucket is checked for being new once;
+# a first count is one SET NX EX of the job's marker.
+# KEYS: 1 bucket index, then per job: marker, wasted-runs hash, usage hash, waste hash.
+# ARGV per job, from its base b: b attempt, b+1 encoded usage ("" for a run without usage:
+# an error), b+2 usage field prefix ("tenant\tadapter\t"), b+3 waste field prefix
+# ("worker\t"), b+4 bucket EXPIREAT, b+5 marker TTL, b+6 index member, b+7 index score,
+# b+8 index cut-off, b+9 - b+12 prompt tokens, completion tokens, engine us, adapter-load
+# us, b+13 count of cut runs, then per cut run: attempt, waste field prefix, prompt
+# tokens, completion tokens; the next job's base follows.
+# The marker holds "{attempt}:{usage}" of the counted run; field "a{n}" of the wasted-runs
+# hash marks run n charged as waste (a marker of the older form, a hash, holds both: field
+# "m" and the "a{n}" fields). A bucket's expiry and index entry are written when the bucket
+# is new only. Returns, per job, 1 if this run's usage was counted, else 0.
 RECORD_SCRIPT = """
-local m,a=KEYS[1],ARGV[1]
-local function new(k)
-if redis.call('EXISTS',k)==0 then return true end
+local keys,fields,sums,base={},{},{},{}
+local function add(k,b,f,v)
+if not sums[k] then
+sums[k]={} fields[k]={} base[k]=b keys[#keys+1]=k
+end
+if not sums[k][f] then
+sums[k][f]=0 fields[k][#fields[k]+1]=f
+end
+sums[k][f]=sums[k][f]+tonumber(v)
+end
+local function waste(w,b,p,prompt,completion,engine)
+add(w,b,p..'attempts',1)
+add(w,b,p..'prompt_tokens',prompt)
+add(w,b,p..'completion_tokens',completion)
+add(w,b,p..'engine_us',engine)
+end
+local function hashed(m)
+return redis.call('TYPE',m).ok=='hash'
+end
+local function first_waste(h,n,ttl)
+if redis.call('HSETNX',h,'a'..n,1)==1 then
+redis.call('EXPIRE',h,ttl)
+return true
+end
 return false
 end
-local function dated(k)
-redis.call('EXPIREAT',k,ARGV[5])
-redis.call('ZADD',KEYS[4],ARGV[8],ARGV[7])
-redis.call('ZREMRANGEBYSCORE',KEYS[4],'-inf',ARGV[9])
-end
-local function waste(p,prompt,completion,engine)
-local fresh=new(KEYS[3])
-redis.call('HINCRBY',KEYS[3],p..'attempts',1)
-redis.call('HINCRBY',KEYS[3],p..'prompt_tokens',prompt)
-redis.call('HINCRBY',KEYS[3],p..'completion_tokens',completion)
-redis.call('HINCRBY',KEYS[3],p..'engine_us',engine)
-if fresh then dated(KEYS[3]) end
-end
-local counted=0
-if ARGV[2]~='' then
-if redis.call('HSETNX',m,'m',a..':'..ARGV[2])==1 then
-local k,p=KEYS[2],ARGV[3]
-local fresh=new(k)
-redis.call('HINCRBY',k,p..'requests',1)
-redis.call('HINCRBY',k,p..'prompt_tokens',ARGV[10])
-redis.call('HINCRBY',k,p..'completion_tokens',ARGV[11])
-redis.call('HINCRBY',k,p..'engine_us',ARGV[12])
-redis.call('HINCRBY',k,p..'adapter_load_us',ARGV[13])
-if fresh then dated(k) end
-counted=1
+local counted={}
+local b=1
+for j=2,#KEYS,4 do
+local m,runs,u,w,a=KEYS[j],KEYS[j+1],KEYS[j+2],KEYS[j+3],ARGV[b]
+local c=0
+if ARGV[b+1]~='' then
+if redis.call('SET',m,a..':'..ARGV[b+1],'NX','EX',ARGV[b+5]) then
+local p=ARGV[b+2]
+add(u,b,p..'requests',1)
+add(u,b,p..'prompt_tokens',ARGV[b+9])
+add(u,b,p..'completion_tokens',ARGV[b+10])
+add(u,b,p..'engine_us',ARGV[b+11])
+add(u,b,p..'adapter_load_us',ARGV[b+12])
+c=1
 else
-local rec=redis.call('HGET',m,'m')
-if string.sub(rec,1,string.len(a)+1)~=a..':' and redis.call('HSETNX',m,'a'..a,1)==1 then
-waste(ARGV[4],ARGV[10],ARGV[11],ARGV[12])
+local rec
+if hashed(m) then
+runs=m
+rec=redis.call('HGET',m,'m')
+else
+rec=redis.call('GET',m)
+end
+if string.sub(rec,1,string.len(a)+1)~=a..':' and first_waste(runs,a,ARGV[b+5]) then
+waste(w,b,ARGV[b+3],ARGV[b+9],ARGV[b+10],ARGV[b+11])
 end
 end
 end
-local i=15
-for _=1,tonumber(ARGV[14]) do
-if redis.call('HSETNX',m,'a'..ARGV[i],1)==1 then
-waste(ARGV[i+1],ARGV[i+2],ARGV[i+3],0)
+local k=b+14
+local cut=tonumber(ARGV[b+13])
+if cut>0 and runs~=m and hashed(m) then
+runs=m
 end
-i=i+4
+for _=1,cut do
+if first_waste(runs,ARGV[k],ARGV[b+5]) then
+waste(w,b,ARGV[k+1],ARGV[k+2],ARGV[k+3],0)
 end
-redis.call('EXPIRE',m,ARGV[6])
+k=k+4
+end
+counted[#counted+1]=c
+b=k
+end
+for _,k in ipairs(keys) do
+local fresh=redis.call('EXISTS',k)==0
+for _,f in ipairs(fields[k]) do
+redis.call('HINCRBY',k,f,string.format('%d',sums[k][f]))
+end
+if fresh then
+local d=base[k]
+redis.call('EXPIREAT',k,ARGV[d+4])
+redis.call('ZADD',KEYS[1],ARGV[d+7],ARGV[d+6])
+redis.call('ZREMRANGEBYSCORE',KEYS[1],'-inf',ARGV[d+8])
+end
+end
 return counted
 """
 
@@ -129,7 +173,7 @@ class Prior:
 
 @dataclass
 class LedgerEntry:
-    """One job's ledger write, queued on the publisher's transaction by ``queue``."""
+    """One job's ledger write, queued on the publisher's transaction by ``queue_all``."""
 
     ledger: Ledger
     job_id: str
@@ -140,9 +184,11 @@ class LedgerEntry:
     prior: Prior
     now: float
 
-    def queue(self, pipe: Any) -> None:
-        """Queue the script on ``pipe`` (a transaction, with the job's final event)."""
-        self.ledger.queue(pipe, self)
+    @staticmethod
+    def queue_all(pipe: Any, entries: Sequence[LedgerEntry]) -> None:
+        """Queue one script call recording ``entries`` on ``pipe`` (a transaction, with
+        their jobs' final events); entries of one ``Ledger`` (one worker's)."""
+        entries[0].ledger.queue(pipe, entries)
 
 
 class Ledger:
@@ -160,10 +206,15 @@ class Ledger:
         runs cut short before this one. One round trip; nothing for a first run."""
         if attempt <= 1:
             return Prior()
+        marker = metered_key(job_id)
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(metered_key(job_id), "m")
+            pipe.get(marker)
             pipe.xrange(stream_key(job_id))
-            recorded, entries = await pipe.execute()
+            recorded, entries = await pipe.execute(raise_on_error=False)
+        if isinstance(recorded, ResponseError):  # a marker of the older form: a hash
+            recorded = await self._redis.hget(marker, "m")
+        if isinstance(entries, Exception):
+            raise entries
         return Prior(recorded_usage(recorded) if recorded else None, cut_runs(entries, attempt))
 
     def entry(
@@ -188,9 +239,23 @@ class Ledger:
             time.time() if now is None else now,
         )
 
-    def queue(self, pipe: Any, e: LedgerEntry) -> None:
-        start = bucket_start(e.now, self.bucket_s)
-        end = start + self.bucket_s
+    def queue(self, pipe: Any, entries: Sequence[LedgerEntry]) -> None:
+        """Queue the script recording ``entries`` on ``pipe``."""
+        keys: list[str] = [INDEX_KEY]
+        args: list[Any] = []
+        for e in entries:
+            start = bucket_start(e.now, self.bucket_s)
+            keys += [
+                metered_key(e.job_id),
+                wasted_runs_key(e.job_id),
+                usage_key(self.bucket_s, start),
+                waste_key(self.bucket_s, start),
+            ]
+            args += self._args(e, start)
+        pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+
+    def _args(self, e: LedgerEntry, start: int) -> list[Any]:
+        """One job's arguments of ``RECORD_SCRIPT``, in the bucket starting at ``start``."""
         usage = e.usage
         counts = (0, 0, 0, 0)
         if usage is not None:
@@ -204,12 +269,12 @@ class Ledger:
         cut: list[Any] = []
         for run in e.prior.cut:
             cut += [run.attempt, run.worker + SEP, prompt, run.completion_tokens]
-        args = [
+        return [
             e.attempt,
             _usage_encoder.encode(usage) if usage is not None else b"",
             f"{e.tenant or ''}{SEP}{e.adapter or ''}{SEP}",
             self.worker + SEP,
-            end + self.retention_s,
+            start + self.bucket_s + self.retention_s,
             DEDUPE_TTL_S,
             f"{self.bucket_s}:{start}",
             start,
@@ -218,18 +283,10 @@ class Ledger:
             len(e.prior.cut),
             *cut,
         ]
-        keys = [
-            metered_key(e.job_id),
-            usage_key(self.bucket_s, start),
-            waste_key(self.bucket_s, start),
-            INDEX_KEY,
-        ]
-        pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
 
 
 def recorded_usage(marker: bytes) -> Usage:
-    """The usage a job was counted with, from its marker's ``m`` field
-    (``{attempt}:{msgpack Usage}``)."""
+    """The usage a job was counted with, from its marker (``{attempt}:{msgpack Usage}``)."""
     return _usage_decoder.decode(marker.split(b":", 1)[1])
 
 

@@ -44,9 +44,11 @@ class _Pending:
 
 
 class Atomic(Protocol):
-    """A write that must land atomically with a job's final event."""
+    """A write that must land atomically with a job's final event. A flush hands every
+    write of one kind to that kind's ``queue_all`` at once (one script call for all, say)."""
 
-    def queue(self, pipe: Any) -> None: ...
+    @staticmethod
+    def queue_all(pipe: Any, writes: Sequence[Any]) -> None: ...
 
 
 class StreamPublisher:
@@ -162,11 +164,15 @@ class StreamPublisher:
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
         # A transaction only when a ledger write rides along: deltas alone need none.
-        transaction = any(p.writes for p in batch.values())
-        async with self._redis.pipeline(transaction=transaction) as pipe:
+        writes: dict[type, list[Atomic]] = {}
+        for pending in batch.values():
+            for write in pending.writes:
+                writes.setdefault(type(write), []).append(write)
+        # A transaction only when writes ride along: deltas alone need none.
+        async with self._redis.pipeline(transaction=bool(writes)) as pipe:
+            for kind, group in writes.items():
+                kind.queue_all(pipe, group)
             for job_id, pending in batch.items():
-                for write in pending.writes:
-                    write.queue(pipe)
                 event = self._event(job_id, pending)
                 add_event(pipe, job_id, event, maxlen=self._maxlen, ttl_s=self._ttl_s)
                 if pending.reply_to is not None:

@@ -7,6 +7,7 @@ a job of a tenant without one costs no round trip at take.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,5 +48,13 @@ class Release:
         usage = output.usage if output is not None else None
         return cls(job.tenant, job_id, usage.total_tokens if usage is not None else 0)
 
-    def queue(self, pipe: Any) -> None:
-        queue_release(pipe, self.tenant, self.job_id, self.tokens)
+    @staticmethod
+    def queue_all(pipe: Any, releases: Sequence[Release]) -> None:
+        """Queue the releases of a flush: one ZREM and one token count per tenant."""
+        by_tenant: dict[str, tuple[list[str], list[int]]] = {}
+        for r in releases:
+            ids, tokens = by_tenant.setdefault(r.tenant, ([], []))
+            ids.append(r.job_id)
+            tokens.append(r.tokens)
+        for tenant, (ids, tokens) in by_tenant.items():
+            queue_release(pipe, tenant, ids, sum(tokens))
