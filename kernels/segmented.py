@@ -491,8 +491,7 @@ class HotSlot:
         self.meta: LoRAMeta | None = None
         self.version = -1
         self.plan: tuple | None = None
-        # The run of one-segment steps: its (slot, rank, A's and B's versions) and length;
-        # what w_merged holds (None: nothing yet).
+        # The run of one-segment steps: its (slot, rank, A's and B's versions) and length.
         self.merge_after = merge_after
         self._run: tuple[int, int, int, int] | None = None
         self._run_steps = 0
@@ -500,6 +499,7 @@ class HotSlot:
         # checked it fits, and a first merge costs no page faults (0.27 s against 0.09 s
         # for SmolLM2-135M's 120 linears on the 2-core VM).
         self.w_merged = weight.clone() if merge_after else None
+        # The run whose merge w_merged holds (None: none yet), and the plan reading it.
         self._merged_key: tuple[int, int, int, int] | None = None
         self._merged_plan: tuple | None = None
 
