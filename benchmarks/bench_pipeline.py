@@ -276,6 +276,12 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+async def redis_cpu_seconds(redis: Redis) -> float:
+    """CPU seconds the Redis server has used so far (``INFO cpu``)."""
+    info = await redis.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
 async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
     """Bursts rotating among metered with tenants, metered without, unmetered and no-op,
     ``args.rounds`` times each (the order shifts every round, so none always goes first)."""
@@ -295,12 +301,15 @@ async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
     redis = Redis.from_url(url)
     await redis.config_resetstat()
     order = list(sides)
+    in_redis: dict[str, list[float]] = {side: [] for side in sides}
     for i in range(args.rounds):
         for side in order[i % len(order) :] + order[: i % len(order)]:
-            before = busy_cpu_seconds()
+            before, redis_before = busy_cpu_seconds(), await redis_cpu_seconds(redis)
             runs[side].append(await sides[side]())
             cpu[side].append(n / (busy_cpu_seconds() - before))
+            in_redis[side].append((await redis_cpu_seconds(redis) - redis_before) / n * 1e6)
     runs |= {f"cpu_{side}": values for side, values in cpu.items()}
+    runs |= {f"redis_{side}": values for side, values in in_redis.items()}
     # Time inside Redis of the ledger's script (EVAL: only metered jobs run it, one call per
     # publisher flush), per metered job: a figure that other processes on the host disturb
     # much less than jobs/s.
@@ -318,6 +327,7 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
     eval_usec, xadd_usec = runs.pop("redis_usec")
     (eval_calls,) = runs.pop("eval_calls")
     cpu = {side[4:]: runs.pop(side) for side in list(runs) if side.startswith("cpu_")}
+    in_redis = {side[6:]: runs.pop(side) for side in list(runs) if side.startswith("redis_")}
     best = {side: max(values) for side, values in runs.items()}
     median = {side: statistics.median(values) for side, values in runs.items()}
     print(
@@ -347,10 +357,11 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
             f"{labels[side]} / {labels[off]}: best {b:.3f}, median of rounds {m:.3f} "
             f"({verdict} 5%); jobs per busy CPU-second {c:.3f}"
         )
-    print("jobs per busy CPU-second of the host, median and all rounds:")
+    print("jobs per busy CPU-second of the host, median and all rounds; Redis CPU us per job:")
     for side, label in labels.items():
         shown = " / ".join(f"{x:.0f}" for x in cpu[side])
-        print(f"{label:42}{statistics.median(cpu[side]):>7.0f}  {shown}")
+        redis_us = statistics.median(in_redis[side])
+        print(f"{label:42}{statistics.median(cpu[side]):>7.0f}  {shown}  | Redis {redis_us:.0f}")
     print(
         f"inside Redis: the ledger script {eval_usec:.1f} us per metered job ({eval_calls} "
         f"calls), for scale an XADD of a stream event {xadd_usec:.1f} us"
