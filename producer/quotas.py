@@ -179,6 +179,8 @@ def queue_release(
     """Queue, on ``pipe`` (the final events' transaction), the end of jobs of ``tenant``:
     they leave its jobs in flight and their ``tokens`` (all of them together) count toward
     this minute's."""
+    if isinstance(job_ids, str):  # would remove one character at a time
+        raise TypeError("job_ids must be a sequence of job ids, not one string")
     now = time.time() if now is None else now
     pipe.zrem(in_flight_key(tenant), *job_ids)
     if tokens:

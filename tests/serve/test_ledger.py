@@ -16,12 +16,14 @@ from lorafleet.producer.codec import GenerateJob, JobResult
 from lorafleet.producer.keys import stream_key
 from lorafleet.producer.ledger import (
     BASE_ADAPTER,
+    DEDUPE_TTL_S,
     INDEX_KEY,
     NO_TENANT,
     metered_key,
     parse_time,
     read_usage,
     usage_key,
+    wasted_runs_key,
 )
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.producer.stream import FIELD, StreamEvent, decode_event, encode_event
@@ -381,6 +383,48 @@ async def _test_a_marker_of_the_older_form_still_dedupes(redis, workers):
     report = await read_usage(redis)
     assert report.rows == []  # counted before, in a bucket this test did not write
     assert [(x.worker, x.attempts, x.completion_tokens) for x in report.waste] == [("w2", 1, 5)]
+
+
+def test_a_marker_of_the_older_form_with_only_waste_counts_the_job(fleet):
+    fleet.run(_test_a_marker_of_the_older_form_with_only_waste_counts_the_job)
+
+
+async def _test_a_marker_of_the_older_form_with_only_waste_counts_the_job(redis, workers):
+    """An older hash marker may hold only the mark of a run charged as waste (run 1 cut
+    short, run 2 an error): run 3 is counted, into that hash, and run 1 is not charged
+    again; a job beside it in the same flush is counted as usual."""
+    w = await workers("w3")
+    await redis.hset(metered_key("half"), mapping={"a1": 1})
+    for event in (
+        StreamEvent(attempt=1, seq=0, token_ids=[1, 2], worker="w1"),  # cut short, charged
+        StreamEvent(attempt=2, seq=0, worker="w2", result=JobResult(request_id="half")),
+    ):
+        await redis.xadd(stream_key("half"), {FIELD: encode_event(event)})
+    entries = []
+    for job_id, attempt in (("half", 3), ("fresh", 1)):
+        prior = await w.ledger.prepare(job_id, attempt)
+        entries.append(w.ledger.entry(job_id, attempt, _job(job_id), _usage(4, 2), prior))
+    async with redis.pipeline(transaction=True) as pipe:
+        LedgerEntry.queue_all(pipe, entries)
+        (counted,) = await pipe.execute()
+    assert counted == [1, 1]
+    assert (await redis.hget(metered_key("half"), "m")).startswith(b"3:")
+    report = await read_usage(redis)
+    assert report.rows[0].requests == 2 and report.waste == []
+
+
+def test_every_run_after_the_counted_one_restarts_the_dedupe_window(fleet):
+    fleet.run(_test_every_run_after_the_counted_one_restarts_the_dedupe_window)
+
+
+async def _test_every_run_after_the_counted_one_restarts_the_dedupe_window(redis, workers):
+    w = await workers("w1")
+    await w.finish(_job("long"), 1, _usage(1, 1))
+    await redis.expire(metered_key("long"), 5)  # most of the window gone
+    await w.finish(_job("long"), 2, _usage(1, 1))  # a re-run: waste, and a fresh window
+    for key in (metered_key("long"), wasted_runs_key("long")):
+        assert await redis.ttl(key) > DEDUPE_TTL_S - 60, key
+    assert (await read_usage(redis)).rows[0].requests == 1
 
 
 def test_parse_time():

@@ -91,6 +91,8 @@ def test_the_releases_of_one_flush_are_queued_per_tenant(redis_url):
             return sum(int(x or 0) for x in found)
 
         assert (await used("acme"), await used("zeta")) == (15, 7)
+        with pytest.raises(TypeError, match="not one string"):
+            queue_release(r.pipeline(), "acme", "a1", tokens=1)
 
     _run(redis_url, body)
 

@@ -61,8 +61,10 @@ from lorafleet.producer.usage import Usage
 # tokens, completion tokens; the next job's base follows.
 # The marker holds "{attempt}:{usage}" of the counted run; field "a{n}" of the wasted-runs
 # hash marks run n charged as waste (a marker of the older form, a hash, holds both: field
-# "m" and the "a{n}" fields). A bucket's expiry and index entry are written when the bucket
-# is new only. Returns, per job, 1 if this run's usage was counted, else 0.
+# "m", which may be missing when only waste was charged, and the "a{n}" fields; such a job
+# is counted into that hash). Every run after the counted one restarts the markers' TTL. A
+# bucket's expiry and index entry are written when the bucket is new only. Returns, per
+# job, 1 if this run's usage was counted, else 0.
 RECORD_SCRIPT = """
 local keys,fields,sums,base={},{},{},{}
 local function add(k,b,f,v)
@@ -93,40 +95,51 @@ end
 local counted={}
 local b=1
 for j=2,#KEYS,4 do
-local m,runs,u,w,a=KEYS[j],KEYS[j+1],KEYS[j+2],KEYS[j+3],ARGV[b]
+local m,runs,u,w,a,ttl=KEYS[j],KEYS[j+1],KEYS[j+2],KEYS[j+3],ARGV[b],ARGV[b+5]
 local c=0
+local old=nil
 if ARGV[b+1]~='' then
-if redis.call('SET',m,a..':'..ARGV[b+1],'NX','EX',ARGV[b+5]) then
+local rec=a..':'..ARGV[b+1]
+if redis.call('SET',m,rec,'NX','EX',ttl) then
+c=1
+else
+old=hashed(m)
+if old then
+runs=m
+if redis.call('HSETNX',m,'m',rec)==1 then c=1 end
+end
+end
+if c==1 then
 local p=ARGV[b+2]
 add(u,b,p..'requests',1)
 add(u,b,p..'prompt_tokens',ARGV[b+9])
 add(u,b,p..'completion_tokens',ARGV[b+10])
 add(u,b,p..'engine_us',ARGV[b+11])
 add(u,b,p..'adapter_load_us',ARGV[b+12])
-c=1
 else
-local rec
-if hashed(m) then
-runs=m
-rec=redis.call('HGET',m,'m')
-else
-rec=redis.call('GET',m)
-end
-if string.sub(rec,1,string.len(a)+1)~=a..':' and first_waste(runs,a,ARGV[b+5]) then
+local got
+if old then got=redis.call('HGET',m,'m') else got=redis.call('GET',m) end
+if got and string.sub(got,1,string.len(a)+1)~=a..':' and first_waste(runs,a,ttl) then
 waste(w,b,ARGV[b+3],ARGV[b+9],ARGV[b+10],ARGV[b+11])
 end
 end
 end
 local k=b+14
 local cut=tonumber(ARGV[b+13])
-if cut>0 and runs~=m and hashed(m) then
+if cut>0 and old==nil and hashed(m) then
 runs=m
 end
 for _=1,cut do
-if first_waste(runs,ARGV[k],ARGV[b+5]) then
+if first_waste(runs,ARGV[k],ttl) then
 waste(w,b,ARGV[k+1],ARGV[k+2],ARGV[k+3],0)
 end
 k=k+4
+end
+if c==0 or old then
+-- A run after the counted one: the dedupe window starts again, as it did when every run
+-- refreshed the marker.
+redis.call('EXPIRE',m,ttl)
+if runs~=m then redis.call('EXPIRE',runs,ttl) end
 end
 counted[#counted+1]=c
 b=k
