@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from arq.connections import RedisSettings, create_pool
@@ -282,7 +282,21 @@ async def redis_cpu_seconds(redis: Redis) -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
-async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
+@dataclass
+class MeteringRuns:
+    """Per side, each round's jobs/s (``jobs_per_s``), jobs per busy CPU-second of the host
+    (``per_cpu_s``) and the Redis server's CPU us per job (``redis_us``); over the run, the
+    ledger script's Redis time per metered job, an XADD's per call, and script calls."""
+
+    jobs_per_s: dict[str, list[float]]
+    per_cpu_s: dict[str, list[float]]
+    redis_us: dict[str, list[float]]
+    eval_us_per_job: float
+    xadd_us: float
+    eval_calls: int
+
+
+async def measure_metering(url: str, args, loras) -> MeteringRuns:
     """Bursts rotating among metered with tenants, metered without, unmetered and no-op,
     ``args.rounds`` times each (the order shifts every round, so none always goes first)."""
     n, off = args.burst, UNMETERED_QUEUE
@@ -296,38 +310,35 @@ async def measure_metering(url: str, args, loras) -> dict[str, list[float]]:
     await pipeline_burst(url, 64, loras, tenants=args.tenants)  # warm-up
     await pipeline_burst(url, 64, loras, queue=UNMETERED_QUEUE)
     await noop_burst(url, 64)
-    runs: dict[str, list[float]] = {side: [] for side in sides}
-    cpu: dict[str, list[float]] = {side: [] for side in sides}
+    runs, cpu, in_redis = ({side: [] for side in sides} for _ in range(3))
     redis = Redis.from_url(url)
     await redis.config_resetstat()
     order = list(sides)
-    in_redis: dict[str, list[float]] = {side: [] for side in sides}
     for i in range(args.rounds):
         for side in order[i % len(order) :] + order[: i % len(order)]:
             before, redis_before = busy_cpu_seconds(), await redis_cpu_seconds(redis)
             runs[side].append(await sides[side]())
             cpu[side].append(n / (busy_cpu_seconds() - before))
             in_redis[side].append((await redis_cpu_seconds(redis) - redis_before) / n * 1e6)
-    runs |= {f"cpu_{side}": values for side, values in cpu.items()}
-    runs |= {f"redis_{side}": values for side, values in in_redis.items()}
     # Time inside Redis of the ledger's script (EVAL: only metered jobs run it, one call per
     # publisher flush), per metered job: a figure that other processes on the host disturb
     # much less than jobs/s.
     stats = await redis.info("commandstats")
     await redis.aclose()
-    metered_jobs = 2 * args.rounds * args.burst
     evals, xadds = stats.get("cmdstat_eval", {}), stats.get("cmdstat_xadd", {})
-    runs["redis_usec"] = [evals.get("usec", 0) / metered_jobs, xadds.get("usec_per_call", 0.0)]
-    runs["eval_calls"] = [evals.get("calls", 0)]
-    return runs
+    return MeteringRuns(
+        runs,
+        cpu,
+        in_redis,
+        eval_us_per_job=evals.get("usec", 0) / (2 * args.rounds * n),
+        xadd_us=xadds.get("usec_per_call", 0.0),
+        eval_calls=evals.get("calls", 0),
+    )
 
 
-def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) -> None:
+def report_metering(args, config: WorkerConfig, found: MeteringRuns) -> None:
     """Best and median of each side; the ratios to metering off (the target: within 5%)."""
-    eval_usec, xadd_usec = runs.pop("redis_usec")
-    (eval_calls,) = runs.pop("eval_calls")
-    cpu = {side[4:]: runs.pop(side) for side in list(runs) if side.startswith("cpu_")}
-    in_redis = {side[6:]: runs.pop(side) for side in list(runs) if side.startswith("redis_")}
+    runs, cpu, in_redis = found.jobs_per_s, found.per_cpu_s, found.redis_us
     best = {side: max(values) for side, values in runs.items()}
     median = {side: statistics.median(values) for side, values in runs.items()}
     print(
@@ -363,8 +374,8 @@ def report_metering(args, config: WorkerConfig, runs: dict[str, list[float]]) ->
         redis_us = statistics.median(in_redis[side])
         print(f"{label:42}{statistics.median(cpu[side]):>7.0f}  {shown}  | Redis {redis_us:.0f}")
     print(
-        f"inside Redis: the ledger script {eval_usec:.1f} us per metered job ({eval_calls} "
-        f"calls), for scale an XADD of a stream event {xadd_usec:.1f} us"
+        f"inside Redis: the ledger script {found.eval_us_per_job:.1f} us per metered job "
+        f"({found.eval_calls} calls), for scale an XADD of a stream event {found.xadd_us:.1f} us"
     )
 
 

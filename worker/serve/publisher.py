@@ -163,7 +163,6 @@ class StreamPublisher:
                         pending.written.set_result(None)
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
-        # A transaction only when a ledger write rides along: deltas alone need none.
         writes: dict[type, list[Atomic]] = {}
         for pending in batch.values():
             for write in pending.writes:

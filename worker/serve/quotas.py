@@ -51,10 +51,10 @@ class Release:
     @staticmethod
     def queue_all(pipe: Any, releases: Sequence[Release]) -> None:
         """Queue the releases of a flush: one ZREM and one token count per tenant."""
-        by_tenant: dict[str, tuple[list[str], list[int]]] = {}
+        ids: dict[str, list[str]] = {}
+        tokens: dict[str, int] = {}
         for r in releases:
-            ids, tokens = by_tenant.setdefault(r.tenant, ([], []))
-            ids.append(r.job_id)
-            tokens.append(r.tokens)
-        for tenant, (ids, tokens) in by_tenant.items():
-            queue_release(pipe, tenant, ids, sum(tokens))
+            ids.setdefault(r.tenant, []).append(r.job_id)
+            tokens[r.tenant] = tokens.get(r.tenant, 0) + r.tokens
+        for tenant, job_ids in ids.items():
+            queue_release(pipe, tenant, job_ids, tokens[tenant])
