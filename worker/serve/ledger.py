@@ -50,15 +50,22 @@ from lorafleet.producer.usage import Usage
 
 # One call records every job of a publisher flush (the jobs of one engine step finish
 # together). Counts are summed per hash and field first, so jobs of one tenant and adapter
-# in a flush cost one HINCRBY per counter, and each bucket is checked for being new once;
-# a first count is one SET NX EX of the job's marker.
-# KEYS: 1 bucket index, then per job: marker, wasted-runs hash, usage hash, waste hash.
-# ARGV per job, from its base b: b attempt, b+1 encoded usage ("" for a run without usage:
-# an error), b+2 usage field prefix ("tenant\tadapter\t"), b+3 waste field prefix
-# ("worker\t"), b+4 bucket EXPIREAT, b+5 marker TTL, b+6 index member, b+7 index score,
-# b+8 index cut-off, b+9 - b+12 prompt tokens, completion tokens, engine us, adapter-load
-# us, b+13 count of cut runs, then per cut run: attempt, waste field prefix, prompt
-# tokens, completion tokens; the next job's base follows.
+# in a flush cost one HINCRBY per counter (none for a count of 0: a missing field reads as
+# 0), and each bucket is checked for being new once; a first count is one SET NX EX of the
+# job's marker. Arguments are few on purpose: each one is packed by the worker and parsed
+# by Redis; with ~15 of them a job the script cost the pipeline 5-6% of its jobs/s, about
+# 3-4% with these (BENCHMARKS.md).
+# KEYS: 1 the bucket index, then the usage and waste hashes of the flush's buckets (the
+# jobs' marker keys are built by the script, not declared: lorafleet, like arq, runs on a
+# standalone Redis, not a Cluster).
+# ARGV[1]: one msgpack array: the marker key prefix (``metered_key("")``), the suffix
+# that makes a marker's key its wasted-runs hash's (``wasted_runs_key``), then per job an
+# array of: job id, attempt, index in KEYS of its usage hash, of its waste hash, usage
+# field prefix ("tenant\tadapter\t"), waste field prefix ("worker\t"), bucket EXPIREAT,
+# marker TTL, index member, index score, index cut-off, prompt tokens, completion tokens,
+# engine us, adapter-load us, and its cut runs, each an array of: attempt, waste field
+# prefix, prompt tokens, completion tokens. ARGV[1+i]: job i's encoded usage ("" for a run
+# without usage: an error), apart because Redis's cmsgpack reads no msgpack binary.
 # The marker holds "{attempt}:{usage}" of the counted run; field "a{n}" of the wasted-runs
 # hash marks run n charged as waste (a marker of the older form, a hash, holds both: field
 # "m", which may be missing when only waste was charged, and the "a{n}" fields; such a job
@@ -66,21 +73,24 @@ from lorafleet.producer.usage import Usage
 # bucket's expiry and index entry are written when the bucket is new only. Returns, per
 # job, 1 if this run's usage was counted, else 0.
 RECORD_SCRIPT = """
-local keys,fields,sums,base={},{},{},{}
-local function add(k,b,f,v)
+local args=cmsgpack.unpack(ARGV[1])
+local prefix,suffix,jobs=args[1],args[2],args[3]
+local keys,fields,sums,first={},{},{},{}
+local function add(k,job,f,v)
+if v==0 then return end
 if not sums[k] then
-sums[k]={} fields[k]={} base[k]=b keys[#keys+1]=k
+sums[k]={} fields[k]={} first[k]=job keys[#keys+1]=k
 end
 if not sums[k][f] then
 sums[k][f]=0 fields[k][#fields[k]+1]=f
 end
-sums[k][f]=sums[k][f]+tonumber(v)
+sums[k][f]=sums[k][f]+v
 end
-local function waste(w,b,p,prompt,completion,engine)
-add(w,b,p..'attempts',1)
-add(w,b,p..'prompt_tokens',prompt)
-add(w,b,p..'completion_tokens',completion)
-add(w,b,p..'engine_us',engine)
+local function waste(w,job,p,prompt,completion,engine)
+add(w,job,p..'attempts',1)
+add(w,job,p..'prompt_tokens',prompt)
+add(w,job,p..'completion_tokens',completion)
+add(w,job,p..'engine_us',engine)
 end
 local function hashed(m)
 return redis.call('TYPE',m).ok=='hash'
@@ -93,13 +103,14 @@ end
 return false
 end
 local counted={}
-local b=1
-for j=2,#KEYS,4 do
-local m,runs,u,w,a,ttl=KEYS[j],KEYS[j+1],KEYS[j+2],KEYS[j+3],ARGV[b],ARGV[b+5]
+for i,job in ipairs(jobs) do
+local m=prefix..job[1]
+local runs,u,w=m..suffix,KEYS[job[3]],KEYS[job[4]]
+local a,usage,ttl=string.format('%d',job[2]),ARGV[1+i],job[8]
 local c=0
 local old=nil
-if ARGV[b+1]~='' then
-local rec=a..':'..ARGV[b+1]
+if usage~='' then
+local rec=a..':'..usage
 if redis.call('SET',m,rec,'NX','EX',ttl) then
 c=1
 else
@@ -110,30 +121,28 @@ if redis.call('HSETNX',m,'m',rec)==1 then c=1 end
 end
 end
 if c==1 then
-local p=ARGV[b+2]
-add(u,b,p..'requests',1)
-add(u,b,p..'prompt_tokens',ARGV[b+9])
-add(u,b,p..'completion_tokens',ARGV[b+10])
-add(u,b,p..'engine_us',ARGV[b+11])
-add(u,b,p..'adapter_load_us',ARGV[b+12])
+local p=job[5]
+add(u,job,p..'requests',1)
+add(u,job,p..'prompt_tokens',job[12])
+add(u,job,p..'completion_tokens',job[13])
+add(u,job,p..'engine_us',job[14])
+add(u,job,p..'adapter_load_us',job[15])
 else
 local got
 if old then got=redis.call('HGET',m,'m') else got=redis.call('GET',m) end
 if got and string.sub(got,1,string.len(a)+1)~=a..':' and first_waste(runs,a,ttl) then
-waste(w,b,ARGV[b+3],ARGV[b+9],ARGV[b+10],ARGV[b+11])
+waste(w,job,job[6],job[12],job[13],job[14])
 end
 end
 end
-local k=b+14
-local cut=tonumber(ARGV[b+13])
-if cut>0 and old==nil and hashed(m) then
+local cut=job[16]
+if #cut>0 and old==nil and hashed(m) then
 runs=m
 end
-for _=1,cut do
-if first_waste(runs,ARGV[k],ttl) then
-waste(w,b,ARGV[k+1],ARGV[k+2],ARGV[k+3],0)
+for _,run in ipairs(cut) do
+if first_waste(runs,string.format('%d',run[1]),ttl) then
+waste(w,job,run[2],run[3],run[4],0)
 end
-k=k+4
 end
 if c==0 or old then
 -- A run after the counted one: the dedupe window starts again, as it did when every run
@@ -142,7 +151,6 @@ redis.call('EXPIRE',m,ttl)
 if runs~=m then redis.call('EXPIRE',runs,ttl) end
 end
 counted[#counted+1]=c
-b=k
 end
 for _,k in ipairs(keys) do
 local fresh=redis.call('EXISTS',k)==0
@@ -150,10 +158,10 @@ for _,f in ipairs(fields[k]) do
 redis.call('HINCRBY',k,f,string.format('%d',sums[k][f]))
 end
 if fresh then
-local d=base[k]
-redis.call('EXPIREAT',k,ARGV[d+4])
-redis.call('ZADD',KEYS[1],ARGV[d+7],ARGV[d+6])
-redis.call('ZREMRANGEBYSCORE',KEYS[1],'-inf',ARGV[d+8])
+local job=first[k]
+redis.call('EXPIREAT',k,string.format('%d',job[7]))
+redis.call('ZADD',KEYS[1],string.format('%d',job[10]),job[9])
+redis.call('ZREMRANGEBYSCORE',KEYS[1],'-inf',string.format('%d',job[11]))
 end
 end
 return counted
@@ -162,7 +170,9 @@ return counted
 #: Worker name of a cut run whose first event is gone (or that streamed nothing).
 UNKNOWN_WORKER = "(unknown)"
 
-_usage_encoder = msgspec.msgpack.Encoder()
+_encoder = msgspec.msgpack.Encoder()
+#: What turns a job's marker key into its wasted-runs hash's key (the script builds both).
+_RUNS_SUFFIX = wasted_runs_key("").removeprefix(metered_key(""))
 _usage_decoder = msgspec.msgpack.Decoder(Usage)
 
 
@@ -255,20 +265,22 @@ class Ledger:
     def queue(self, pipe: Any, entries: Sequence[LedgerEntry]) -> None:
         """Queue the script recording ``entries`` on ``pipe``."""
         keys: list[str] = [INDEX_KEY]
-        args: list[Any] = []
+        jobs: list[tuple[Any, ...]] = []
         for e in entries:
             start = bucket_start(e.now, self.bucket_s)
-            keys += [
-                metered_key(e.job_id),
-                wasted_runs_key(e.job_id),
-                usage_key(self.bucket_s, start),
-                waste_key(self.bucket_s, start),
-            ]
-            args += self._args(e, start)
-        pipe.eval(RECORD_SCRIPT, len(keys), *keys, *args)
+            at = []
+            for key in (usage_key(self.bucket_s, start), waste_key(self.bucket_s, start)):
+                if key not in keys:
+                    keys.append(key)
+                at.append(keys.index(key) + 1)  # Lua counts from 1
+            jobs.append(self._job(e, start, *at))
+        usages = [_encoder.encode(e.usage) if e.usage is not None else b"" for e in entries]
+        blob = _encoder.encode((metered_key(""), _RUNS_SUFFIX, jobs))
+        pipe.eval(RECORD_SCRIPT, len(keys), *keys, blob, *usages)
 
-    def _args(self, e: LedgerEntry, start: int) -> list[Any]:
-        """One job's arguments of ``RECORD_SCRIPT``, in the bucket starting at ``start``."""
+    def _job(self, e: LedgerEntry, start: int, usage_at: int, waste_at: int) -> tuple[Any, ...]:
+        """One job's entry of ``RECORD_SCRIPT``'s ARGV[1], in the bucket starting at
+        ``start`` (its hashes at ``usage_at`` and ``waste_at`` in KEYS)."""
         usage = e.usage
         counts = (0, 0, 0, 0)
         if usage is not None:
@@ -279,12 +291,14 @@ class Ledger:
                 to_us(usage.adapter_load_s),
             )
         prompt = usage.prompt_tokens if usage is not None else 0
-        cut: list[Any] = []
-        for run in e.prior.cut:
-            cut += [run.attempt, run.worker + SEP, prompt, run.completion_tokens]
-        return [
+        cut = [
+            (run.attempt, run.worker + SEP, prompt, run.completion_tokens) for run in e.prior.cut
+        ]
+        return (
+            e.job_id,
             e.attempt,
-            _usage_encoder.encode(usage) if usage is not None else b"",
+            usage_at,
+            waste_at,
             f"{e.tenant or ''}{SEP}{e.adapter or ''}{SEP}",
             self.worker + SEP,
             start + self.bucket_s + self.retention_s,
@@ -293,9 +307,8 @@ class Ledger:
             start,
             int(e.now) - self.retention_s - self.bucket_s,
             *counts,
-            len(e.prior.cut),
-            *cut,
-        ]
+            cut,
+        )
 
 
 def recorded_usage(marker: bytes) -> Usage:
