@@ -200,7 +200,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--light", type=int, default=200, help="sequential jobs per side")
     parser.add_argument("--burst", type=int, default=1000, help="jobs per throughput burst")
-    parser.add_argument("--rounds", type=int, default=3, help="bursts per side (best is kept)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="bursts per side (best is kept); with --metering: paired rounds, half per placement",
+    )
     parser.add_argument("--adapters", type=int, default=4, help="adapters mixed with the base")
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -279,9 +284,8 @@ async def measure(url: str, args, loras) -> dict[str, object]:
         }
 
 
-#: The metered sides, each with the unmetered side of the same jobs: side -> tenants
-#: per burst (None: ``--tenants``).
-PAIRS = {("ledger", "off"): 0, ("tenants", "off_tenants"): None}
+#: The metered sides, each with the unmetered side of the same jobs.
+PAIRS = (("ledger", "off"), ("tenants", "off_tenants"))
 
 
 @dataclass
@@ -332,18 +336,16 @@ async def measure_metering(
             "off": unmetered,
             "off_tenants": unmetered,
         }
-        for (on, off), tenants in PAIRS.items():  # warm-up: adapters loaded, tenants seen
+        tenants = {"ledger": 0, "tenants": args.tenants}  # per burst of each pair
+        for on, off in PAIRS:  # warm-up: adapters loaded, tenants seen
             for side in (on, off):
-                await pipeline_burst(
-                    clients[side], 64, loras, args.tenants if tenants is None else tenants
-                )
+                await pipeline_burst(clients[side], 64, loras, tenants[on])
         await noop_burst(url, 64)
         await redis.config_resetstat()
         for i in range(args.rounds // 2):
-            for (on, off), tenants in PAIRS.items():
-                t = args.tenants if tenants is None else tenants
+            for on, off in PAIRS:
                 for side in (on, off) if i % 2 == 0 else (off, on):
-                    runs[side].append(await pipeline_burst(clients[side], n, loras, t))
+                    runs[side].append(await pipeline_burst(clients[side], n, loras, tenants[on]))
                 ratios[on].append(runs[on][-1] / runs[off][-1])
             runs["noop"].append(await noop_burst(url, n))
     # Time inside Redis of the ledger's script (EVAL: only metered jobs run it, one call per

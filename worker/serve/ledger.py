@@ -53,8 +53,8 @@ from lorafleet.producer.usage import Usage
 # in a flush cost one HINCRBY per counter (none for a count of 0: a missing field reads as
 # 0), and each bucket is checked for being new once; a first count is one SET NX EX of the
 # job's marker. Arguments are few on purpose: each one is packed by the worker and parsed
-# by Redis; with ~15 of them a job the script cost the pipeline 5-6% of its jobs/s, about
-# 3-4% with these (BENCHMARKS.md).
+# by Redis; with ~15 of them a job the script cost the pipeline 5-6% of its jobs/s, 2-4%
+# with these (BENCHMARKS.md).
 # KEYS: 1 the bucket index, then the usage and waste hashes of the flush's buckets (the
 # jobs' marker keys are built by the script, not declared: lorafleet, like arq, runs on a
 # standalone Redis, not a Cluster).
