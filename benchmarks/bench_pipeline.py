@@ -17,7 +17,8 @@ streams it back, the no-op worker returns at once.
 
 ``--metering`` measures the cost of usage metering instead: two lorafleet workers on the
 same Redis, one with metering on, one with ``LORAFLEET_METERING=0`` (metering is the ledger
-write in each final event's transaction; tenants add their quota bookkeeping either way).
+write in each final event's transaction, and the fold of its pending counts, which each
+burst ends with; tenants add their quota bookkeeping either way).
 Each round runs a burst of jobs without a tenant on each worker back to back, then a burst
 of jobs of several tenants on each, then one of no-op jobs; which worker goes first
 alternates. Each round's metered / unmetered ratio pairs two bursts a moment apart, and
@@ -51,6 +52,7 @@ from redis.asyncio import Redis
 from lorafleet.producer import Client, LoRARequest, SamplingParams
 from lorafleet.producer.codec import arq_deserialize, arq_serialize
 from lorafleet.producer.keys import arq_result_key
+from lorafleet.producer.ledger import fold_pending
 from lorafleet.producer.redis_server import EmbeddedRedis
 from lorafleet.worker.local.launcher import WorkerProcess
 from lorafleet.worker.serve.settings import WorkerConfig
@@ -137,10 +139,12 @@ async def pipeline_light(url: str, n: int, loras: list[LoRARequest | None]) -> l
 
 
 async def pipeline_burst(
-    client: Client, n: int, loras: list[LoRARequest | None], tenants: int = 0
+    client: Client, redis: Redis, n: int, loras: list[LoRARequest | None], tenants: int = 0
 ) -> float:
     """jobs/s of a burst of ``n`` through ``client``; with ``tenants``, the jobs go to that
-    many tenants."""
+    many tenants. The burst ends when every result is in and the ledger's pending counts are
+    added to its buckets (``fold_pending`` on ``redis``), so a metered burst pays for its
+    fold whenever a worker would have run it."""
     prompts = [f"burst {i}" for i in range(n)]
     per_prompt = [loras[i % len(loras)] for i in range(n)]
     t0 = time.perf_counter()
@@ -159,6 +163,7 @@ async def pipeline_burst(
         )
     else:
         await client.generate(prompts, ONE_TOKEN, lora_request=per_prompt)
+    await fold_pending(redis)
     return n / (time.perf_counter() - t0)
 
 
@@ -271,17 +276,21 @@ def main() -> None:
 
 
 async def measure(url: str, args, loras) -> dict[str, object]:
+    redis = Redis.from_url(url)
     async with Client(url, queue_name=PIPE_QUEUE) as client:
-        await pipeline_burst(client, 64, loras)  # warm-up: adapters loaded, first steps done
+        # Warm-up: adapters loaded, first steps done.
+        await pipeline_burst(client, redis, 64, loras)
         await noop_burst(url, 64)
-        return {
+        results = {
             "pipe_light": await pipeline_light(url, args.light, loras),
             "noop_light": await noop_light(url, args.light),
             "pipe_burst": max(
-                [await pipeline_burst(client, args.burst, loras) for _ in range(args.rounds)]
+                [await pipeline_burst(client, redis, args.burst, loras) for _ in range(args.rounds)]
             ),
             "noop_burst": max([await noop_burst(url, args.burst) for _ in range(args.rounds)]),
         }
+    await redis.aclose()
+    return results
 
 
 #: The metered sides, each with the unmetered side of the same jobs.
@@ -291,14 +300,17 @@ PAIRS = (("ledger", "off"), ("tenants", "off_tenants"))
 @dataclass
 class MeteringRuns:
     """Per side (and ``noop``), each round's jobs/s; per metered side, each round's ratio to
-    its unmetered twin run right before or after it; over the run, the ledger script's
-    time inside Redis per metered job, an XADD's per call, and the script's calls."""
+    its unmetered twin run right before or after it; over the run, the time inside Redis
+    per metered job of the ledger's record script and of its fold, an XADD's per call, and
+    the two scripts' calls."""
 
     jobs_per_s: dict[str, list[float]]
     ratios: dict[str, list[float]]
-    eval_us_per_job: float
+    record_us_per_job: float
+    fold_us_per_job: float
     xadd_us: float
-    eval_calls: int
+    record_calls: int
+    fold_calls: int
 
 
 def placed(config: WorkerConfig, swapped: bool, *, metering: bool) -> tuple[WorkerConfig, ...]:
@@ -339,26 +351,31 @@ async def measure_metering(
         tenants = {"ledger": 0, "tenants": args.tenants}  # per burst of each pair
         for on, off in PAIRS:  # warm-up: adapters loaded, tenants seen
             for side in (on, off):
-                await pipeline_burst(clients[side], 64, loras, tenants[on])
+                await pipeline_burst(clients[side], redis, 64, loras, tenants[on])
         await noop_burst(url, 64)
         await redis.config_resetstat()
         for i in range(args.rounds // 2):
             for on, off in PAIRS:
                 for side in (on, off) if i % 2 == 0 else (off, on):
-                    runs[side].append(await pipeline_burst(clients[side], n, loras, tenants[on]))
+                    rate = await pipeline_burst(clients[side], redis, n, loras, tenants[on])
+                    runs[side].append(rate)
                 ratios[on].append(runs[on][-1] / runs[off][-1])
             runs["noop"].append(await noop_burst(url, n))
-    # Time inside Redis of the ledger's script (EVAL: only metered jobs run it, one call per
-    # publisher flush), per metered job: a figure that the host's drift disturbs much less.
+    # Time inside Redis of the ledger's scripts, per metered job: a figure that the host's
+    # drift disturbs much less. The record script is an EVAL (one call per publisher flush
+    # of a metered worker), the fold an EVALSHA (after each burst, and the workers' own).
     stats = await redis.info("commandstats")
     await redis.aclose()
-    evals, xadds = stats.get("cmdstat_eval", {}), stats.get("cmdstat_xadd", {})
+    jobs = len(PAIRS) * (args.rounds // 2) * n
+    record, fold = stats.get("cmdstat_eval", {}), stats.get("cmdstat_evalsha", {})
     return MeteringRuns(
         runs,
         ratios,
-        eval_us_per_job=evals.get("usec", 0) / (len(PAIRS) * (args.rounds // 2) * n),
-        xadd_us=xadds.get("usec_per_call", 0.0),
-        eval_calls=evals.get("calls", 0),
+        record_us_per_job=record.get("usec", 0) / jobs,
+        fold_us_per_job=fold.get("usec", 0) / jobs,
+        xadd_us=stats.get("cmdstat_xadd", {}).get("usec_per_call", 0.0),
+        record_calls=record.get("calls", 0),
+        fold_calls=fold.get("calls", 0),
     )
 
 
@@ -410,11 +427,12 @@ def report_metering(args, halves: list[MeteringRuns]) -> None:
             f"median of rounds {statistics.median(ratios[on]):.3f}; per placement "
             f"{per_half}): {verdict}"
         )
-    calls = sum(h.eval_calls for h in halves)
     print(
-        f"inside Redis: the ledger script "
-        f"{statistics.fmean(h.eval_us_per_job for h in halves):.1f} us per metered job "
-        f"({calls} calls), for scale an XADD of a stream event "
+        "inside Redis, per metered job: the ledger's record script "
+        f"{statistics.fmean(h.record_us_per_job for h in halves):.1f} us "
+        f"({sum(h.record_calls for h in halves)} calls), its fold "
+        f"{statistics.fmean(h.fold_us_per_job for h in halves):.1f} us "
+        f"({sum(h.fold_calls for h in halves)} calls); for scale an XADD of a stream event "
         f"{statistics.fmean(h.xadd_us for h in halves):.1f} us"
     )
 

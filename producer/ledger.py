@@ -1,4 +1,4 @@
-"""The usage ledger in Redis: its layout, and reading it.
+"""The usage ledger in Redis: its layout, folding its pending counts, and reading it.
 
 Workers add every completed job's ``Usage`` to counters per tenant, adapter and time bucket,
 exactly once per job id however many times arq runs the job (the write side is
@@ -17,7 +17,15 @@ exactly once per job id however many times arq runs the job (the write side is
 - ``lorafleet:metered:{job_id}``: the run of a job that was counted, ``{attempt}:{usage}``
   (msgpack ``Usage``), and ``lorafleet:metered:{job_id}:runs``: the runs charged as waste,
   fields ``a{attempt}`` (dedupe, ``DEDUPE_TTL_S``). Before 2026-12-06 the first was a hash
-  holding both (field ``m`` and the ``a{n}`` fields); workers still read that form.
+  holding both (field ``m`` and the ``a{n}`` fields); workers still read that form;
+- ``lorafleet:usage:pending``: a list of counts recorded but not yet added to the buckets,
+  each a msgpack array ``[kind, bucket_s, start, retention_s, field prefix, counts...]``
+  (``kind`` ``usage`` or ``waste``: the bucket hash it goes to, the counts in the order of
+  ``USAGE_METRICS`` or ``WASTE_METRICS``). A worker pushes a job's record in the same
+  transaction as its dedupe marker and final event; ``fold_pending`` moves records into
+  the buckets, each exactly once (one script takes them off the list and adds them up).
+  Workers fold about once a second and every ``FOLD_BATCH`` records; ``read_usage`` folds
+  before it reads, so a reader never sees a count missing.
 
 Buckets expire ``retention`` seconds after they end.
 """
@@ -40,6 +48,9 @@ DEFAULT_RETENTION_S = 30 * 86_400
 DEDUPE_TTL_S = 2 * 86_400
 
 INDEX_KEY = f"{NAMESPACE}:usage:buckets"
+PENDING_KEY = f"{NAMESPACE}:usage:pending"
+#: Records one fold call adds up at most: a call holds Redis for a few us a record.
+FOLD_BATCH = 512
 SEP = "\t"
 #: The ledger's counters per tenant and adapter, and the waste's per worker.
 USAGE_METRICS = ("requests", "prompt_tokens", "completion_tokens", "engine_us", "adapter_load_us")
@@ -78,6 +89,79 @@ def wasted_runs_key(job_id: str) -> str:
 def to_us(seconds: float) -> int:
     """Seconds as whole microseconds: what the ledger adds (sum these to compare)."""
     return round(seconds * 1_000_000)
+
+
+def _lua_names(names: Iterable[str]) -> str:
+    return "{" + ",".join(f"'{n}'" for n in names) + "}"
+
+
+# Takes up to ARGV[1] records off the pending list (KEYS[1]) and adds them to their bucket
+# hashes (named ARGV[2] .. kind .. ":{bucket_s}:{start}"), all in one script, so each
+# record is counted exactly once however many folds run at the same time. Counts are summed
+# per hash and field first (one HINCRBY each; none for 0: a missing field reads as 0). A
+# bucket new to Redis gets its expiry and its entry in the index (KEYS[2]), which is then
+# pruned of buckets past their retention. A record that does not decode is dropped (no
+# build writes one; it must not stop the fold). Returns the number of records taken.
+FOLD_SCRIPT = f"""
+local recs=redis.call('LRANGE',KEYS[1],0,tonumber(ARGV[1])-1)
+if #recs==0 then return 0 end
+local metrics={{usage={_lua_names(USAGE_METRICS)},waste={_lua_names(WASTE_METRICS)}}}
+local keys,fields,sums,heads={{}},{{}},{{}},{{}}
+for _,raw in ipairs(recs) do
+local ok,r=pcall(cmsgpack.unpack,raw)
+local names=ok and type(r)=='table' and metrics[r[1]]
+if names then
+local bucket,start,retention,p=r[2],r[3],r[4],r[5]
+local member=string.format('%d:%d',bucket,start)
+local k=ARGV[2]..r[1]..':'..member
+if not sums[k] then
+sums[k]={{}} fields[k]={{}} keys[#keys+1]=k
+heads[k]={{member,start,start+bucket+retention,start-retention-bucket}}
+end
+for j,name in ipairs(names) do
+local v=r[5+j]
+if v and v~=0 then
+local f=p..name
+if not sums[k][f] then
+sums[k][f]=0 fields[k][#fields[k]+1]=f
+end
+sums[k][f]=sums[k][f]+v
+end
+end
+end
+end
+redis.call('LTRIM',KEYS[1],#recs,-1)
+local cutoff=nil
+for _,k in ipairs(keys) do
+local fresh=redis.call('EXISTS',k)==0
+for _,f in ipairs(fields[k]) do
+redis.call('HINCRBY',k,f,string.format('%d',sums[k][f]))
+end
+if fresh then
+local h=heads[k]
+redis.call('EXPIREAT',k,string.format('%d',h[3]))
+redis.call('ZADD',KEYS[2],string.format('%d',h[2]),h[1])
+if not cutoff or h[4]>cutoff then cutoff=h[4] end
+end
+end
+if cutoff then
+redis.call('ZREMRANGEBYSCORE',KEYS[2],'-inf',string.format('%d',cutoff))
+end
+return #recs
+"""
+
+
+async def fold_pending(redis: Any, *, batch: int = FOLD_BATCH) -> int:
+    """Add every pending record to its bucket (calls of up to ``batch`` records until the
+    list is empty); returns how many were folded. Safe to run anywhere, any number at once.
+    ``redis``: a ``redis.asyncio.Redis``."""
+    script = redis.register_script(FOLD_SCRIPT)
+    folded = 0
+    while True:
+        taken = await script(keys=[PENDING_KEY, INDEX_KEY], args=[batch, f"{NAMESPACE}:"])
+        folded += taken
+        if taken < batch:
+            return folded
 
 
 def ledger_problems(settings: Mapping[str, Any]) -> dict[str, str]:
@@ -232,14 +316,15 @@ async def read_usage(
 ) -> UsageReport:
     """The ledger's counters between ``since`` (default: all kept) and ``until`` (default:
     now), grouped ``by`` tenant, adapter or both, with the waste per worker. ``redis`` is a
-    ``redis.asyncio.Redis``; times as ``parse_time`` reads them. ``ValueError`` for a bad
-    argument, naming it."""
+    ``redis.asyncio.Redis`` that may write (the pending counts are folded in first); times
+    as ``parse_time`` reads them. ``ValueError`` for a bad argument, naming it."""
     group = check_by(by)
     now = time.time() if now is None else now
     lo = parse_time(since, now=now, name="since") if since is not None else 0.0
     hi = parse_time(until, now=now, name="until") if until is not None else now + 1
     if hi <= lo:
         raise ValueError(f"until ({hi:.0f}) must be after since ({lo:.0f})")
+    await fold_pending(redis)
     members = await redis.zrangebyscore(INDEX_KEY, lo, f"({hi}")
     buckets = [m.decode() if isinstance(m, bytes) else m for m in members]
     async with redis.pipeline(transaction=False) as pipe:

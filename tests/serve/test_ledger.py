@@ -19,6 +19,8 @@ from lorafleet.producer.ledger import (
     DEDUPE_TTL_S,
     INDEX_KEY,
     NO_TENANT,
+    PENDING_KEY,
+    fold_pending,
     metered_key,
     parse_time,
     read_usage,
@@ -243,6 +245,7 @@ async def _test_bucket_boundaries(redis, workers):
     await w.finish(_job("early"), 1, _usage(1, 1), now=t0 - 0.001)  # last instant of a bucket
     await w.finish(_job("edge"), 1, _usage(2, 2), now=t0)  # first instant of the next
     await w.finish(_job("late"), 1, _usage(4, 4), now=t0 + HOUR - 0.001)
+    await fold_pending(redis)
     assert await redis.exists(usage_key(HOUR, t0 - HOUR), usage_key(HOUR, t0)) == 2
     now = t0 + 2 * HOUR
 
@@ -268,6 +271,7 @@ async def _test_retention_expires_buckets_and_prunes_the_index(redis, workers):
     old, recent = now - 3 * retention, now - 30
     await w.finish(_job("old"), 1, _usage(1, 1), now=old)
     await w.finish(_job("recent"), 1, _usage(2, 2), now=recent)
+    await fold_pending(redis)
     # The old bucket ended long before its retention: its EXPIREAT is in the past.
     assert not await redis.exists(usage_key(60, int(old // 60) * 60))
     ttl = await redis.ttl(usage_key(60, int(recent // 60) * 60))
@@ -318,14 +322,17 @@ async def _test_concurrent_jobs_share_one_transaction(redis, workers):
     assert report.total.completion_tokens == 60
 
 
-def test_one_script_call_records_a_whole_flush(fleet):
-    fleet.run(_test_one_script_call_records_a_whole_flush)
+def test_a_flush_records_its_first_runs_in_one_call_and_its_reruns_in_another(fleet):
+    fleet.run(_test_a_flush_records_its_first_runs_in_one_call_and_its_reruns_in_another)
 
 
-async def _test_one_script_call_records_a_whole_flush(redis, workers):
-    """The jobs of one publisher flush go in one script call (``LedgerEntry.queue_all``):
-    new jobs in two buckets, a re-run of a counted job (waste), a job after a cut run and
-    a job already counted in that same call (a repeated publish); each as if alone."""
+async def _test_a_flush_records_its_first_runs_in_one_call_and_its_reruns_in_another(
+    redis, workers
+):
+    """The jobs of one publisher flush (``LedgerEntry.queue_all``) go in one script call
+    for the first runs and one for the re-runs: new jobs in two buckets, a job already
+    counted in that same call (a repeated publish), a re-run of a counted job (waste) and
+    a re-run after a cut run; each as if alone."""
     w = await workers("w1")
     t0 = 1_800_000_000
     await w.finish(_job("seen"), 1, _usage(7, 3), now=t0)
@@ -345,9 +352,10 @@ async def _test_one_script_call_records_a_whole_flush(redis, workers):
     before = (await redis.info("commandstats"))["cmdstat_eval"]["calls"]
     async with redis.pipeline(transaction=True) as pipe:
         LedgerEntry.queue_all(pipe, entries)
-        (counted,) = await pipe.execute()
-    assert (await redis.info("commandstats"))["cmdstat_eval"]["calls"] - before == 1
-    assert counted == [1, 1, 0, 1, 0]
+        first, reruns = await pipe.execute()
+    assert (await redis.info("commandstats"))["cmdstat_eval"]["calls"] - before == 2
+    assert first == [1, 1, 0]  # a, b, b again
+    assert reruns == [0, 1]  # seen (a re-run: waste), cut (counted)
     report = await read_usage(redis, now=t0 + HOUR)
     (row,) = report.rows
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (4, 15, 12)
@@ -406,8 +414,8 @@ async def _test_a_marker_of_the_older_form_with_only_waste_counts_the_job(redis,
         entries.append(w.ledger.entry(job_id, attempt, _job(job_id), _usage(4, 2), prior))
     async with redis.pipeline(transaction=True) as pipe:
         LedgerEntry.queue_all(pipe, entries)
-        (counted,) = await pipe.execute()
-    assert counted == [1, 1]
+        first, reruns = await pipe.execute()
+    assert first == [1] and reruns == [1]  # fresh, half
     assert (await redis.hget(metered_key("half"), "m")).startswith(b"3:")
     report = await read_usage(redis)
     assert report.rows[0].requests == 2 and report.waste == []
@@ -425,6 +433,47 @@ async def _test_every_run_after_the_counted_one_restarts_the_dedupe_window(redis
     for key in (metered_key("long"), wasted_runs_key("long")):
         assert await redis.ttl(key) > DEDUPE_TTL_S - 60, key
     assert (await read_usage(redis)).rows[0].requests == 1
+
+
+def test_counts_wait_in_the_pending_list_and_fold_exactly_once(fleet):
+    fleet.run(_test_counts_wait_in_the_pending_list_and_fold_exactly_once)
+
+
+async def _test_counts_wait_in_the_pending_list_and_fold_exactly_once(redis, workers):
+    """A result delivered has its counts recorded (pending) in the same transaction; folds
+    running at the same time, in small batches, add each record once; a record that does
+    not decode is dropped without stopping the fold."""
+    w = await workers("w1")
+    t0 = 1_800_000_000
+    await redis.rpush(PENDING_KEY, b"\xc1 not msgpack", msgspec.msgpack.encode(["other", 1]))
+    await asyncio.gather(*(w.finish(_job(f"p{i}"), 1, _usage(i, 1), now=t0) for i in range(10)))
+    assert not await redis.exists(usage_key(HOUR, t0))
+    assert await redis.llen(PENDING_KEY) == 12
+    folded = await asyncio.gather(*(fold_pending(redis, batch=3) for _ in range(4)))
+    assert sum(folded) == 12 and await redis.llen(PENDING_KEY) == 0
+    (row,) = (await read_usage(redis, now=t0 + HOUR)).rows
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (10, 45, 10)
+    assert await fold_pending(redis) == 0
+
+
+def test_a_worker_folds_what_it_records_without_a_reader(fleet):
+    fleet.run(_test_a_worker_folds_what_it_records_without_a_reader)
+
+
+async def _test_a_worker_folds_what_it_records_without_a_reader(redis, workers):
+    w = await workers("w1")
+    w.ledger.folder.start()
+    try:
+        t0 = time.time()
+        await w.finish(_job("f1"), 1, _usage(3, 4), now=t0)
+        key = usage_key(HOUR, int(t0 // HOUR) * HOUR)
+        deadline = time.monotonic() + 10
+        while not await redis.exists(key) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await redis.hget(key, "acme\tsql\tprompt_tokens") == b"3"
+        assert await redis.llen(PENDING_KEY) == 0
+    finally:
+        await w.ledger.folder.close()
 
 
 def test_parse_time():

@@ -148,6 +148,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             bucket_s=config.usage_bucket,
             retention_s=config.usage_retention,
         )
+        ledger.folder.start()
     ctx["lorafleet"] = WorkerState(
         config,
         redis,
@@ -197,6 +198,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await state.contention.close()
         await state.aborts.close()
         await state.publisher.close()
+        if state.ledger is not None:
+            await state.ledger.folder.close()
         await state.engine.stop()
         await state.metrics.close()
 
