@@ -276,12 +276,11 @@ def main() -> None:
 
 
 async def measure(url: str, args, loras) -> dict[str, object]:
-    redis = Redis.from_url(url)
-    async with Client(url, queue_name=PIPE_QUEUE) as client:
+    async with Redis.from_url(url) as redis, Client(url, queue_name=PIPE_QUEUE) as client:
         # Warm-up: adapters loaded, first steps done.
         await pipeline_burst(client, redis, 64, loras)
         await noop_burst(url, 64)
-        results = {
+        return {
             "pipe_light": await pipeline_light(url, args.light, loras),
             "noop_light": await noop_light(url, args.light),
             "pipe_burst": max(
@@ -289,8 +288,6 @@ async def measure(url: str, args, loras) -> dict[str, object]:
             ),
             "noop_burst": max([await noop_burst(url, args.burst) for _ in range(args.rounds)]),
         }
-    await redis.aclose()
-    return results
 
 
 #: The metered sides, each with the unmetered side of the same jobs.

@@ -20,12 +20,12 @@ exactly once per job id however many times arq runs the job (the write side is
   holding both (field ``m`` and the ``a{n}`` fields); workers still read that form;
 - ``lorafleet:usage:pending``: a list of counts recorded but not yet added to the buckets,
   each a msgpack array ``[kind, bucket_s, start, retention_s, field prefix, counts...]``
-  (``kind`` ``usage`` or ``waste``: the bucket hash it goes to, the counts in the order of
-  ``USAGE_METRICS`` or ``WASTE_METRICS``). A worker pushes a job's record in the same
-  transaction as its dedupe marker and final event; ``fold_pending`` moves records into
-  the buckets, each exactly once (one script takes them off the list and adds them up).
-  Workers fold about once a second and every ``FOLD_BATCH`` records; ``read_usage`` folds
-  before it reads, so a reader never sees a count missing.
+  (``pending_record``). A worker pushes a job's record in the same transaction as its
+  dedupe marker and final event; ``fold_pending`` moves records into the buckets, each
+  exactly once (one script takes them off the list and adds them up). Workers fold about
+  once a second and every ``FOLD_BATCH`` records; ``read_usage`` folds before it reads, so
+  a reader never sees a count missing. ``lorafleet:usage:rejected``: records a fold could
+  not read (none that any build writes; a newer build's kind), kept as they were.
 
 Buckets expire ``retention`` seconds after they end.
 """
@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from lorafleet.producer.keys import NAMESPACE
 
@@ -49,8 +51,12 @@ DEDUPE_TTL_S = 2 * 86_400
 
 INDEX_KEY = f"{NAMESPACE}:usage:buckets"
 PENDING_KEY = f"{NAMESPACE}:usage:pending"
+#: Pending records a fold could not read: kept for an operator, never counted or dropped.
+REJECTED_KEY = f"{NAMESPACE}:usage:rejected"
 #: Records one fold call adds up at most: a call holds Redis for a few us a record.
 FOLD_BATCH = 512
+#: The most one call may take (its rejects go out in one RPUSH: Lua's stack bounds that).
+MAX_FOLD_BATCH = 4096
 SEP = "\t"
 #: The ledger's counters per tenant and adapter, and the waste's per worker.
 USAGE_METRICS = ("requests", "prompt_tokens", "completion_tokens", "engine_us", "adapter_load_us")
@@ -91,8 +97,28 @@ def to_us(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
-def _lua_names(names: Iterable[str]) -> str:
-    return "{" + ",".join(f"'{n}'" for n in names) + "}"
+#: The kinds of pending record, each with the counters its counts are, in order.
+RECORD_KINDS = {"usage": USAGE_METRICS, "waste": WASTE_METRICS}
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def pending_record(
+    kind: str, bucket_s: int, start: int, retention_s: int, prefix: str, counts: Sequence[int]
+) -> bytes:
+    """A record for the pending list: ``counts`` of the counters ``RECORD_KINDS[kind]``,
+    in that order, to add to fields ``{prefix}{counter}`` of that kind's bucket hash for
+    the bucket of ``bucket_s`` seconds starting at ``start`` (Unix seconds), kept
+    ``retention_s`` after it ends. ``ValueError`` for an unknown kind or a count missing."""
+    if kind not in RECORD_KINDS or len(counts) != len(RECORD_KINDS[kind]):
+        raise ValueError(f"a {kind!r} record needs counts of {RECORD_KINDS.get(kind)}")
+    return _encoder.encode((kind, bucket_s, start, retention_s, prefix, *counts))
+
+
+def _lua_table(kinds: Mapping[str, Sequence[str]]) -> str:
+    """``RECORD_KINDS`` as a Lua table literal: kind -> its counters' names."""
+    entries = (f"{k}={{{','.join(repr(n) for n in names)}}}" for k, names in kinds.items())
+    return "{" + ",".join(entries) + "}"
 
 
 # Takes up to ARGV[1] records off the pending list (KEYS[1]) and adds them to their bucket
@@ -100,16 +126,31 @@ def _lua_names(names: Iterable[str]) -> str:
 # record is counted exactly once however many folds run at the same time. Counts are summed
 # per hash and field first (one HINCRBY each; none for 0: a missing field reads as 0). A
 # bucket new to Redis gets its expiry and its entry in the index (KEYS[2]), which is then
-# pruned of buckets past their retention. A record that does not decode is dropped (no
-# build writes one; it must not stop the fold). Returns the number of records taken.
+# pruned of buckets past their retention. Every record is checked before anything is
+# written (a Lua error does not undo a script's earlier writes): one that does not decode,
+# has the wrong shape, or is of a kind this build does not know (a newer build's) moves to
+# KEYS[3] instead, whole, so it can neither stop the fold nor vanish. Past the LTRIM no
+# command can fail on checked records. Returns {records taken, of them rejected}.
 FOLD_SCRIPT = f"""
 local recs=redis.call('LRANGE',KEYS[1],0,tonumber(ARGV[1])-1)
-if #recs==0 then return 0 end
-local metrics={{usage={_lua_names(USAGE_METRICS)},waste={_lua_names(WASTE_METRICS)}}}
-local keys,fields,sums,heads={{}},{{}},{{}},{{}}
+if #recs==0 then return {{0,0}} end
+local kinds={_lua_table(RECORD_KINDS)}
+local function check(r)
+if type(r)~='table' then return nil end
+local names=kinds[r[1]]
+if not names or type(r[5])~='string' then return nil end
+for j=2,4 do
+if type(r[j])~='number' then return nil end
+end
+for j=1,#names do
+if type(r[5+j])~='number' then return nil end
+end
+return names
+end
+local keys,fields,sums,heads,bad={{}},{{}},{{}},{{}},{{}}
 for _,raw in ipairs(recs) do
 local ok,r=pcall(cmsgpack.unpack,raw)
-local names=ok and type(r)=='table' and metrics[r[1]]
+local names=ok and check(r)
 if names then
 local bucket,start,retention,p=r[2],r[3],r[4],r[5]
 local member=string.format('%d:%d',bucket,start)
@@ -120,7 +161,7 @@ heads[k]={{member,start,start+bucket+retention,start-retention-bucket}}
 end
 for j,name in ipairs(names) do
 local v=r[5+j]
-if v and v~=0 then
+if v~=0 then
 local f=p..name
 if not sums[k][f] then
 sums[k][f]=0 fields[k][#fields[k]+1]=f
@@ -128,9 +169,12 @@ end
 sums[k][f]=sums[k][f]+v
 end
 end
+else
+bad[#bad+1]=raw
 end
 end
 redis.call('LTRIM',KEYS[1],#recs,-1)
+if #bad>0 then redis.call('RPUSH',KEYS[3],unpack(bad)) end
 local cutoff=nil
 for _,k in ipairs(keys) do
 local fresh=redis.call('EXISTS',k)==0
@@ -147,21 +191,34 @@ end
 if cutoff then
 redis.call('ZREMRANGEBYSCORE',KEYS[2],'-inf',string.format('%d',cutoff))
 end
-return #recs
+return {{#recs,#bad}}
 """
 
 
-async def fold_pending(redis: Any, *, batch: int = FOLD_BATCH) -> int:
-    """Add every pending record to its bucket (calls of up to ``batch`` records until the
-    list is empty); returns how many were folded. Safe to run anywhere, any number at once.
-    ``redis``: a ``redis.asyncio.Redis``."""
+@dataclass
+class Folded:
+    """What a ``fold_pending`` did: records taken off the pending list, and of them those
+    rejected (moved to ``REJECTED_KEY``, not counted)."""
+
+    records: int = 0
+    rejected: int = 0
+
+
+async def fold_pending(redis: Any, *, batch: int = FOLD_BATCH) -> Folded:
+    """Add every pending record to its bucket, in script calls of up to ``batch`` records
+    (1 to ``MAX_FOLD_BATCH``) until the list is empty. Safe to run anywhere, any number at
+    once. ``redis``: a ``redis.asyncio.Redis``."""
+    if not 1 <= batch <= MAX_FOLD_BATCH:
+        raise ValueError(f"batch must be 1 to {MAX_FOLD_BATCH} records, got {batch}")
     script = redis.register_script(FOLD_SCRIPT)
-    folded = 0
+    keys = [PENDING_KEY, INDEX_KEY, REJECTED_KEY]
+    done = Folded()
     while True:
-        taken = await script(keys=[PENDING_KEY, INDEX_KEY], args=[batch, f"{NAMESPACE}:"])
-        folded += taken
+        taken, rejected = await script(keys=keys, args=[batch, f"{NAMESPACE}:"])
+        done.records += taken
+        done.rejected += rejected
         if taken < batch:
-            return folded
+            return done
 
 
 def ledger_problems(settings: Mapping[str, Any]) -> dict[str, str]:

@@ -20,9 +20,12 @@ from lorafleet.producer.ledger import (
     INDEX_KEY,
     NO_TENANT,
     PENDING_KEY,
+    REJECTED_KEY,
+    Folded,
     fold_pending,
     metered_key,
     parse_time,
+    pending_record,
     read_usage,
     usage_key,
     wasted_runs_key,
@@ -442,18 +445,47 @@ def test_counts_wait_in_the_pending_list_and_fold_exactly_once(fleet):
 async def _test_counts_wait_in_the_pending_list_and_fold_exactly_once(redis, workers):
     """A result delivered has its counts recorded (pending) in the same transaction; folds
     running at the same time, in small batches, add each record once; a record that does
-    not decode is dropped without stopping the fold."""
+    not decode, has the wrong shape or an unknown kind is set aside whole, neither counted
+    nor lost, and does not stop the fold."""
     w = await workers("w1")
     t0 = 1_800_000_000
-    await redis.rpush(PENDING_KEY, b"\xc1 not msgpack", msgspec.msgpack.encode(["other", 1]))
+    bad = [
+        b"\xc1 not msgpack",
+        msgspec.msgpack.encode(["other", HOUR, t0, 60, "x\t", 1]),  # a kind unknown here
+        msgspec.msgpack.encode(["usage", "3600", t0, 60, "x\t", 1, 2, 3, 4, 5]),
+        msgspec.msgpack.encode(["usage", HOUR, t0, 60, "x\t", 1, 2]),  # counts missing
+    ]
+    await redis.rpush(PENDING_KEY, *bad)
     await asyncio.gather(*(w.finish(_job(f"p{i}"), 1, _usage(i, 1), now=t0) for i in range(10)))
     assert not await redis.exists(usage_key(HOUR, t0))
-    assert await redis.llen(PENDING_KEY) == 12
-    folded = await asyncio.gather(*(fold_pending(redis, batch=3) for _ in range(4)))
-    assert sum(folded) == 12 and await redis.llen(PENDING_KEY) == 0
+    assert await redis.llen(PENDING_KEY) == 14
+    folds = await asyncio.gather(*(fold_pending(redis, batch=3) for _ in range(4)))
+    assert sum(f.records for f in folds) == 14 and sum(f.rejected for f in folds) == 4
+    assert await redis.llen(PENDING_KEY) == 0
+    assert sorted(await redis.lrange(REJECTED_KEY, 0, -1)) == sorted(bad)
     (row,) = (await read_usage(redis, now=t0 + HOUR)).rows
     assert (row.requests, row.prompt_tokens, row.completion_tokens) == (10, 45, 10)
-    assert await fold_pending(redis) == 0
+    assert await fold_pending(redis) == Folded(0, 0)
+    with pytest.raises(ValueError, match="batch must be 1 to"):
+        await fold_pending(redis, batch=0)
+
+
+def test_pending_records_are_checked_when_made():
+    assert msgspec.msgpack.decode(pending_record("waste", 60, 120, 600, "w\t", (1, 2, 3, 4))) == [
+        "waste",
+        60,
+        120,
+        600,
+        "w\t",
+        1,
+        2,
+        3,
+        4,
+    ]
+    with pytest.raises(ValueError, match="needs counts of"):
+        pending_record("usage", 60, 120, 600, "t\ta\t", (1, 2))
+    with pytest.raises(ValueError, match="'bill' record"):
+        pending_record("bill", 60, 120, 600, "t\ta\t", (1,))
 
 
 def test_a_worker_folds_what_it_records_without_a_reader(fleet):

@@ -5,8 +5,8 @@ Exactly once, and never missing for a result a client received:
 - the ledger write of a job is queued by the ``StreamPublisher`` in the same MULTI/EXEC
   transaction as the job's final stream event and inbox reply (a script call for all the
   first runs of a flush, another for its re-runs), so the result a client reads from
-  either exists if and only if the ledger holds it; arq's own result key is written only after that transaction, so a
-  client reading that one finds the ledger written too;
+  either exists if and only if the ledger holds it; arq's own result key is written only
+  after that transaction, so a client reading that one finds the ledger written too;
 - the write is a Lua script that counts the job only if ``lorafleet:metered:{job_id}`` has
   no record of it yet (``SET NX``), so a re-run (at-least-once delivery) never counts it
   twice. The re-run's own work is added to the waste of its worker instead; before it
@@ -20,8 +20,9 @@ Exactly once, and never missing for a result a client received:
   run's first event names its worker) and adds, once per run, the tokens they streamed to
   their worker's waste. Their engine time is unknown and not counted.
 
-The script runs with EVAL (not EVALSHA): a Redis restarted since the script was loaded would
-answer NOSCRIPT inside the transaction after the event was written, losing the entry.
+The record scripts run with EVAL (not EVALSHA): a Redis restarted since a script was loaded
+would answer NOSCRIPT inside the transaction after the event was written, losing the entry.
+(The fold runs outside any transaction, so it uses EVALSHA, loading the script on NOSCRIPT.)
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ from lorafleet.producer.ledger import (
     DEDUPE_TTL_S,
     FOLD_BATCH,
     PENDING_KEY,
+    REJECTED_KEY,
     SEP,
     bucket_start,
     fold_pending,
     metered_key,
+    pending_record,
     to_us,
     wasted_runs_key,
 )
@@ -64,8 +67,9 @@ logger = logging.getLogger(__name__)
 # jobs need: nearly always only the first, for jobs in their first run.
 
 # First runs: KEYS[2..] the jobs' markers; ARGV[1] their TTL, then per job (KEYS[1+i]) its
-# marker's value ("1:{usage}", the form below) and its record. A first run is counted unless its marker
-# exists (the same publish repeated: a transaction redis-py retried after a lost reply).
+# marker's value ("1:{usage}", the form below) and its record. A first run is counted
+# unless its marker exists (the same publish repeated: a transaction redis-py retried after
+# a lost reply; a marker of either form, since SET NX fails on a hash too).
 # Returns, per job, 1 if it was counted, else 0.
 FIRST_RUN_SCRIPT = """
 local out,counted={},{}
@@ -94,7 +98,8 @@ return counted
 # tokens, engine us, and its cut runs, each an array of: attempt, waste field prefix,
 # prompt tokens, completion tokens. ARGV[2i] and ARGV[2i+1]: job i's encoded usage and its
 # pending record ("" both for a run without usage: an error), apart because Redis's
-# cmsgpack reads no msgpack binary.
+# cmsgpack reads no msgpack binary. Waste records are built here, as ``pending_record``
+# lays them out.
 # The marker holds "{attempt}:{usage}" of the counted run; field "a{n}" of the wasted-runs
 # hash marks run n charged as waste (a marker of the older form, a hash, holds both: field
 # "m", which may be missing when only waste was charged, and the "a{n}" fields; such a job
@@ -214,8 +219,8 @@ class LedgerEntry:
 
     @property
     def first_run(self) -> bool:
-        """A job's first run, with usage: nothing before it to look at."""
-        return self.attempt == 1 and self.usage is not None and not self.prior.cut
+        """A job's first run, with usage (no run before it: nothing to look up)."""
+        return self.attempt == 1 and self.usage is not None
 
     @staticmethod
     def queue_all(pipe: Any, entries: Sequence[LedgerEntry]) -> None:
@@ -227,9 +232,9 @@ class LedgerEntry:
 class PendingFold(BackgroundLoop):
     """Folds the ledger's pending records into its buckets (``fold_pending``, all of them,
     whoever recorded them) once this worker has recorded ``FOLD_BATCH`` jobs since its last
-    fold, or ``FOLD_INTERVAL_S`` after it recorded any. A fold that fails is logged and
-    tried again on the next tick: the records wait in Redis, and any fold or read takes
-    them."""
+    fold, else on the next tick (every ``FOLD_INTERVAL_S``) after it recorded any. A fold
+    that fails is logged and tried again on the next tick: the records wait in Redis, and
+    any fold or read takes them. Nothing is folded at shutdown (Redis may be down then)."""
 
     task_name = "ledger-fold"
 
@@ -253,10 +258,18 @@ class PendingFold(BackgroundLoop):
             self._due.clear()
             self._since = 0
             try:
-                await fold_pending(self._redis)
+                folded = await fold_pending(self._redis)
             except Exception:  # never end the loop: the next tick folds what this left
                 logger.exception("folding the usage ledger's pending counts failed")
                 self._since = max(self._since, 1)
+                continue
+            if folded.rejected:
+                logger.warning(
+                    "%d usage ledger records could not be read (malformed, or written by a "
+                    "newer lorafleet): kept, not counted, in Redis list %s",
+                    folded.rejected,
+                    REJECTED_KEY,
+                )
 
 
 class Ledger:
@@ -354,19 +367,16 @@ class Ledger:
         usage = e.usage
         if usage is None:
             return b"", b""
-        record = (
-            "usage",
-            self.bucket_s,
-            start,
-            self.retention_s,
-            f"{e.tenant or ''}{SEP}{e.adapter or ''}{SEP}",
+        counts = (
             1,
             usage.prompt_tokens,
             usage.completion_tokens,
             to_us(usage.engine_s),
             to_us(usage.adapter_load_s),
         )
-        return _encoder.encode(usage), _encoder.encode(record)
+        prefix = f"{e.tenant or ''}{SEP}{e.adapter or ''}{SEP}"
+        record = pending_record("usage", self.bucket_s, start, self.retention_s, prefix, counts)
+        return _encoder.encode(usage), record
 
 
 def recorded_usage(marker: bytes) -> Usage:
