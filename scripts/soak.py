@@ -293,10 +293,8 @@ def _check_ledger(url: str, tally: Tally) -> LedgerCheck:
         pipe = r.pipeline(transaction=False)
         for job_id in tally.usage:
             pipe.get(metered_key(job_id))
-        markers = pipe.execute(raise_on_error=False)
-        for (job_id, (_, _, usage)), recorded in zip(tally.usage.items(), markers, strict=True):
-            if isinstance(recorded, redis.ResponseError):  # a marker of the older form: a hash
-                recorded = r.hget(metered_key(job_id), "m")
+        # The soak's own fresh Redis holds only markers of the current form (strings).
+        for (_, _, usage), recorded in zip(tally.usage.values(), pipe.execute(), strict=True):
             if recorded is None:
                 check.missing += 1
             elif recorded_usage(recorded) != usage:
